@@ -1,0 +1,315 @@
+"""A BERT encoder in plain Flax linen, laid out like Hugging Face's BERT.
+
+The module is ``BertForSequenceClassification`` without the framework around
+it: learned word, position and token-type embeddings with a post-LayerNorm,
+``num_layers`` self-attention blocks, a pooler (dense + tanh on ``[CLS]``) and
+a ``classifier`` dense on the pooled output. Every projection is a plain
+``nn.Dense`` with a 2-D kernel ``[in, out]``, so Hugging Face weights map one
+to one (transposed) and LoRA rules such as
+``.*/attention/(query|value)/kernel`` match without touching this file.
+
+Parameter paths (under the ``'params'`` collection)::
+
+  embeddings/{word,position,token_type}_embeddings/embedding
+  embeddings/ln/{scale,bias}
+  encoder/layer_{i}/attention/{query,key,value,output}/{kernel,bias}
+  encoder/layer_{i}/attention/output_ln/{scale,bias}
+  encoder/layer_{i}/{intermediate,output}/{kernel,bias}
+  encoder/layer_{i}/output_ln/{scale,bias}
+  pooler/{kernel,bias}
+  classifier/{kernel,bias}
+
+Example:
+
+  >>> config = BertConfig.minilm_l6(num_labels=2)
+  >>> model = Bert(config)
+  >>> ids = jnp.ones((2, 8), jnp.int32)
+  >>> variables = model.init(jax.random.key(0), ids)
+  >>> model.apply(variables, ids).logits.shape
+  (2, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Hyper-parameters of a BERT encoder with a classification head.
+
+  Attributes:
+    vocab_size: number of WordPiece tokens.
+    hidden_size: width H of the residual stream.
+    num_layers: number of transformer blocks.
+    num_heads: attention heads; must divide ``hidden_size``.
+    intermediate_size: width of the feed-forward hidden layer.
+    max_position: number of learned position embeddings (longest input).
+    type_vocab_size: number of token types (segments).
+    layer_norm_eps: epsilon of every LayerNorm.
+    hidden_dropout: dropout rate on embeddings and block outputs.
+    attention_dropout: dropout rate on attention probabilities.
+    classifier_dropout: dropout rate before the classifier; ``None`` uses
+      ``hidden_dropout``.
+    num_labels: output width of the classifier.
+    initializer_range: stddev of the normal initializer of kernels and
+      embeddings.
+    dtype: compute dtype; parameters are cast to it where they are used (as
+      ``nn.Dense(dtype=...)`` does). Softmax and LayerNorm statistics stay in
+      float32, and ``logits`` are returned in float32.
+    param_dtype: dtype of freshly initialized parameters.
+  """
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  classifier_dropout: float | None = None
+  num_labels: int = 2
+  initializer_range: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f'hidden_size={self.hidden_size} is not divisible by '
+          f'num_heads={self.num_heads}')
+    if self.num_labels < 1:
+      raise ValueError(f'num_labels={self.num_labels}; expected >= 1')
+    # Normalise 'bfloat16' / jnp.bfloat16 / np.dtype to one hashable np.dtype.
+    object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
+    object.__setattr__(self, 'param_dtype', jnp.dtype(self.param_dtype))
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @classmethod
+  def minilm_l6(cls, **overrides: Any) -> BertConfig:
+    """all-MiniLM-L6-v2: 6 layers, H=384, 12 heads, FFN 1536 (22.7M params)."""
+    fields = dict(hidden_size=384, num_layers=6, num_heads=12,
+                  intermediate_size=1536)
+    return cls(**(fields | overrides))
+
+  @classmethod
+  def bert_base(cls, **overrides: Any) -> BertConfig:
+    """BERT-base: 12 layers, H=768, 12 heads, FFN 3072 (109.5M params)."""
+    fields = dict(hidden_size=768, num_layers=12, num_heads=12,
+                  intermediate_size=3072)
+    return cls(**(fields | overrides))
+
+  def replace(self, **changes: Any) -> BertConfig:
+    """Returns a copy with ``changes`` applied."""
+    return dataclasses.replace(self, **changes)
+
+
+class BertOutput(NamedTuple):
+  """What ``Bert`` returns.
+
+  Attributes:
+    logits: ``[B, num_labels]`` classifier output, float32.
+    pooled: ``[B, H]`` pooler output (tanh of a dense on ``[CLS]``).
+    hidden: ``[B, T, H]`` last hidden states, in the compute dtype.
+  """
+  logits: jax.Array
+  pooled: jax.Array
+  hidden: jax.Array
+
+
+def kernel_init(config: BertConfig) -> nn.initializers.Initializer:
+  """The initializer of every kernel and embedding: N(0, initializer_range)."""
+  return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=config.dtype, param_dtype=config.param_dtype,
+                  kernel_init=kernel_init(config), name=name)
+
+
+def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.dtype,
+                      param_dtype=config.param_dtype, name=name)
+
+
+class BertEmbeddings(nn.Module):
+  """Word + position + token-type embeddings, LayerNorm, dropout."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, *,
+               deterministic: bool) -> jax.Array:
+    """Embeds ``[B, T]`` ids into ``[B, T, H]``."""
+    cfg = self.config
+
+    def embed(num, name):
+      return nn.Embed(num, cfg.hidden_size, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype,
+                      embedding_init=kernel_init(cfg), name=name)
+
+    positions = jnp.arange(input_ids.shape[-1])[None, :]
+    x = (embed(cfg.vocab_size, 'word_embeddings')(input_ids)
+         + embed(cfg.max_position, 'position_embeddings')(positions)
+         + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids))
+    x = _layer_norm(cfg, 'ln')(x)
+    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+  """Multi-head self-attention, output projection, residual and LayerNorm."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *,
+               deterministic: bool) -> jax.Array:
+    """Attends ``x`` ``[B, T, H]`` over the real tokens of ``mask``."""
+    cfg = self.config
+    batch, length, _ = x.shape
+
+    def heads(name):
+      y = _dense(cfg, cfg.hidden_size, name)(x)
+      return y.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+
+    q, k, v = heads('query'), heads('key'), heads('value')
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                        preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(cfg.head_dim).astype(np.float32)
+    # A fully masked row becomes uniform rather than NaN.
+    scores = jnp.where(mask[:, None, None, :], scores,
+                       jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    probs = nn.Dropout(cfg.attention_dropout)(
+        probs, deterministic=deterministic)
+    context = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    context = context.reshape(batch, length, cfg.hidden_size)
+    y = _dense(cfg, cfg.hidden_size, 'output')(context)
+    y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
+    return _layer_norm(cfg, 'output_ln')(y + x)
+
+
+class BertLayer(nn.Module):
+  """One post-LN transformer block: attention, then a GELU feed-forward."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *,
+               deterministic: bool) -> jax.Array:
+    cfg = self.config
+    x = BertSelfAttention(cfg, name='attention')(
+        x, mask, deterministic=deterministic)
+    h = _dense(cfg, cfg.intermediate_size, 'intermediate')(x)
+    h = nn.gelu(h, approximate=False)
+    h = _dense(cfg, cfg.hidden_size, 'output')(h)
+    h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    return _layer_norm(cfg, 'output_ln')(h + x)
+
+
+class BertEncoder(nn.Module):
+  """``num_layers`` blocks named ``layer_0`` ... ``layer_{N-1}``."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *,
+               deterministic: bool) -> jax.Array:
+    for i in range(self.config.num_layers):
+      x = BertLayer(self.config, name=f'layer_{i}')(
+          x, mask, deterministic=deterministic)
+    return x
+
+
+class Bert(nn.Module):
+  """BERT encoder with pooler and sequence classifier.
+
+  Attributes:
+    config: the ``BertConfig``.
+  """
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array,
+               attention_mask: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None, *,
+               deterministic: bool = True) -> BertOutput:
+    """Runs the encoder.
+
+    Args:
+      input_ids: ``[B, T]`` integer token ids, ``T <= max_position``.
+      attention_mask: ``[B, T]``, 1 for real tokens and 0 for padding;
+        ``None`` means every token is real.
+      token_type_ids: ``[B, T]`` segment ids; ``None`` means all zeros.
+      deterministic: disables dropout when True. When False, pass
+        ``rngs={'dropout': key}`` to ``apply``.
+
+    Returns:
+      A ``BertOutput`` with ``logits`` ``[B, num_labels]``, ``pooled``
+      ``[B, H]`` and ``hidden`` ``[B, T, H]``.
+    """
+    cfg = self.config
+    if input_ids.ndim != 2:
+      raise ValueError(
+          f'input_ids has shape {input_ids.shape}; expected [batch, length]')
+    if input_ids.shape[1] > cfg.max_position:
+      raise ValueError(
+          f'input length {input_ids.shape[1]} exceeds max_position='
+          f'{cfg.max_position}')
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
+    mask = attention_mask.astype(bool)
+
+    x = BertEmbeddings(cfg, name='embeddings')(
+        input_ids, token_type_ids, deterministic=deterministic)
+    hidden = BertEncoder(cfg, name='encoder')(
+        x, mask, deterministic=deterministic)
+    pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, 'pooler')(hidden[:, 0]))
+    rate = (cfg.hidden_dropout if cfg.classifier_dropout is None
+            else cfg.classifier_dropout)
+    h = nn.Dropout(rate)(pooled, deterministic=deterministic)
+    logits = _dense(cfg, cfg.num_labels, 'classifier')(h)
+    return BertOutput(logits=logits.astype(jnp.float32), pooled=pooled,
+                      hidden=hidden)
+
+
+def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """Averages hidden states over the real tokens.
+
+  Args:
+    hidden: ``[B, T, H]`` hidden states.
+    attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding.
+
+  Returns:
+    ``[B, H]`` float32 means; a row without real tokens gives zeros.
+  """
+  mask = attention_mask.astype(jnp.float32)[..., None]
+  total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=-2)
+  return total / jnp.maximum(jnp.sum(mask, axis=-2), 1e-9)
+
+
+def sentence_embedding(hidden: jax.Array,
+                       attention_mask: jax.Array) -> jax.Array:
+  """Mean-pools then L2-normalises: how all-MiniLM-L6-v2 embeds sentences.
+
+  Args:
+    hidden: ``[B, T, H]`` last hidden states (``BertOutput.hidden``).
+    attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding.
+
+  Returns:
+    ``[B, H]`` float32 unit vectors; their dot product is cosine similarity.
+  """
+  pooled = mean_pool(hidden, attention_mask)
+  norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+  return pooled / jnp.maximum(norm, 1e-12)
