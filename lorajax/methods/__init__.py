@@ -1,0 +1,1 @@
+"""Adapter providers: how an adapted kernel computes ``x ⊗ W``."""

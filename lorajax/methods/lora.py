@@ -1,0 +1,218 @@
+"""The LoRA provider: ``x·W + s·(x·a)·b`` with ``a`` [in, r] and ``b`` [r, out].
+
+Orientation follows Flax (kernels are [in, out]). For a multi-axis kernel the
+``in`` axes are the ones the function contracts with its input and the
+``out`` axes are the rest: a DenseGeneral query kernel ``[d, heads, hd]`` gets
+``a`` [d, r] and ``b`` [r, heads, hd]; an output kernel ``[heads, hd, d]``
+gets ``a`` [heads, hd, r] and ``b`` [r, d]. Kernels stacked by ``nn.scan``
+get stacked adapters: ``a`` [L, in, r], ``b`` [L, r, out].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from lorajax import spec as spec_lib
+
+
+def _prod(shape: Sequence[int]) -> int:
+  return int(np.prod(shape)) if len(shape) else 1
+
+
+def kernel_value(kernel: Any) -> jax.Array:
+  """The dense kernel for a stored leaf (an array or a FrozenKernel)."""
+  if isinstance(kernel, spec_lib.FrozenKernel):
+    return kernel.dequantize()
+  return kernel
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout on the adapter input; identity without an rng."""
+  if rng is None or rate <= 0.0:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, x.shape)
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def low_rank_dot(x: jax.Array, a: jax.Array, b: jax.Array,
+                 dims: spec_lib.DotDims, scale: float,
+                 out_dtype: Any) -> jax.Array:
+  """``s·(x·a)·b`` laid out like ``dot_general(x, W)`` would lay it out.
+
+  Args:
+    x: the other operand of the original ``dot_general``.
+    a: [*contract_shape, r], axes in the kernel's contracting-axis order.
+    b: [r, *free_shape].
+    dims: the original call's contraction.
+    scale: s.
+    out_dtype: dtype of the original result.
+  Returns:
+    The delta, shaped like the original result.
+  """
+  order = sorted(dims.w_contract)
+  a_axes = tuple(order.index(c) for c in dims.w_contract)
+  xa = lax.dot_general(x, a.astype(x.dtype),
+                       ((tuple(dims.x_contract), a_axes), ((), ())),
+                       precision=dims.precision,
+                       preferred_element_type=dims.preferred_element_type)
+  xa = xa * jnp.asarray(scale, xa.dtype)
+  delta = lax.dot_general(xa, b.astype(xa.dtype),
+                          (((xa.ndim - 1,), (0,)), ((), ())),
+                          precision=dims.precision,
+                          preferred_element_type=dims.preferred_element_type)
+  if dims.kernel_is_lhs:
+    n_free = b.ndim - 1
+    n_x = delta.ndim - n_free
+    delta = jnp.transpose(delta, tuple(range(n_x, delta.ndim))
+                          + tuple(range(n_x)))
+  return delta.astype(out_dtype)
+
+
+def base_dot(x: jax.Array, w: jax.Array, dims: spec_lib.DotDims) -> jax.Array:
+  """The original ``dot_general`` of ``x`` and the (per-call) kernel ``w``."""
+  if dims.kernel_is_lhs:
+    dn = ((tuple(dims.w_contract), tuple(dims.x_contract)), ((), ()))
+    return lax.dot_general(w, x, dn, precision=dims.precision,
+                           preferred_element_type=dims.preferred_element_type)
+  dn = ((tuple(dims.x_contract), tuple(dims.w_contract)), ((), ()))
+  return lax.dot_general(x, w, dn, precision=dims.precision,
+                         preferred_element_type=dims.preferred_element_type)
+
+
+def delta_weight(a: jax.Array, b: jax.Array, layout: spec_lib.KernelLayout,
+                 scale: float) -> jax.Array:
+  """``s·a·b`` as a float32 tensor laid out like the (stacked) kernel."""
+  s = layout.stack
+  nc, nf = len(layout.contract), len(layout.free)
+  a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+  # [*stack, *c, r] x [*stack, r, *f] -> [*stack, *c, *f]
+  d = lax.dot_general(a32, b32, (((a.ndim - 1,), (s,)),
+                                 (tuple(range(s)), tuple(range(s)))))
+  # Put contract and free axes back where the kernel has them.
+  ndim = s + nc + nf
+  src = {ax: s + i for i, ax in enumerate(layout.contract)}
+  src.update({ax: s + nc + i for i, ax in enumerate(layout.free)})
+  perm = tuple(range(s)) + tuple(src[i] for i in range(nc + nf))
+  assert len(perm) == ndim
+  return jnp.transpose(d, perm) * scale
+
+
+def layout_from_factors(kernel_shape: Sequence[int], a_shape: Sequence[int],
+                        b_shape: Sequence[int]) -> spec_lib.KernelLayout:
+  """The layout of a kernel from the shapes of ``a`` [*s, *c, r], ``b`` [*s, r, *f].
+
+  The contracting axes are found by position: the unique way to interleave the
+  ``c`` and ``f`` shapes (each in order) into the kernel's shape, preferring
+  the Flax layout (contracting axes first) when several fit.
+
+  Raises:
+    ValueError: if the factors do not fit the kernel.
+  """
+  kernel_shape, a_shape, b_shape = (tuple(kernel_shape), tuple(a_shape),
+                                    tuple(b_shape))
+  s = len(a_shape) + len(b_shape) - 2 - len(kernel_shape)
+  nc = len(a_shape) - 1 - s
+  ok = (s >= 0 and nc >= 1 and a_shape[:s] == b_shape[:s] == kernel_shape[:s]
+        and a_shape[-1] == b_shape[s])
+  if ok:
+    cshape, fshape = a_shape[s:-1], b_shape[s + 1:]
+    call = kernel_shape[s:]
+    for contract in itertools.combinations(range(len(call)), nc):
+      free = tuple(i for i in range(len(call)) if i not in contract)
+      if (tuple(call[i] for i in contract) == cshape
+          and tuple(call[i] for i in free) == fshape):
+        return spec_lib.KernelLayout(s, tuple(contract), free)
+  raise ValueError(f'adapter factors a {a_shape} and b {b_shape} do not fit a '
+                   f'kernel of shape {kernel_shape}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora(spec_lib.Adapter):
+  """Low-rank adaptation: ``y = x·W + s·(x·a)·b``.
+
+  Attributes:
+    rank: r, the inner dimension of the update.
+    alpha: scaling numerator; defaults to ``rank`` (s = 1).
+    use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+    dropout: dropout rate on the adapter input (applied when the adapted
+      function is given an rng).
+    init: ``'kaiming'`` (uniform, PEFT's default) or ``'gaussian'``
+      (normal with std 1/r) for ``a``; ``b`` always starts at zero.
+  """
+  rank: int = 8
+  alpha: float | None = None
+  use_rslora: bool = False
+  dropout: float = 0.0
+  init: str = 'kaiming'
+
+  def __post_init__(self):
+    if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+      raise ValueError(f'Lora rank must be a positive integer, got '
+                       f'{self.rank!r}')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f'Lora dropout must be in [0, 1), got {self.dropout}')
+    if self.init not in ('kaiming', 'gaussian'):
+      raise ValueError(f"Lora init must be 'kaiming' or 'gaussian', got "
+                       f'{self.init!r}')
+
+  @property
+  def scale(self) -> float:
+    alpha = self.rank if self.alpha is None else self.alpha
+    if self.use_rslora:
+      return float(alpha) / math.sqrt(self.rank)
+    return float(alpha) / self.rank
+
+  def validate(self, path, kernel_shape, layout):
+    _, cshape, fshape = layout.split_shape(kernel_shape)
+    limit = min(_prod(cshape), _prod(fshape))
+    if self.rank > limit:
+      raise ValueError(
+          f'{path}: rank {self.rank} is larger than min(in, out) = {limit} '
+          f'for a kernel of shape {tuple(kernel_shape)}')
+
+  def param_shapes(self, kernel_shape, layout):
+    stack, cshape, fshape = layout.split_shape(kernel_shape)
+    return {'a': (*stack, *cshape, self.rank), 'b': (*stack, self.rank, *fshape)}
+
+  def infer_layout(self, kernel_shape, params):
+    return layout_from_factors(kernel_shape, np.shape(params['a']),
+                               np.shape(params['b']))
+
+  def init_params(self, key, kernel, layout):
+    shape = self.kernel_aval(kernel).shape
+    stack, cshape, fshape = layout.split_shape(shape)
+    fan_in = _prod(cshape)
+    a_shape = (*stack, *cshape, self.rank)
+    if self.init == 'kaiming':
+      # Kaiming-uniform with a = sqrt(5): bound = 1 / sqrt(fan_in).
+      bound = 1.0 / math.sqrt(fan_in)
+      a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+    else:
+      a = jax.random.normal(key, a_shape, jnp.float32) / self.rank
+    b = jnp.zeros((*stack, self.rank, *fshape), jnp.float32)
+    return {'a': a, 'b': b}
+
+  def dot(self, x, kernel, params, dims, *, rng):
+    w = kernel_value(kernel).astype(dims.kernel_dtype)
+    y = base_dot(x, w, dims)
+    xin = dropout(x, self.dropout, rng)
+    return y + low_rank_dot(xin, params['a'], params['b'], dims, self.scale,
+                            y.dtype)
+
+  def merge(self, kernel, params, layout):
+    w = kernel_value(kernel)
+    delta = delta_weight(params['a'], params['b'], layout, self.scale)
+    return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+  def unmerge(self, kernel, params, layout):
+    delta = delta_weight(params['a'], params['b'], layout, self.scale)
+    return (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
