@@ -75,6 +75,7 @@ class _Ctx:
   rng: jax.Array | None = None
   counter: int = 0
   found: dict[str, spec_lib.KernelLayout] | None = None
+  context: Any = None
 
   def next_key(self) -> jax.Array | None:
     if self.rng is None:
@@ -82,8 +83,8 @@ class _Ctx:
     self.counter += 1
     return jax.random.fold_in(self.rng, self.counter)
 
-  def child(self, rng) -> '_Ctx':
-    return _Ctx(rng=rng, found=self.found)
+  def child(self, rng, context=None) -> '_Ctx':
+    return _Ctx(rng=rng, found=self.found, context=context)
 
 
 def _pack(vals: list[Any]):
@@ -167,7 +168,8 @@ def _dot(eqn, invals, ctx: _Ctx):
           f'adapter {ref.path!r}: parameter {name!r} has shape {got} but the '
           f'function contracts the kernel {ref.shape} over axes {contract}, '
           f'which needs {tuple(shape)}')
-  y = ref.provider.dot(x, ref.kernel, ref.params, dims, rng=ctx.next_key())
+  y = ref.provider.dot(x, ref.kernel, ref.params, dims, rng=ctx.next_key(),
+                       context=ctx.context)
   return y.astype(out_dtype)
 
 
@@ -187,7 +189,7 @@ def _scan(eqn, invals, ctx: _Ctx):
 
   def body(carry, x):
     plain, ref_leaves, key = x
-    sub = ctx.child(key)
+    sub = ctx.child(key, ctx.context)
     xs_vals = _unpack(xs_slots, plain, ref_leaves, sliced=True)
     outs = _eval(body_jaxpr.jaxpr, body_jaxpr.consts,
                  list(consts) + list(carry) + xs_vals, sub)
@@ -205,13 +207,14 @@ def _remat(eqn, invals, ctx: _Ctx):
   plain, ref_leaves, slots = _pack(invals)
   key = ctx.next_key()
 
-  def f(plain, ref_leaves, key):
+  def f(plain, ref_leaves, key, context):
     vals = _unpack(slots, plain, ref_leaves, sliced=False)
-    return _no_ref_outputs(_eval(p['jaxpr'], [], vals, ctx.child(key)),
-                           'checkpoint')
+    return _no_ref_outputs(_eval(p['jaxpr'], [], vals,
+                                 ctx.child(key, context)), 'checkpoint')
 
   return jax.checkpoint(f, prevent_cse=p.get('prevent_cse', True),
-                        policy=p.get('policy'))(plain, ref_leaves, key)
+                        policy=p.get('policy'))(plain, ref_leaves, key,
+                                                ctx.context)
 
 
 def _cond(eqn, invals, ctx: _Ctx):
@@ -223,7 +226,7 @@ def _cond(eqn, invals, ctx: _Ctx):
     def g(plain, ref_leaves, key):
       vals = _unpack(slots, plain, ref_leaves, sliced=False)
       return _no_ref_outputs(_eval(closed.jaxpr, closed.consts, vals,
-                                   ctx.child(key)), 'cond')
+                                   ctx.child(key, ctx.context)), 'cond')
     return g
 
   return lax.switch(index, [branch(b) for b in eqn.params['branches']],
@@ -394,7 +397,9 @@ def lora(fn: Callable[..., Any], spec: spec_lib.LoraSpec
     ``g(params, adapters, *args, lora_rng=None, **kwargs)``, equal to
     ``fn(merge(params, adapters, spec), *args, **kwargs)`` but computed with
     the low-rank path, so frozen kernels get no gradient. ``lora_rng``
-    enables adapter dropout.
+    enables adapter dropout. ``lora_context`` is any pytree handed unchanged
+    to every provider's ``dot`` (e.g. per-example adapter indices); it is
+    never sliced by ``scan``.
 
   Example:
 
@@ -403,9 +408,10 @@ def lora(fn: Callable[..., Any], spec: spec_lib.LoraSpec
   """
   traced = _Traced(fn)
 
-  def adapted(params, adapters, *args, lora_rng=None, **kwargs):
+  def adapted(params, adapters, *args, lora_rng=None, lora_context=None,
+              **kwargs):
     return _run(traced, spec, params, adapters, args, kwargs,
-                _Ctx(rng=lora_rng))
+                _Ctx(rng=lora_rng, context=lora_context))
 
   adapted.__name__ = f'lora_{getattr(fn, "__name__", "fn")}'
   adapted.__doc__ = fn.__doc__

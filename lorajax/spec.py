@@ -87,7 +87,10 @@ class Adapter:
     raise NotImplementedError
 
   def dot(self, x: jax.Array, kernel: Any, params: dict[str, jax.Array],
-          dims: 'DotDims', *, rng: jax.Array | None) -> jax.Array:
+          dims: 'DotDims', *, rng: jax.Array | None,
+          context: Any = None) -> jax.Array:
+    """Computes the adapted ``dot_general``; ``context`` is the caller's
+    ``lora_context`` (None unless given)."""
     raise NotImplementedError
 
   def merge(self, kernel: Any, params: dict[str, jax.Array],

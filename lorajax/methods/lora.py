@@ -201,7 +201,8 @@ class Lora(spec_lib.Adapter):
     b = jnp.zeros((*stack, self.rank, *fshape), jnp.float32)
     return {'a': a, 'b': b}
 
-  def dot(self, x, kernel, params, dims, *, rng):
+  def dot(self, x, kernel, params, dims, *, rng, context=None):
+    del context
     w = kernel_value(kernel).astype(dims.kernel_dtype)
     y = base_dot(x, w, dims)
     xin = dropout(x, self.dropout, rng)
