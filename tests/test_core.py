@@ -433,3 +433,18 @@ def test_trainable_report_counts():
   assert "rule 0 '.*/fc1/kernel'" in text and 'params/fc1/kernel' in text
 
 
+
+
+def test_bert_base_rank1_query_value_report():
+  from lorajax.models import bert  # pylint: disable=g-import-not-at-top
+  config = bert.BertConfig.bert_base(num_labels=2)
+  ids = jnp.ones((1, 8), jnp.int32)
+  params = jax.eval_shape(bert.Bert(config).init, KEY, ids)['params']
+  spec = LoraSpec([(r'.*/attention/(query|value)/kernel', Lora(rank=1, alpha=1)),
+                   (r'classifier/.*', 'train'),
+                   (r'.*', 'freeze')])
+  adapters = lorajax.init(spec, params, KEY)
+  text = lorajax.trainable_report(spec, params, adapters, log=False)
+  first = text.splitlines()[0]
+  assert first.startswith('trainable params: 38,402 || all params: ')
+  assert first.endswith('trainable%: 0.0351')

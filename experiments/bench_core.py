@@ -1,0 +1,205 @@
+"""What a LoRA step costs against full fine-tuning, on a MiniLM-shaped BERT.
+
+Variants (batch 32 × 128 tokens, float32, AdamW, random weights):
+
+  full               every parameter trained
+  lora               rank 8, alpha 16 on query/value; classifier trained
+  lora_all           rank 8 on every dense kernel of the encoder; classifier
+  lora_materialized  lora, but W + s·a·b is formed inside the step (the naive
+                     way), for reference
+
+FLOPs come from XLA (``compile().cost_analysis()``), step times are medians
+of interleaved repetitions in this process, peak RSS is measured in a fresh
+process per variant (``--variant``) so variants do not share an allocator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lorajax
+from lorajax.models import bert as bert_lib
+
+VARIANTS = ('full', 'lora', 'lora_all', 'lora_materialized')
+QV = r'encoder/layer_\d+/attention/(query|value)/kernel'
+ALL = (r'encoder/layer_\d+/(attention/(query|key|value|output)|intermediate|'
+       r'output)/kernel')
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A compiled-ready step for one variant."""
+  step: Callable[..., Any]
+  state: Any
+  frozen: Any
+  trainable_params: int
+
+
+def _spec(variant: str) -> lorajax.LoraSpec:
+  if variant == 'full':
+    return lorajax.LoraSpec([(r'.*', 'train')])
+  target = ALL if variant == 'lora_all' else QV
+  return lorajax.LoraSpec([(target, lorajax.Lora(rank=8, alpha=16)),
+                           (r'classifier/.*', 'train'),
+                           (r'.*', 'freeze')])
+
+
+def make_setup(variant: str, config: bert_lib.BertConfig, batch: dict[str, Any],
+               seed: int = 0) -> Setup:
+  """Builds the train step of ``variant`` (not yet compiled)."""
+  model = bert_lib.Bert(config)
+  params = model.init(jax.random.key(seed), batch['input_ids'])['params']
+
+  def apply(p, ids, mask):
+    return model.apply({'params': p}, ids, mask).logits
+
+  spec = _spec(variant)
+  tx = optax.adamw(1e-4, weight_decay=0.01)
+  if variant == 'full':
+    trainable, frozen = params, {}
+
+    def logits_fn(t, frozen, x):
+      del frozen
+      return apply(t, x['input_ids'], x['attention_mask'])
+  else:
+    adapters = lorajax.init(spec, params, jax.random.key(seed + 1))
+    train, frozen = lorajax.partition(params, spec)
+    trainable = {'adapters': adapters, 'params': train}
+    if variant == 'lora_materialized':
+      def logits_fn(t, frozen, x):
+        p = lorajax.merge(lorajax.combine(t['params'], frozen),
+                          t['adapters'], spec)
+        return apply(p, x['input_ids'], x['attention_mask'])
+    else:
+      adapted = lorajax.lora(apply, spec)
+
+      def logits_fn(t, frozen, x):
+        return adapted(lorajax.combine(t['params'], frozen), t['adapters'],
+                       x['input_ids'], x['attention_mask'])
+
+  def step(state, frozen, x):
+    t, opt_state = state
+
+    def loss(t):
+      logits = logits_fn(t, frozen, x)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, x['label']).mean()
+
+    value, grads = jax.value_and_grad(loss)(t)
+    updates, opt_state = tx.update(grads, opt_state, t)
+    return (optax.apply_updates(t, updates), opt_state), value
+
+  state = (trainable, tx.init(trainable))
+  return Setup(jax.jit(step, donate_argnums=0), state, frozen,
+               lorajax.count(trainable))
+
+
+def make_batch(config: bert_lib.BertConfig, batch_size: int, seq_len: int,
+               seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {
+      'input_ids': rng.integers(0, config.vocab_size, (batch_size, seq_len),
+                                dtype=np.int32),
+      'attention_mask': np.ones((batch_size, seq_len), np.int32),
+      'label': rng.integers(0, config.num_labels, (batch_size,),
+                            dtype=np.int32),
+  }
+
+
+def flops(setup: Setup, batch) -> float:
+  compiled = setup.step.lower(setup.state, setup.frozen, batch).compile()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost['flops'])
+
+
+def peak_rss_in_subprocess(variant: str, batch_size: int, seq_len: int,
+                           steps: int) -> float:
+  """Peak RSS (MB) of a fresh process that runs ``steps`` steps."""
+  cmd = [sys.executable, '-m', 'experiments.bench', 'core', '--variant',
+         variant, '--batch_size', str(batch_size), '--seq_len', str(seq_len),
+         '--steps', str(steps)]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+  for line in out.stdout.splitlines():
+    if line.startswith('{'):
+      return float(json.loads(line)['peak_rss_mb'])
+  raise RuntimeError(f'no measurement in output of {cmd}: {out.stderr[-800:]}')
+
+
+def measure_one_variant(variant: str, batch_size: int, seq_len: int,
+                        steps: int) -> dict[str, Any]:
+  """Runs in a fresh process: compile and run ``steps`` steps, report RSS."""
+  config = bert_lib.BertConfig.minilm_l6()
+  batch = make_batch(config, batch_size, seq_len)
+  setup = make_setup(variant, config, batch)
+  state = setup.state
+  for _ in range(steps):
+    state, value = setup.step(state, setup.frozen, batch)
+  jax.block_until_ready(value)
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  return {'variant': variant, 'peak_rss_mb': round(peak, 1)}
+
+
+def run(variants=VARIANTS, *, batch_size: int = 32, seq_len: int = 128,
+        reps: int = 5, memory_steps: int = 3, log=print) -> list[dict[str, Any]]:
+  """Measures every variant; returns one dict per variant."""
+  config = bert_lib.BertConfig.minilm_l6()
+  batch = make_batch(config, batch_size, seq_len)
+  setups, results = {}, {}
+  for v in variants:
+    setups[v] = make_setup(v, config, batch)
+    results[v] = {'variant': v, 'flops_per_step': flops(setups[v], batch),
+                  'trainable_params': setups[v].trainable_params}
+    log(f'compiled {v}: {results[v]["flops_per_step"] / 1e9:.1f} GFLOP/step')
+  states = {v: setups[v].state for v in variants}
+  for v in variants:  # warm-up: first execution
+    states[v], value = setups[v].step(states[v], setups[v].frozen, batch)
+    jax.block_until_ready(value)
+  times = {v: [] for v in variants}
+  for r in range(reps):
+    for v in variants:
+      t0 = time.perf_counter()
+      states[v], value = setups[v].step(states[v], setups[v].frozen, batch)
+      jax.block_until_ready(value)
+      times[v].append(time.perf_counter() - t0)
+    log(f'repetition {r + 1}/{reps}: ' + ', '.join(
+        f'{v} {times[v][-1] * 1e3:.0f} ms' for v in variants))
+  del setups, states
+  for v in variants:
+    results[v]['step_ms_median'] = round(statistics.median(times[v]) * 1e3, 1)
+    results[v]['step_ms_min'] = round(min(times[v]) * 1e3, 1)
+    results[v]['step_ms_max'] = round(max(times[v]) * 1e3, 1)
+    log(f'measuring peak RSS of {v} in a fresh process')
+    results[v]['peak_rss_mb'] = peak_rss_in_subprocess(
+        v, batch_size, seq_len, memory_steps)
+  return [results[v] for v in variants]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+  """A markdown table with ratios against ``full``."""
+  ref = next((r for r in rows if r['variant'] == 'full'), rows[0])
+  lines = ['| variant | trainable params | GFLOP/step | × full | step ms '
+           '(median) | × full | peak RSS MB | × full |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(
+        f"| {r['variant']} | {r['trainable_params']:,d} | "
+        f"{r['flops_per_step'] / 1e9:.1f} | "
+        f"{r['flops_per_step'] / ref['flops_per_step']:.3f} | "
+        f"{r['step_ms_median']:.0f} | "
+        f"{r['step_ms_median'] / ref['step_ms_median']:.3f} | "
+        f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.3f} |")
+  return '\n'.join(lines)
