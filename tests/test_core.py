@@ -448,3 +448,43 @@ def test_bert_base_rank1_query_value_report():
   first = text.splitlines()[0]
   assert first.startswith('trainable params: 38,402 || all params: ')
   assert first.endswith('trainable%: 0.0351')
+
+
+@jax.custom_vjp
+def _mm_vjp(x, w):
+  return x @ w
+
+
+_mm_vjp.defvjp(lambda x, w: (x @ w, (x, w)),
+               lambda res, g: (g @ res[1].T, res[0].T @ g))
+
+
+@jax.custom_jvp
+def _tanh_mm(x, w):
+  return jnp.tanh(x @ w)
+
+
+@_tanh_mm.defjvp
+def _tanh_mm_jvp(primals, tangents):
+  (x, w), (dx, dw) = primals, tangents
+  y = _tanh_mm(x, w)
+  return y, (1 - y**2) * (dx @ w + x @ dw)
+
+
+def test_kernels_inside_custom_vjp_and_custom_jvp():
+  params = {'w1': jnp.linspace(-1, 1, 32).reshape(8, 4),
+            'w2': jnp.linspace(1, -1, 12).reshape(4, 3)}
+
+  def fn(p, x):
+    return _tanh_mm(_mm_vjp(x, p['w1']), p['w2'])
+
+  spec = LoraSpec([(r'w\d', Lora(rank=2))])
+  adapters = _randomize(lorajax.init(spec, params, KEY))
+  adapted = lorajax.lora(fn, spec)
+  np.testing.assert_allclose(adapted(params, adapters, X),
+                             fn(lorajax.merge(params, adapters, spec), X),
+                             rtol=1e-5, atol=1e-6)
+  g1 = jax.grad(lambda a: adapted(params, a, X).sum())(adapters)
+  g2 = jax.grad(lambda a: fn(lorajax.merge(params, a, spec), X).sum())(adapters)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
