@@ -1,0 +1,431 @@
+"""A plain Flax linen Llama decoder (SmolLM2; Llama without RoPE scaling).
+
+The model is ordinary linen code: every projection is an
+``nn.Dense(use_bias=False)`` with a 2-D ``[in, out]`` kernel, so LoRA rules such
+as ``.*/(q_proj|v_proj)/kernel`` match it and the jaxpr rewrite sees one
+``dot_general`` per kernel. Parameter paths (under the ``'params'``
+collection)::
+
+  embed/embedding                       [vocab, d]
+  layers_{i}/attn_norm/scale            [d]
+  layers_{i}/attn/{q,k,v,o}_proj/kernel [d, h*hd], [d, kv*hd], ..., [h*hd, d]
+  layers_{i}/mlp_norm/scale             [d]
+  layers_{i}/mlp/{gate,up,down}_proj/kernel
+  final_norm/scale                      [d]
+  lm_head/kernel                        [d, vocab]  (only when untied)
+
+With ``scan_layers=True`` the layers are one ``nn.scan`` named ``layers`` and
+every layer leaf gains a leading axis of length ``num_layers``
+(``layers/attn/q_proj/kernel`` is ``[L, d, h*hd]``); ``scan_params`` and
+``unscan_params`` convert between the two layouts.
+
+RoPE is the "rotate half" form of Hugging Face transformers: weights are kept
+in the Hugging Face row order (the GGUF loader un-permutes Q and K).
+
+Decoding is functional: ``model.apply(params, tokens, cache_len=M)`` returns
+``(logits, cache)`` with a fresh ``KVCache`` of ``M`` slots filled with the
+prompt, and ``model.apply(params, next_tokens, cache=cache)`` returns
+``(logits, new_cache)``.
+
+Example:
+
+  >>> config = LlamaConfig.tiny()
+  >>> model = Llama(config)
+  >>> tokens = jnp.zeros((1, 4), jnp.int32)
+  >>> params = model.init(jax.random.key(0), tokens)['params']
+  >>> model.apply({'params': params}, tokens).shape
+  (1, 4, 256)
+  >>> logits, cache = model.apply({'params': params}, tokens, cache_len=8)
+  >>> logits, cache = model.apply({'params': params}, tokens[:, :1],
+  ...                             cache=cache)
+  >>> int(cache.index)
+  5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a Llama decoder.
+
+  Attributes:
+    vocab_size: number of tokens.
+    hidden_size: model width ``d``.
+    num_layers: number of decoder layers ``L``.
+    num_heads: query heads ``h``.
+    num_kv_heads: key/value heads (grouped-query attention); divides
+      ``num_heads``.
+    head_dim: width of one head ``hd``.
+    intermediate_size: width of the SwiGLU MLP.
+    rope_base: RoPE frequency base (``rope_theta``).
+    rms_eps: RMSNorm epsilon.
+    max_position: context length the weights were trained for (informative;
+      positions beyond it are not rejected).
+    tie_embeddings: if true the LM head is ``h @ embed.T``, else a separate
+      ``lm_head`` Dense.
+    dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``); parameters stay
+      float32, logits are returned as float32.
+    scan_layers: run the layers as one ``nn.scan`` (stacked parameters).
+    remat: rematerialize each layer in the backward pass.
+  """
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  rope_base: float = 10000.0
+  rms_eps: float = 1e-5
+  max_position: int = 2048
+  tie_embeddings: bool = True
+  dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
+                       f'num_kv_heads={self.num_kv_heads}')
+    if self.head_dim % 2:
+      raise ValueError(f'head_dim={self.head_dim} must be even for RoPE')
+
+  @classmethod
+  def smollm2_135m(cls, **overrides) -> LlamaConfig:
+    """SmolLM2-135M: 30 layers, d=576, 9 heads / 3 KV heads, tied."""
+    kw = dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+              num_kv_heads=3, head_dim=64, intermediate_size=1536,
+              rope_base=100000.0, rms_eps=1e-5, max_position=8192,
+              tie_embeddings=True)
+    return cls(**{**kw, **overrides})
+
+  @classmethod
+  def tiny(cls, **overrides) -> LlamaConfig:
+    """A 2-layer, d=32 model for tests."""
+    kw = dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4,
+              num_kv_heads=2, head_dim=8, intermediate_size=64,
+              rope_base=10000.0, rms_eps=1e-5, max_position=128)
+    return cls(**{**kw, **overrides})
+
+  def replace(self, **changes) -> LlamaConfig:
+    return dataclasses.replace(self, **changes)
+
+
+class KVCache(NamedTuple):
+  """Preallocated keys and values of all layers.
+
+  Attributes:
+    keys: ``[L, B, M, kv_heads, head_dim]`` in the compute dtype.
+    values: same shape as ``keys``.
+    valid: ``[B, M]`` bool, which slots hold a real (non-padding) token.
+    index: int32 scalar, the next free slot (same for the whole batch).
+  """
+  keys: jax.Array
+  values: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_len: int) -> KVCache:
+  """Returns an empty cache of ``max_len`` slots."""
+  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads,
+           config.head_dim)
+  return KVCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype),
+                 jnp.zeros((batch_size, max_len), bool),
+                 jnp.zeros((), jnp.int32))
+
+
+class RMSNorm(nn.Module):
+  """``x / rms(x) * scale``, computed in float32, returned in ``dtype``."""
+  eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],),
+                       jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+    return (x32 * scale).astype(self.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, base: float
+                ) -> tuple[jax.Array, jax.Array]:
+  """Returns ``(sin, cos)``, each ``[B, T, head_dim]`` float32."""
+  inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], -1)
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """Rotates ``x`` ``[B, T, heads, hd]`` in the rotate-half convention."""
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], -1)
+  out = x32 * cos[:, :, None] + rotated * sin[:, :, None]
+  return out.astype(x.dtype)
+
+
+def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, dtype=dtype, name=name,
+                  kernel_init=nn.initializers.normal(0.02))
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE and an optional layer cache."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array],
+               mask: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None,
+               index: jax.Array) -> tuple[jax.Array, Any]:
+    """Attends ``x`` ``[B, T, d]`` over itself and the cached keys.
+
+    Args:
+      x: normalized hidden states ``[B, T, d]``.
+      rope: ``(sin, cos)`` from ``rope_tables``.
+      mask: ``[B, T, S]`` bool, which keys each query may see (``S = T``
+        without a cache, the cache length with one).
+      layer_cache: ``(keys, values)`` ``[B, S, kv_heads, hd]`` or None.
+      index: the cache slot of the first of the ``T`` new tokens.
+
+    Returns:
+      ``([B, T, d] output, updated layer_cache)``.
+    """
+    cfg = self.config
+    b, t, _ = x.shape
+    q = _dense(cfg.num_heads * cfg.head_dim, 'q_proj', cfg.dtype)(x)
+    k = _dense(cfg.num_kv_heads * cfg.head_dim, 'k_proj', cfg.dtype)(x)
+    v = _dense(cfg.num_kv_heads * cfg.head_dim, 'v_proj', cfg.dtype)(x)
+    q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
+    k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), *rope)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if layer_cache is not None:
+      cache_k, cache_v = layer_cache
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+      layer_cache = (k, v)
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum('btkgd,bskd->bkgts', q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(cfg.head_dim)
+    # A finite fill keeps rows with no visible key (left padding) NaN-free.
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    out = jnp.einsum('bkgts,bskd->btkgd', weights, v.astype(cfg.dtype))
+    out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
+    return _dense(cfg.hidden_size, 'o_proj', cfg.dtype)(out), layer_cache
+
+
+class Mlp(nn.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    gate = _dense(cfg.intermediate_size, 'gate_proj', cfg.dtype)(x)
+    up = _dense(cfg.intermediate_size, 'up_proj', cfg.dtype)(x)
+    return _dense(cfg.hidden_size, 'down_proj', cfg.dtype)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm attention and MLP blocks with residuals.
+
+  Returns ``(h, layer_cache)`` so that it can be the body of ``nn.scan``.
+  """
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, h: jax.Array, layer_cache: Any,
+               rope: tuple[jax.Array, jax.Array], mask: jax.Array,
+               index: jax.Array) -> tuple[jax.Array, Any]:
+    cfg = self.config
+    attn_out, layer_cache = Attention(cfg, name='attn')(
+        RMSNorm(cfg.rms_eps, cfg.dtype, name='attn_norm')(h), rope, mask,
+        layer_cache, index)
+    h = h + attn_out
+    h = h + Mlp(cfg, name='mlp')(RMSNorm(cfg.rms_eps, cfg.dtype,
+                                         name='mlp_norm')(h))
+    return h, layer_cache
+
+
+class Llama(nn.Module):
+  """Llama causal language model.
+
+  Call: ``model.apply({'params': params}, tokens, *, positions=None,
+  attention_mask=None, cache=None, cache_len=None)``.
+
+  Args (of ``__call__``):
+    tokens: ``[B, T]`` int token ids.
+    positions: ``[B, T]`` RoPE positions; by default the number of real
+      tokens before each token (so left padding is handled), counting those
+      already in the cache.
+    attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding; default all
+      ones. Padding keys are never attended to.
+    cache: a ``KVCache`` to extend; its ``index + T`` must not exceed its
+      length (it is not checked under ``jit``).
+    cache_len: start a fresh cache of this many slots (ignored if ``cache``
+      is given).
+
+  Returns:
+    ``logits`` ``[B, T, vocab]`` float32, or ``(logits, new_cache)`` when
+    ``cache`` or ``cache_len`` is given.
+  """
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens, *, positions=None, attention_mask=None,
+               cache: KVCache | None = None, cache_len: int | None = None):
+    cfg = self.config
+    b, t = tokens.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), bool)
+    attention_mask = attention_mask.astype(bool)
+    if cache is None and cache_len is not None:
+      cache = init_cache(cfg, b, cache_len)
+    if cache is None:
+      prior = jnp.zeros((b, 1), jnp.int32)
+      key_valid, index = attention_mask, jnp.zeros((), jnp.int32)
+      key_slots = jnp.arange(t)
+    else:
+      prior = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+      index = cache.index
+      key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask,
+                                               (0, index))
+      key_slots = jnp.arange(cache.valid.shape[1])
+    if positions is None:
+      positions = prior + jnp.cumsum(attention_mask, 1, dtype=jnp.int32) - 1
+      positions = jnp.maximum(positions, 0)
+    query_slots = index + jnp.arange(t)
+    causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+    mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
+    rope = rope_tables(positions, cfg.head_dim, cfg.rope_base)
+
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                     embedding_init=nn.initializers.normal(0.02), name='embed')
+    h = embed(tokens)
+    kv = None if cache is None else (cache.keys, cache.values)
+    layer_cls = DecoderLayer
+    if cfg.remat:
+      layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(layer_cls, variable_axes={'params': 0},
+                      split_rngs={'params': True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.num_layers)
+      h, kv = stack(cfg, name='layers')(h, kv, rope, mask, index)
+    else:
+      new_kv = []
+      for i in range(cfg.num_layers):
+        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        h, layer_kv = layer_cls(cfg, name=f'layers_{i}')(h, layer_kv, rope,
+                                                          mask, index)
+        new_kv.append(layer_kv)
+      if kv is not None:
+        kv = (jnp.stack([x[0] for x in new_kv]),
+              jnp.stack([x[1] for x in new_kv]))
+    h = RMSNorm(cfg.rms_eps, cfg.dtype, name='final_norm')(h)
+    if cfg.tie_embeddings:
+      logits = embed.attend(h)
+    else:
+      logits = _dense(cfg.vocab_size, 'lm_head', cfg.dtype)(h)
+    logits = logits.astype(jnp.float32)
+    if cache is None:
+      return logits
+    return logits, KVCache(kv[0], kv[1], key_valid, index + t)
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Returns ``{'/'-joined path: shape}`` of the params of ``Llama(config)``.
+
+  Paths are relative to the ``'params'`` collection; with ``scan_layers`` the
+  layer shapes have a leading ``num_layers`` axis.
+  """
+  d, hd = config.hidden_size, config.head_dim
+  q, kv = config.num_heads * hd, config.num_kv_heads * hd
+  f = config.intermediate_size
+  layer = {'attn_norm/scale': (d,), 'attn/q_proj/kernel': (d, q),
+           'attn/k_proj/kernel': (d, kv), 'attn/v_proj/kernel': (d, kv),
+           'attn/o_proj/kernel': (q, d), 'mlp_norm/scale': (d,),
+           'mlp/gate_proj/kernel': (d, f), 'mlp/up_proj/kernel': (d, f),
+           'mlp/down_proj/kernel': (f, d)}
+  out = {'embed/embedding': (config.vocab_size, d), 'final_norm/scale': (d,)}
+  if not config.tie_embeddings:
+    out['lm_head/kernel'] = (d, config.vocab_size)
+  if config.scan_layers:
+    out.update({f'layers/{k}': (config.num_layers, *v)
+                for k, v in layer.items()})
+  else:
+    for i in range(config.num_layers):
+      out.update({f'layers_{i}/{k}': v for k, v in layer.items()})
+  return out
+
+
+_LAYER_KEY = re.compile(r'layers_(\d+)')
+
+
+def _split_variables(tree: PyTree) -> tuple[PyTree, bool]:
+  if isinstance(tree, dict) and set(tree) == {'params'}:
+    return tree['params'], True
+  return tree, False
+
+
+def scan_params(params: PyTree) -> PyTree:
+  """Converts ``layers_{i}/...`` params to the scanned ``layers/...`` layout.
+
+  Args:
+    params: a variables dict ``{'params': ...}`` or the bare params tree of an
+      unscanned ``Llama``.
+
+  Returns:
+    The same structure with the layer subtrees stacked along a new axis 0.
+  """
+  tree, wrapped = _split_variables(params)
+  indices = sorted(int(m.group(1)) for k in tree
+                   if (m := _LAYER_KEY.fullmatch(k)))
+  if not indices or indices != list(range(len(indices))):
+    raise ValueError(f'expected keys layers_0..layers_{{L-1}}, got '
+                     f'{sorted(tree)}')
+  out = {k: v for k, v in tree.items() if not _LAYER_KEY.fullmatch(k)}
+  out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                               *[tree[f'layers_{i}'] for i in indices])
+  return {'params': out} if wrapped else out
+
+
+def unscan_params(params: PyTree) -> PyTree:
+  """Converts the scanned ``layers/...`` layout to ``layers_{i}/...``.
+
+  Args:
+    params: a variables dict ``{'params': ...}`` or the bare params tree of a
+      scanned ``Llama``.
+
+  Returns:
+    The same structure with ``layers`` split into ``layers_0`` ..
+    ``layers_{L-1}``.
+  """
+  tree, wrapped = _split_variables(params)
+  if 'layers' not in tree:
+    raise ValueError(f'expected a "layers" key, got {sorted(tree)}')
+  stacked = tree['layers']
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  out = {k: v for k, v in tree.items() if k != 'layers'}
+  for i in range(num_layers):
+    out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return {'params': out} if wrapped else out
