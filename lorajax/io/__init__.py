@@ -1,0 +1,1 @@
+"""Adapters as files: lorajax's own format and Hugging Face PEFT's."""
