@@ -139,6 +139,22 @@ def peak_rss_in_subprocess(variant: str, batch_size: int, seq_len: int,
   raise RuntimeError(f'no measurement in output of {cmd}: {out.stderr[-800:]}')
 
 
+def peak_rss_mb() -> float:
+  """Peak resident memory of this process image, in MB.
+
+  Reads ``VmHWM`` from ``/proc/self/status``: unlike ``ru_maxrss``, it starts
+  afresh at ``exec``, so a child process does not inherit its parent's peak.
+  """
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def measure_one_variant(variant: str, batch_size: int, seq_len: int,
                         steps: int) -> dict[str, Any]:
   """Runs in a fresh process: compile and run ``steps`` steps, report RSS."""
@@ -149,8 +165,7 @@ def measure_one_variant(variant: str, batch_size: int, seq_len: int,
   for _ in range(steps):
     state, value = setup.step(state, setup.frozen, batch)
   jax.block_until_ready(value)
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-  return {'variant': variant, 'peak_rss_mb': round(peak, 1)}
+  return {'variant': variant, 'peak_rss_mb': round(peak_rss_mb(), 1)}
 
 
 def run(variants=VARIANTS, *, batch_size: int = 32, seq_len: int = 128,
