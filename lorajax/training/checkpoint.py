@@ -1,0 +1,206 @@
+"""Orbax checkpoints of a run: what is trained, never the frozen base.
+
+Layout of ``<workdir>/checkpoints/<step>/`` (one Orbax ``CheckpointManager``
+step, written with ``ocp.args.Composite``)::
+
+  trainable/  StandardSave  {'adapters': ..., 'params': ...}   (the adapter)
+  opt/        StandardSave  {'opt_state': ..., 'step': int32, 'rng': uint32[2]}
+  meta/       JsonSave      {'step', 'data_state', 'spec', 'model', 'shapes',
+                             'config', 'lorajax_version'}
+
+``trainable/`` alone is what ships: ``restore_trainable`` puts it back onto a
+base for evaluation. A save killed half-way leaves a
+``<step>.orbax-checkpoint-tmp`` folder that the manager neither lists nor
+restores (and removes when it next opens the folder).
+
+Example:
+
+  >>> manager = make_manager(workdir + '/checkpoints', max_to_keep=2)  # doctest: +SKIP
+  >>> save(manager, state, meta)  # doctest: +SKIP
+  >>> state, meta = restore_latest(manager, state, expected_meta)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lorajax import spec as spec_lib
+from lorajax.training import step as step_lib
+
+PyTree = Any
+ITEMS = ('trainable', 'opt', 'meta')
+
+
+def make_manager(directory: str | os.PathLike[str], *, max_to_keep: int = 2,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  """A ``CheckpointManager`` over ``directory`` (created if missing)."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+      create=True, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
+                               options=options, item_names=ITEMS)
+
+
+def tree_shapes(tree: PyTree) -> dict[str, list[Any]]:
+  """``{path: [shape, dtype]}`` of every leaf, JSON-able."""
+  return {path: [list(np.shape(x)), str(x.dtype)]
+          for path, x in spec_lib.flatten_paths(tree)}
+
+
+def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
+         meta: dict[str, Any]) -> None:
+  """Starts saving ``state`` and ``meta`` as step ``state.step`` (async)."""
+  step = int(jax.device_get(state.step))
+  opt = {'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng}
+  manager.save(step, force=True, args=ocp.args.Composite(
+      trainable=ocp.args.StandardSave(state.trainable),
+      opt=ocp.args.StandardSave(opt),
+      meta=ocp.args.JsonSave(dict(meta, step=step))))
+
+
+def abstract(tree: PyTree) -> PyTree:
+  """``ShapeDtypeStruct`` leaves that keep each array's sharding."""
+  def leaf(x):
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                sharding=getattr(x, 'sharding', None))
+  return jax.tree.map(leaf, tree)
+
+
+def check_compatible(stored: dict[str, Any], expected: dict[str, Any],
+                     where: str) -> None:
+  """Raises ValueError when a checkpoint's trainable tree or model differs.
+
+  Args:
+    stored: the checkpoint's ``meta``.
+    expected: this run's ``meta`` (``shapes``, ``model``, ``spec``).
+    where: the checkpoint folder, for the message.
+
+  Raises:
+    ValueError: naming the first mismatching path and both shapes, or the
+      differing model fields, or the differing spec rules.
+  """
+  have, want = stored.get('shapes', {}), expected['shapes']
+  hint = (f'; the checkpoint was written with spec {stored.get("spec")} and '
+          f'model {stored.get("model", {}).get("name")!r}. Use a fresh '
+          f'--workdir or the config that wrote it')
+  for path in sorted(set(have) | set(want)):
+    if path not in have:
+      raise ValueError(f'checkpoint {where} has no trainable leaf {path} '
+                       f'(this run expects shape {tuple(want[path][0])})'
+                       + hint)
+    if path not in want:
+      raise ValueError(f'checkpoint {where} has trainable leaf {path} of '
+                       f'shape {tuple(have[path][0])}, which this run does '
+                       f'not train' + hint)
+    if have[path][0] != want[path][0]:
+      raise ValueError(f'checkpoint {where}: {path} has shape '
+                       f'{tuple(have[path][0])}, this run expects '
+                       f'{tuple(want[path][0])}' + hint)
+  model_have, model_want = stored.get('model', {}), expected['model']
+  diff = sorted(k for k in set(model_have) | set(model_want)
+                if model_have.get(k) != model_want.get(k))
+  if diff:
+    raise ValueError(
+        f'checkpoint {where} is for another model: ' + ', '.join(
+            f'{k}={model_have.get(k)!r} (this run: {model_want.get(k)!r})'
+            for k in diff[:8]))
+  if stored.get('spec') != expected['spec']:
+    raise ValueError(f'checkpoint {where} was written with spec '
+                     f'{stored.get("spec")}; this run has {expected["spec"]}')
+
+
+def restore_latest(manager: ocp.CheckpointManager,
+                   target: step_lib.TrainState, expected: dict[str, Any]
+                   ) -> tuple[step_lib.TrainState | None, dict[str, Any] | None]:
+  """Restores the newest complete checkpoint, if there is one.
+
+  Args:
+    manager: from ``make_manager``.
+    target: a ``TrainState`` (arrays or ``ShapeDtypeStruct``s) giving the
+      structure, dtypes and shardings to restore into.
+    expected: this run's meta, checked with ``check_compatible`` first.
+
+  Returns:
+    ``(state, meta)``, or ``(None, None)`` when the folder has no complete
+    checkpoint.
+
+  Raises:
+    ValueError: if the checkpoint does not fit this run.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None, None
+  where = os.path.join(str(manager.directory), str(step))
+  meta = manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta']
+  check_compatible(meta, expected, where)
+  target = abstract(target)
+  opt_target = {'opt_state': target.opt_state, 'step': target.step,
+                'rng': target.rng}
+  out = manager.restore(step, args=ocp.args.Composite(
+      trainable=ocp.args.StandardRestore(target.trainable),
+      opt=ocp.args.StandardRestore(opt_target)))
+  opt = out['opt']
+  state = step_lib.TrainState(step=opt['step'], trainable=out['trainable'],
+                              opt_state=opt['opt_state'], rng=opt['rng'])
+  return state, meta
+
+
+def read_meta(directory: str | os.PathLike[str], step: int | None = None
+              ) -> tuple[int, dict[str, Any]]:
+  """``(step, meta)`` of a checkpoint folder's latest (or given) step.
+
+  Raises:
+    FileNotFoundError: if the folder holds no complete checkpoint.
+  """
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.fspath(directory)), item_names=ITEMS,
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no complete checkpoint in {directory}')
+  meta = manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta']
+  manager.close()
+  return step, meta
+
+
+def restore_trainable(directory: str | os.PathLike[str], target: PyTree,
+                      expected: dict[str, Any], step: int | None = None
+                      ) -> tuple[PyTree, dict[str, Any]]:
+  """Restores only ``trainable/`` (no optimizer state), e.g. for evaluation.
+
+  Args:
+    directory: the checkpoints folder.
+    target: the trainable tree (arrays or ``ShapeDtypeStruct``s).
+    expected: meta with ``shapes``, ``model`` and ``spec`` to check against.
+    step: the step; None takes the latest complete one.
+
+  Returns:
+    ``(trainable, meta)``.
+  """
+  step, meta = read_meta(directory, step)
+  where = os.path.join(os.fspath(directory), str(step))
+  check_compatible(meta, expected, where)
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.fspath(directory)), item_names=ITEMS,
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  out = manager.restore(step, args=ocp.args.Composite(
+      trainable=ocp.args.StandardRestore(abstract(target))))
+  manager.close()
+  return out['trainable'], meta
+
+
+def item_size(directory: str | os.PathLike[str], step: int,
+              item: str = 'trainable') -> int:
+  """Bytes on disk of one item of one checkpoint step."""
+  root = os.path.join(os.fspath(directory), str(step), item)
+  total = 0
+  for folder, _, files in os.walk(root):
+    total += sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+  return total

@@ -1,0 +1,236 @@
+"""Shared pieces of the training configs, and the spec a config asks for.
+
+Every file in ``configs/`` starts from ``base_config(task)`` and changes a few
+fields, so each config reads as the handful of choices that define its run.
+The spec is data in the config, not code:
+
+  config.method = 'lora'                  # 'lora' | 'full' | 'head'
+  config.lora.targets = r'.*/attention/(query|value)/kernel'
+  config.train_rules = r'classifier/.*'   # also trained (the new head)
+  config.frozen_rules = r'pooler/.*'      # never trained, even by 'full'
+
+and ``make_spec(config)`` turns it into a ``lorajax.LoraSpec``.
+
+Example:
+
+  >>> config = base_config('classification')
+  >>> make_spec(config).rules[-1]
+  ('.*', 'freeze')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ml_collections import config_dict
+
+import lorajax
+
+METHODS = ('lora', 'full', 'head')
+TASKS = ('classification', 'lm')
+MODES = ('jit',)  # 'pmap' and 'mesh' come with lorajax.training.parallel.
+
+
+def base_config(task: str) -> config_dict.ConfigDict:
+  """The fields every run has, with defaults for ``task``; not locked.
+
+  Args:
+    task: ``'classification'`` (BERT/MiniLM) or ``'lm'`` (Llama/SmolLM2).
+
+  Returns:
+    An unlocked ``ConfigDict``; the caller edits it and locks it.
+  """
+  if task not in TASKS:
+    raise ValueError(f'task {task!r}; expected one of {TASKS}')
+  c = config_dict.ConfigDict()
+  # Name of the run, shown in the summary.
+  c.name = task
+  # What is learned: 'classification' (sentence label) or 'lm' (next token).
+  c.task = task
+  # How steps run: 'jit' on one device ('pmap', 'mesh' in parallel.py).
+  c.mode = 'jit'
+  # Seed of adapter init, the new head, dropout and the data order.
+  c.seed = 0
+
+  # The model and its pretrained weights.
+  c.model = config_dict.ConfigDict()
+  # 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M-Instruct).
+  c.model.name = 'minilm' if task == 'classification' else 'smollm2'
+  # Load the pretrained weights; False gives a random model of that shape.
+  c.model.pretrained = True
+  # 'base' is the real architecture; 'tiny' a 2-layer toy for tests.
+  c.model.size = 'base'
+  # Compute dtype: 'float32', or 'bfloat16' for mixed precision (params,
+  # adapters and optimizer state stay float32).
+  c.model.dtype = 'float32'
+  # Dropout of the base model's hidden states during training.
+  c.model.dropout = 0.1
+  # Sentence vector for the classifier: 'mean' over tokens, or 'cls' (the
+  # pooler on [CLS]). Unused by the LM.
+  c.model.pooling = 'mean'
+
+  # The rules: method, adapter targets, extra trained and frozen leaves.
+  # 'lora' (adapters + train_rules), 'full' (every leaf but frozen_rules) or
+  # 'head' (only train_rules).
+  c.method = 'lora'
+  c.lora = config_dict.ConfigDict()
+  # Regex over parameter paths of the kernels that get adapters.
+  c.lora.targets = (r'.*/attention/(query|value)/kernel'
+                    if task == 'classification'
+                    else r'.*/attn/(q_proj|v_proj)/kernel')
+  # Rank r of every adapter.
+  c.lora.rank = 8
+  # Scale numerator: the update is (alpha / rank) * x·a·b.
+  c.lora.alpha = 16.0
+  # Scale by alpha / sqrt(rank) instead (rsLoRA).
+  c.lora.rslora = False
+  # Dropout on the adapter input.
+  c.lora.dropout = 0.0
+  # Regex of leaves trained as they are (besides adapters); '' for none.
+  c.train_rules = r'classifier/.*' if task == 'classification' else ''
+  # Regex of leaves that no method trains; '' for none.
+  c.frozen_rules = ''
+
+  # The data.
+  c.data = config_dict.ConfigDict()
+  # Dataset name in lorajax.data.sources.REGISTRY.
+  c.data.name = 'rotten_tomatoes' if task == 'classification' else 'shakespeare'
+  # TFDS data dir; None builds/reads the offline corpora in the default.
+  c.data.dir = config_dict.placeholder(str)
+  # TFDS split names (slices such as 'train[:256]' work).
+  c.data.train_split = 'train'
+  c.data.validation_split = 'validation'
+  c.data.test_split = 'test'
+  # Tokens per example (classification: truncated/padded; LM: window).
+  c.data.max_len = 64 if task == 'classification' else 128
+  # Number of evaluation batches read from each split; None reads all.
+  c.data.max_eval_batches = config_dict.placeholder(int)
+
+  # The schedule of the run.
+  # Examples per optimizer step.
+  c.batch_size = 32
+  # Examples per evaluation batch.
+  c.eval_batch_size = 128
+  # Optimizer steps of the run.
+  c.num_train_steps = 400
+  # Evaluate on validation every this many steps (and at the end).
+  c.eval_every = 100
+  # Evaluate on validation before the first step too.
+  c.eval_at_start = False
+  # Write training metrics every this many steps.
+  c.log_every = 10
+  # Save a checkpoint every this many steps (and at the end).
+  c.checkpoint_every = 100
+  # Checkpoints kept on disk.
+  c.max_to_keep = 2
+  # Write checkpoints in a background thread.
+  c.async_checkpoint = True
+  # Show a tqdm progress bar.
+  c.progress_bar = True
+
+  # The optimizer: AdamW with warmup, decay, clipping and accumulation.
+  c.optim = config_dict.ConfigDict()
+  # Peak learning rate.
+  c.optim.learning_rate = 1e-3
+  # Steps of linear warmup from 0 to the peak.
+  c.optim.warmup_steps = 20
+  # Decay after warmup: 'cosine', 'linear' or 'constant'.
+  c.optim.decay = 'cosine'
+  # Final learning rate as a fraction of the peak.
+  c.optim.end_factor = 0.0
+  # AdamW decoupled weight decay (on leaves of 2 or more axes only).
+  c.optim.weight_decay = 0.01
+  # Adam moment decays and epsilon.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  # Clip gradients to this global norm; 0 turns clipping off.
+  c.optim.clip_norm = 1.0
+  # Split each batch into this many micro-batches and average their
+  # gradients (same update, less memory).
+  c.optim.accum_steps = 1
+  return c
+
+
+def make_spec(config: config_dict.ConfigDict) -> lorajax.LoraSpec:
+  """The ``LoraSpec`` of ``config.method`` and its rules.
+
+  ``frozen_rules`` come first, then the method's rules, then a catch-all
+  ``freeze`` (``full`` ends with a catch-all ``train`` instead).
+
+  Raises:
+    ValueError: for an unknown method, or ``head`` without ``train_rules``.
+  """
+  method = config.method
+  if method not in METHODS:
+    raise ValueError(f'config.method={method!r}; expected one of {METHODS}')
+  rules = []
+  if config.frozen_rules:
+    rules.append((config.frozen_rules, lorajax.FREEZE))
+  if method == 'full':
+    return lorajax.LoraSpec(rules + [(r'.*', lorajax.TRAIN)])
+  if method == 'lora':
+    rules.append((config.lora.targets, lorajax.Lora(
+        rank=int(config.lora.rank), alpha=float(config.lora.alpha),
+        use_rslora=bool(config.lora.rslora),
+        dropout=float(config.lora.dropout))))
+  elif not config.train_rules:
+    raise ValueError("config.method='head' trains only config.train_rules, "
+                     'which is empty')
+  if config.train_rules:
+    rules.append((config.train_rules, lorajax.TRAIN))
+  return lorajax.LoraSpec(rules + [(r'.*', lorajax.FREEZE)])
+
+
+def spec_to_json(spec: lorajax.LoraSpec) -> list[list[str]]:
+  """``[[regex, repr(action)], ...]``: the spec as stored with checkpoints."""
+  return [[pattern, repr(action)] for pattern, action in spec.rules]
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> config_dict.ConfigDict:
+  """Parses a config argument such as ``'smoke'`` or ``'smoke,steps=3'``.
+
+  Every key of ``defaults`` may appear; a bare key means True, ``k=v`` takes
+  ``v`` converted to the type of the default.
+
+  Raises:
+    ValueError: naming an unknown key.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; known: '
+                       f'{sorted(defaults)}')
+    kind = type(defaults[key])
+    out[key] = True if not value else (value.lower() in ('1', 'true', 'yes')
+                                       if kind is bool else kind(value))
+  return config_dict.ConfigDict(out)
+
+
+def shrink(c: config_dict.ConfigDict) -> None:
+  """Makes a run take seconds: a tiny random model, tiny splits, few steps.
+
+  Checkpoints, evaluation and logging still happen (every few steps), so a
+  shrunk run exercises everything a full run does.
+  """
+  c.model.pretrained = False
+  c.model.size = 'tiny'
+  c.data.train_split = 'train[:96]'
+  c.data.validation_split = 'validation[:24]'
+  c.data.test_split = 'test[:24]'
+  if c.task == 'lm':
+    c.data.train_split = 'train[:2]'
+    c.data.validation_split = 'validation[:1]'
+    c.data.test_split = 'test[:1]'
+    c.data.max_len = 32
+    c.data.max_eval_batches = 2
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.num_train_steps = 6
+  c.optim.warmup_steps = 2
+  c.eval_every = 3
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.max_to_keep = 3
+  c.progress_bar = False

@@ -1,0 +1,175 @@
+"""One train step and one eval step, pure functions for jit, pmap or a Mesh.
+
+A task supplies two functions (see ``lorajax.training.tasks``)::
+
+  loss_fn(trainable, frozen, batch, rng) -> (mean_loss, stats)
+  eval_fn(trainable, frozen, batch) -> stats
+
+where ``stats`` is a dict of float32 *sums* (``loss_sum``, ``count``, and e.g.
+``correct``): sums add up over micro-batches, devices and batches, so every
+runner reports the same numbers. The step differentiates only the trainable
+tree, ``{'adapters': ..., 'params': ...}``; the frozen base is an argument
+(never a constant baked into the program) and gets no gradient.
+
+Runners bind the keyword-only arguments with ``functools.partial``:
+
+  step = jax.jit(functools.partial(train_step, loss_fn=..., tx=...))
+  step = jax.pmap(functools.partial(train_step, ..., axis_name='batch'),
+                  axis_name='batch')   # grads pmean-ed, stats psum-ed
+
+Example:
+
+  >>> state = create_state(trainable, tx, seed=0)  # doctest: +SKIP
+  >>> state, metrics = train_step(state, frozen, batch, loss_fn=f, tx=tx)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+Stats = dict[str, jax.Array]
+LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array],
+                  tuple[jax.Array, Stats]]
+EvalFn = Callable[[PyTree, PyTree, PyTree], Stats]
+
+
+class TrainState(NamedTuple):
+  """Everything a run carries from step to step, and checkpoints.
+
+  Attributes:
+    step: int32 ``[]``, updates done so far.
+    trainable: ``{'adapters': ..., 'params': ...}`` float32 leaves.
+    opt_state: the optax state of ``trainable``.
+    rng: uint32 ``[2]`` raw key data; step ``s`` uses
+      ``fold_in(rng, s)`` (and the device index under pmap), so a resumed
+      run draws the same dropout masks.
+  """
+  step: jax.Array
+  trainable: PyTree
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def create_state(trainable: PyTree, tx: optax.GradientTransformation,
+                 seed: int) -> TrainState:
+  """A fresh ``TrainState`` at step 0 (float32 trainable leaves)."""
+  trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                    opt_state=tx.init(trainable),
+                    rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def step_rng(state: TrainState, axis_name: str | None = None) -> jax.Array:
+  """The PRNG key of this step (and device, under ``axis_name``)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if axis_name is not None:
+    key = jax.random.fold_in(key, lax.axis_index(axis_name))
+  return key
+
+
+def _micro_batches(batch: PyTree, accum_steps: int) -> PyTree:
+  def split(x):
+    if x.shape[0] % accum_steps:
+      raise ValueError(f'batch of {x.shape[0]} rows does not split into '
+                       f'accum_steps={accum_steps} micro-batches')
+    return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def compute_grads(trainable: PyTree, frozen: PyTree, batch: PyTree,
+                  rng: jax.Array, *, loss_fn: LossFn, accum_steps: int = 1
+                  ) -> tuple[PyTree, Stats]:
+  """Gradients of the mean loss w.r.t. ``trainable``, and summed stats.
+
+  With ``accum_steps > 1`` the batch is cut into that many equal
+  micro-batches, run one after another under ``lax.scan``; the gradient is
+  the mean of their gradients.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (_, stats), grads = grad_fn(trainable, frozen, batch, rng)
+    return grads, stats
+  micro = _micro_batches(batch, accum_steps)
+  rngs = jax.random.split(rng, accum_steps)
+  first = jax.tree.map(lambda x: x[0], micro)
+  stats_shape = jax.eval_shape(lambda b: grad_fn(trainable, frozen, b, rng)[0][1],
+                               first)
+  zeros = (jax.tree.map(jnp.zeros_like, trainable),
+           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape))
+
+  def body(carry, xs):
+    g_sum, s_sum = carry
+    mb, key = xs
+    (_, stats), grads = grad_fn(trainable, frozen, mb, key)
+    return (jax.tree.map(jnp.add, g_sum, grads),
+            jax.tree.map(jnp.add, s_sum, stats)), None
+
+  (g_sum, stats), _ = lax.scan(body, zeros, (micro, rngs))
+  return jax.tree.map(lambda g: g / accum_steps, g_sum), stats
+
+
+def train_step(state: TrainState, frozen: PyTree, batch: PyTree, *,
+               loss_fn: LossFn, tx: optax.GradientTransformation,
+               accum_steps: int = 1, axis_name: str | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update.
+
+  Args:
+    state: the current state.
+    frozen: the frozen base parameters (no gradient).
+    batch: a dict of ``[B, ...]`` arrays (per device under pmap).
+    loss_fn: ``(trainable, frozen, batch, rng) -> (loss, stats)``.
+    tx: the optimizer.
+    accum_steps: micro-batches per update (see ``compute_grads``).
+    axis_name: the pmap / shard_map axis to average gradients over
+      (``lax.pmean``) and to sum stats over (``lax.psum``); None on one
+      device or under jit with shardings (XLA reduces there).
+
+  Returns:
+    ``(new_state, metrics)``: ``loss`` (the mean over the batch),
+    ``grad_norm`` (before clipping), ``param_norm`` (after the update) and
+    the summed stats.
+  """
+  rng = step_rng(state, axis_name)
+  grads, stats = compute_grads(state.trainable, frozen, batch, rng,
+                               loss_fn=loss_fn, accum_steps=accum_steps)
+  if axis_name is not None:
+    grads = lax.pmean(grads, axis_name)
+    stats = lax.psum(stats, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  metrics = dict(stats)
+  metrics['loss'] = stats['loss_sum'] / jnp.maximum(stats['count'], 1.0)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['param_norm'] = optax.global_norm(trainable)
+  new_state = TrainState(step=state.step + 1, trainable=trainable,
+                         opt_state=opt_state, rng=state.rng)
+  return new_state, metrics
+
+
+def eval_step(trainable: PyTree, frozen: PyTree, batch: PyTree, *,
+              eval_fn: EvalFn, axis_name: str | None = None) -> Stats:
+  """Summed evaluation stats of one batch (``psum``-ed over ``axis_name``).
+
+  Rows whose ``batch['valid']`` is False (padding of the last batch) must
+  count for nothing; ``eval_fn`` sees ``valid`` and weights by it.
+  """
+  stats = eval_fn(trainable, frozen, batch)
+  if axis_name is not None:
+    stats = lax.psum(stats, axis_name)
+  return stats
+
+
+def sum_stats(total: dict[str, Any] | None, stats: dict[str, Any]
+              ) -> dict[str, float]:
+  """Adds one batch's stats (fetched to the host) to a running total."""
+  stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+  if total is None:
+    return stats
+  return {k: total[k] + stats[k] for k in total}

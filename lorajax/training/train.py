@@ -1,0 +1,314 @@
+"""``train_and_evaluate(config, workdir)``: a whole run, resumable.
+
+The run builds the task (model, frozen base, spec, data), restores the
+newest complete checkpoint in ``<workdir>/checkpoints`` if there is one,
+trains ``config.num_train_steps`` steps with periodic validation and
+checkpoints, evaluates on test, and returns (and prints) a summary.
+
+A run killed at any point and started again with the same config and
+workdir continues from its last checkpoint: the trainable tree, optimizer
+state, step, RNG and data position are restored, so it computes the same
+losses and the same final adapters as a run never interrupted. A NaN or inf
+loss stops the run with ``FloatingPointError`` before anything of that step
+is saved.
+
+Example:
+
+  >>> summary = train_and_evaluate(config, '/tmp/run')  # doctest: +SKIP
+  >>> summary['test']['accuracy']  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+from absl import logging
+import jax
+import numpy as np
+
+import lorajax
+from lorajax.data import loader
+from lorajax.training import checkpoint as ckpt_lib
+from lorajax.training import config as config_lib
+from lorajax.training import metrics as metrics_lib
+from lorajax.training import optim
+from lorajax.training import step as step_lib
+from lorajax.training import tasks
+
+PyTree = Any
+
+
+class Runner(NamedTuple):
+  """How steps run on devices (one per ``config.mode``).
+
+  Attributes:
+    place: ``(state, frozen) -> (state, frozen)`` on the devices.
+    train_step: ``(state, frozen, batch) -> (state, metrics)``.
+    eval_step: ``(trainable, frozen, batch) -> stats``.
+    put_batch: host batch -> device batch.
+    to_checkpoint: device state -> the ``TrainState`` to save (and the
+      target to restore into).
+  """
+  place: Callable[..., Any]
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+  put_batch: Callable[..., Any]
+  to_checkpoint: Callable[..., Any]
+
+
+def jit_runner(config, task: tasks.Task, tx) -> Runner:
+  """``jax.jit`` on the default device."""
+  train = jax.jit(functools.partial(
+      step_lib.train_step, loss_fn=task.loss_fn, tx=tx,
+      accum_steps=int(config.optim.accum_steps)))
+  evaluate = jax.jit(functools.partial(step_lib.eval_step,
+                                       eval_fn=task.eval_fn))
+  return Runner(place=lambda state, frozen: jax.device_put((state, frozen)),
+                train_step=train, eval_step=evaluate,
+                put_batch=jax.device_put, to_checkpoint=lambda s: s)
+
+
+RUNNERS: dict[str, Callable[..., Runner]] = {'jit': jit_runner}
+
+
+def check_workdir(workdir: str) -> str:
+  """Creates ``workdir`` and checks a file can be written there.
+
+  Raises:
+    ValueError: naming the folder and the OS error, if it cannot.
+  """
+  workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+  probe = os.path.join(workdir, f'.write_probe_{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w', encoding='utf-8') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'workdir {workdir!r} is not writable ({type(e).__name__}:'
+                     f' {e.strerror or e}); pass a --workdir you can write '
+                     'to') from e
+  return workdir
+
+
+def _meta(config, task: tasks.Task, trainable: PyTree) -> dict[str, Any]:
+  return {'spec': config_lib.spec_to_json(task.spec),
+          'model': json.loads(json.dumps(task.model_info, default=str)),
+          'shapes': ckpt_lib.tree_shapes(trainable),
+          'config': json.loads(config.to_json_best_effort()),
+          'lorajax_version': lorajax.__version__}
+
+
+def evaluate(runner: Runner, trainable: PyTree, frozen: PyTree,
+             arrays: dict[str, np.ndarray], *, batch_size: int,
+             max_batches: int | None = None) -> dict[str, float]:
+  """Metrics of ``trainable`` over one split (padded last batch, no drops)."""
+  n = len(next(iter(arrays.values())))
+  if max_batches is not None:
+    n = min(n, max_batches * batch_size)
+    arrays = {k: v[:n] for k, v in arrays.items()}
+  if n == 0:
+    return {}
+  it = loader.BatchIterator(arrays, batch_size=batch_size, train=False,
+                            pad_last=True)
+  total = None
+  for batch in it:
+    stats = runner.eval_step(trainable, frozen, runner.put_batch(batch))
+    total = step_lib.sum_stats(total, stats)
+  return tasks.summarize(total)
+
+
+def _finite(metrics: dict[str, float]) -> bool:
+  return all(math.isfinite(metrics[k])
+             for k in ('loss', 'grad_norm', 'param_norm'))
+
+
+def _better(task: tasks.Task, new: dict[str, float],
+            best: dict[str, float] | None) -> bool:
+  if best is None:
+    return True
+  if task.higher_is_better:
+    return new[task.metric] > best[task.metric]
+  return new[task.metric] < best[task.metric]
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains and evaluates the run ``config`` describes, in ``workdir``.
+
+  Args:
+    config: a ``ConfigDict`` from ``configs/`` (see
+      ``lorajax.training.config.base_config`` for the fields).
+    workdir: folder for ``checkpoints/``, ``metrics.jsonl``,
+      ``tensorboard/`` and ``summary.json``; a run there is resumed.
+
+  Returns:
+    The summary dict (also written to ``summary.json`` and printed).
+
+  Raises:
+    ValueError: unknown mode or method, an unwritable workdir, or a
+      checkpoint in ``workdir`` from another spec or model.
+    FloatingPointError: a non-finite loss or gradient; the checkpoints
+      written before it are kept and complete.
+  """
+  wall_start = time.perf_counter()
+  workdir = check_workdir(workdir)
+  if config.mode not in RUNNERS:
+    raise ValueError(f'config.mode={config.mode!r}; available: '
+                     f'{sorted(RUNNERS)}')
+  task = tasks.build_task(config)
+  trainable, frozen = task.split_params()
+  report = lorajax.trainable_report(task.spec, task.params, task.adapters)
+  n_train = lorajax.count(trainable)
+  n_all = lorajax.count(task.params) + lorajax.count(task.adapters)
+  num_steps = int(config.num_train_steps)
+  tx, schedule = optim.from_config(config.optim, num_steps)
+  runner = RUNNERS[config.mode](config, task, tx)
+  state = step_lib.create_state(trainable, tx, config.seed)
+  state, frozen = runner.place(state, frozen)
+
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  manager = ckpt_lib.make_manager(ckpt_dir, max_to_keep=config.max_to_keep,
+                                  async_save=config.async_checkpoint)
+  meta = _meta(config, task, trainable)
+  restored, stored = ckpt_lib.restore_latest(
+      manager, runner.to_checkpoint(state), meta)
+  train_it = loader.BatchIterator(task.data['train'],
+                                  batch_size=config.batch_size,
+                                  seed=config.seed, train=True)
+  best, best_step, initial = None, None, None
+  if restored is not None:
+    state, _ = runner.place(restored, frozen)
+    train_it.set_state(stored['data_state'])
+    best, best_step = stored.get('best'), stored.get('best_step')
+    initial = stored.get('initial_validation')
+    logging.info('resumed from %s at step %d', ckpt_dir, stored['step'])
+  start_step = int(jax.device_get(runner.to_checkpoint(state).step))
+
+  writer = metrics_lib.MetricWriter(workdir)
+  eval_kw = dict(batch_size=config.eval_batch_size,
+                 max_batches=config.data.max_eval_batches)
+
+  def validate(step: int) -> dict[str, float]:
+    nonlocal best, best_step
+    m = evaluate(runner, state.trainable, frozen, task.data['validation'],
+                 **eval_kw)
+    if m:
+      writer.write(step, 'validation', m)
+    logging.info('step %d validation %s', step, m)
+    if m and _better(task, m, best):
+      best, best_step = m, step
+    return m
+
+  def save(step: int) -> None:
+    ckpt_lib.save(manager, runner.to_checkpoint(state), dict(
+        meta, data_state=train_it.get_state(), best=best, best_step=best_step,
+        initial_validation=initial))
+
+  if config.eval_at_start and start_step == 0:
+    initial = validate(0)
+  final_val = None
+  tokens, train_time, window = 0, 0.0, []
+  bar = metrics_lib.progress_bar(num_steps, start_step,
+                                 enabled=config.progress_bar)
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      batch = next(train_it)
+      n_tokens = int(np.sum(batch[task.tokens_key]))
+      t0 = time.perf_counter()
+      state_new, m = runner.train_step(state, frozen,
+                                       runner.put_batch(batch))
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      dt = time.perf_counter() - t0
+      if not _finite(m):
+        manager.wait_until_finished()
+        last = manager.latest_step()
+        raise FloatingPointError(
+            f'non-finite training loss at step {step}: loss={m["loss"]}, '
+            f'grad_norm={m["grad_norm"]}, param_norm={m["param_norm"]}. The '
+            f'run stopped without saving this step; the last good checkpoint '
+            f'is step {last} in {ckpt_dir}. Lower config.optim.learning_rate '
+            'or set config.optim.clip_norm.')
+      state = state_new
+      tokens, train_time = tokens + n_tokens, train_time + dt
+      window.append((m, n_tokens, dt))
+      metrics_lib.update_bar(bar, 1, m['loss'], n_tokens / max(dt, 1e-9))
+      if step % config.log_every == 0 or step == num_steps:
+        row = {k: float(np.mean([w[0][k] for w in window]))
+               for k in ('loss', 'grad_norm', 'param_norm')}
+        if 'correct' in m:
+          row['accuracy'] = (sum(w[0]['correct'] for w in window)
+                             / sum(w[0]['count'] for w in window))
+        row['learning_rate'] = float(schedule(step - 1))
+        row['tokens_per_sec'] = (sum(w[1] for w in window)
+                                 / max(sum(w[2] for w in window), 1e-9))
+        writer.write(step, 'train', row)
+        window = []
+      if step % config.eval_every == 0 or step == num_steps:
+        final_val = validate(step)
+      if step % config.checkpoint_every == 0 or step == num_steps:
+        save(step)
+    bar.close()
+    if final_val is None:  # Resumed after the last step.
+      final_val = validate(num_steps)
+    test = evaluate(runner, state.trainable, frozen, task.data['test'],
+                    **eval_kw)
+    writer.write(num_steps, 'test', test)
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    writer.close()
+  last = manager.latest_step()
+  manager.close()
+  summary = {
+      'config_name': config.name, 'method': config.method,
+      'steps': num_steps, 'resumed_from': start_step,
+      'trainable_params': int(n_train), 'all_params': int(n_all),
+      'trainable_fraction': n_train / max(n_all, 1),
+      'metric': task.metric, 'initial_validation': initial,
+      'best_validation': best, 'best_validation_step': best_step,
+      'final_validation': final_val, 'test': test,
+      'wall_time_s': time.perf_counter() - wall_start,
+      'train_time_s': train_time,
+      'tokens_per_sec': tokens / max(train_time, 1e-9),
+      'checkpoint_step': last,
+      'adapter_bytes': ckpt_lib.item_size(ckpt_dir, last, 'trainable'),
+      'checkpoint_bytes': sum(ckpt_lib.item_size(ckpt_dir, last, item)
+                              for item in ckpt_lib.ITEMS),
+      'workdir': workdir,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'summary.json'), 'w',
+              encoding='utf-8') as f:
+      json.dump(summary, f, indent=2)
+    text = metrics_lib.format_summary(summary)
+    logging.info('trainable report:\n%s', report)
+    print(text, flush=True)
+  return summary
+
+
+def evaluate_checkpoint(config, workdir: str, split: str = 'test',
+                        step: int | None = None) -> dict[str, float]:
+  """Puts a run's saved adapter (``trainable/``) onto its base; evaluates.
+
+  No optimizer state is read. The base comes from ``config`` (the pretrained
+  loaders), so the checkpoint holds only what was trained.
+
+  Raises:
+    FileNotFoundError: no complete checkpoint in ``<workdir>/checkpoints``.
+    ValueError: the checkpoint belongs to another spec or model.
+  """
+  task = tasks.build_task(config)
+  trainable, frozen = task.split_params()
+  trainable, _ = ckpt_lib.restore_trainable(
+      os.path.join(workdir, 'checkpoints'), trainable,
+      _meta(config, task, trainable), step)
+  tx, _ = optim.from_config(config.optim, int(config.num_train_steps))
+  runner = RUNNERS[config.mode](config, task, tx)
+  return evaluate(runner, trainable, frozen, task.data[split],
+                  batch_size=config.eval_batch_size,
+                  max_batches=config.data.max_eval_batches)
