@@ -93,7 +93,8 @@ def _map_adapted(params, adapters, spec, method: str):
     if provider is None:
       out.append(leaf)
       continue
-    ad = spec_lib.get_by_path(adapters, path)
+    ad = (spec_lib.get_by_path(adapters, path) if provider.has_params
+          else {})
     shape = tuple(provider.kernel_aval(leaf).shape)
     layout = provider.infer_layout(shape, ad)
     if method == 'unmerge' and isinstance(leaf, spec_lib.FrozenKernel):

@@ -361,7 +361,8 @@ def _run(traced: _Traced, spec: spec_lib.LoraSpec, params, adapters, args,
       continue
     aval = provider.kernel_aval(leaf)
     param_avals.append(aval)
-    ad = {} if adapters is None else spec_lib.get_by_path(adapters, path)
+    ad = ({} if adapters is None or not provider.has_params
+          else spec_lib.get_by_path(adapters, path))
     invals.append(KernelRef(path, None if ctx.found is not None else provider,
                             leaf, ad, aval.dtype, tuple(aval.shape)))
   closed, out_tree, dyn_vals = traced(ptree, param_avals, args, kwargs)
@@ -374,8 +375,8 @@ def _check_adapter_paths(adapters, adapted: dict[str, Any]) -> None:
   have = set()
   for path, _ in spec_lib.flatten_paths(adapters):
     have.add(path.rsplit('/', 1)[0])
-  want = set(adapted)
-  missing, extra = sorted(want - have), sorted(have - want)
+  want = {p for p, provider in adapted.items() if provider.has_params}
+  missing, extra = sorted(want - have), sorted(have - set(adapted))
   if missing or extra:
     raise ValueError(
         'adapters do not fit this spec and params: '

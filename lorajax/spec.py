@@ -41,6 +41,15 @@ class FrozenKernel:
     """The kernel as a dense array of ``aval().dtype``."""
     raise NotImplementedError
 
+  def dot(self, x: jax.Array, dims: 'DotDims') -> jax.Array:
+    """The original ``dot_general`` of ``x`` with this kernel.
+
+    The default dequantizes and multiplies; subclasses override it to avoid
+    keeping a dense copy of the kernel alive (see ``methods/quant.py``).
+    """
+    from lorajax.methods import lora  # pylint: disable=g-import-not-at-top
+    return lora.base_dot(x, self.dequantize().astype(dims.kernel_dtype), dims)
+
 
 def is_kernel_node(x: Any) -> bool:
   return isinstance(x, FrozenKernel)
@@ -80,7 +89,14 @@ class Adapter:
   targets and which parameters it owns. Subclasses are frozen dataclasses and
   implement ``param_shapes``, ``init_params``, ``dot``, ``merge`` and
   ``infer_layout``.
+
+  Attributes:
+    has_params: False for providers that own no trainable parameters (a
+      quantized frozen base): ``init`` stores ``{}`` for them and an adapter
+      tree may omit their paths.
   """
+
+  has_params = True
 
   def init_params(self, key: jax.Array, kernel: Any, layout: KernelLayout
            ) -> dict[str, jax.Array]:

@@ -88,6 +88,15 @@ def base_dot(x: jax.Array, w: jax.Array, dims: spec_lib.DotDims) -> jax.Array:
                          preferred_element_type=dims.preferred_element_type)
 
 
+def kernel_dot(x: jax.Array, kernel: Any, dims: spec_lib.DotDims
+               ) -> jax.Array:
+  """``base_dot`` for a stored kernel: an array, or a FrozenKernel's own dot
+  (which may avoid keeping a dense copy, e.g. a quantized kernel)."""
+  if isinstance(kernel, spec_lib.FrozenKernel):
+    return kernel.dot(x, dims)
+  return base_dot(x, kernel.astype(dims.kernel_dtype), dims)
+
+
 def delta_weight(a: jax.Array, b: jax.Array, layout: spec_lib.KernelLayout,
                  scale: float) -> jax.Array:
   """``s·a·b`` as a float32 tensor laid out like the (stacked) kernel."""
@@ -203,8 +212,7 @@ class Lora(spec_lib.Adapter):
 
   def dot(self, x, kernel, params, dims, *, rng, context=None):
     del context
-    w = kernel_value(kernel).astype(dims.kernel_dtype)
-    y = base_dot(x, w, dims)
+    y = kernel_dot(x, kernel, dims)
     xin = dropout(x, self.dropout, rng)
     return y + low_rank_dot(xin, params['a'], params['b'], dims, self.scale,
                             y.dtype)
