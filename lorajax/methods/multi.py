@@ -98,8 +98,7 @@ class MultiLora(spec_lib.Adapter):
 
   def dot(self, x, kernel, params, dims, *, rng, context=None):
     del rng
-    w = lora_lib.kernel_value(kernel).astype(dims.kernel_dtype)
-    y = lora_lib.base_dot(x, w, dims)
+    y = lora_lib.kernel_dot(x, kernel, dims)
     if dims.kernel_is_lhs or 0 in dims.x_contract:
       raise ValueError(
           'MultiLora needs the input batch on axis 0 of the non-kernel '

@@ -1,0 +1,1 @@
+"""Serving many adapters over one frozen base."""
