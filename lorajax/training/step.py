@@ -146,8 +146,8 @@ def train_step(state: TrainState, frozen: PyTree, batch: PyTree, *,
   trainable = optax.apply_updates(state.trainable, updates)
   metrics = dict(stats)
   metrics['loss'] = stats['loss_sum'] / jnp.maximum(stats['count'], 1.0)
-  metrics['grad_norm'] = optax.global_norm(grads)
-  metrics['param_norm'] = optax.global_norm(trainable)
+  metrics['grad_norm'] = optax.tree.norm(grads)
+  metrics['param_norm'] = optax.tree.norm(trainable)
   new_state = TrainState(step=state.step + 1, trainable=trainable,
                          opt_state=opt_state, rng=state.rng)
   return new_state, metrics

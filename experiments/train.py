@@ -1,0 +1,45 @@
+r"""Trains and evaluates one config: ``python -m experiments.train``.
+
+  python -m experiments.train                      # the main job
+  python -m experiments.train --config configs/rt_minilm_full.py \
+      --workdir /tmp/full --config.optim.learning_rate=1e-4
+  python -m experiments.train --config configs/rt_minilm_lora.py:smoke
+
+Without ``--workdir`` the run goes to ``workdirs/<config file name>``. A run
+whose workdir holds checkpoints resumes from the newest one.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from lorajax.training import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/rt_minilm_lora.py', 'Training config file (path[:arg]).',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Folder for checkpoints and metrics; default '
+    'workdirs/<config name>.')
+
+
+def default_workdir(config_path: str) -> str:
+  """``workdirs/<config file stem>`` for ``configs/x.py:arg``."""
+  name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
+  return os.path.join('workdirs', name)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  workdir = _WORKDIR.value or default_workdir(
+      config_flags.get_config_filename(flags.FLAGS['config']))
+  logging.info('config:\n%s', _CONFIG.value)
+  train.train_and_evaluate(_CONFIG.value, workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,228 @@
+"""Training: spec from config, optimizer, steps, end-to-end smoke runs, bad input."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lorajax
+from lorajax.training import checkpoint as ckpt_lib
+from lorajax.training import config as config_lib
+from lorajax.training import metrics as metrics_lib
+from lorajax.training import optim
+from lorajax.training import step as step_lib
+from lorajax.training import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ('rt_minilm_lora', 'rt_minilm_full', 'rt_minilm_head',
+           'shakespeare_smollm2_lora')
+
+
+def load_config(name, arg='smoke', **overrides):
+  path = os.path.join(ROOT, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split('.')
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+# ---- config -> spec, optimizer, step --------------------------------------
+
+
+@pytest.mark.parametrize('method,trained,adapted', [
+    ('lora', ['classifier/kernel'], ['q/kernel']),
+    ('full', ['classifier/kernel', 'q/kernel'], []),
+    ('head', ['classifier/kernel'], []),
+])
+def test_method_is_a_spec(method, trained, adapted):
+  config = config_lib.base_config('classification')
+  config.method = method
+  config.lora.targets = r'q/kernel'
+  config.frozen_rules = r'pooler/.*'
+  params = {'q': {'kernel': np.zeros((4, 4))},
+            'pooler': {'kernel': np.zeros((4, 4))},
+            'classifier': {'kernel': np.zeros((4, 2))}}
+  resolution = lorajax.resolve(config_lib.make_spec(config), params)
+  assert resolution.trained == trained
+  assert list(resolution.adapted) == adapted
+
+
+def test_unknown_method_raises():
+  config = config_lib.base_config('classification')
+  config.method = 'qlora'
+  with pytest.raises(ValueError, match='qlora'):
+    config_lib.make_spec(config)
+
+
+def test_schedule_warms_up_then_decays():
+  schedule = optim.make_schedule(learning_rate=1.0, num_steps=10,
+                                 warmup_steps=2, decay='linear')
+  np.testing.assert_allclose(
+      [float(schedule(s)) for s in (0, 1, 2, 6, 10)],
+      [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+  cosine = optim.make_schedule(learning_rate=1.0, num_steps=10,
+                               warmup_steps=0, decay='cosine')
+  assert float(cosine(5)) == pytest.approx(0.5)
+
+
+def test_weight_decay_skips_vectors():
+  mask = optim.decay_mask({'a': {'kernel': np.zeros((2, 3)),
+                                 'bias': np.zeros(3)}})
+  assert mask == {'a': {'kernel': True, 'bias': False}}
+
+
+def _quadratic_loss(trainable, frozen, batch, rng):
+  del rng
+  pred = batch['x'] @ trainable['params']['w'] + frozen['b']
+  err = (pred - batch['y']) ** 2
+  return jnp.mean(err), {'loss_sum': jnp.sum(err),
+                         'count': jnp.float32(err.shape[0])}
+
+
+def test_accumulated_step_equals_one_big_step():
+  x = jax.random.normal(jax.random.key(0), (8, 3))
+  batch = {'x': x, 'y': x @ jnp.array([1.0, -2.0, 0.5])}
+  trainable = {'adapters': {}, 'params': {'w': jnp.zeros(3)}}
+  frozen = {'b': jnp.float32(0.1)}
+  tx, _ = optim.make_optimizer(learning_rate=0.1, num_steps=4,
+                               clip_norm=1.0)
+  state = step_lib.create_state(trainable, tx, seed=0)
+  outs = []
+  for accum in (1, 4):
+    fn = jax.jit(lambda s, f, b, a=accum: step_lib.train_step(
+        s, f, b, loss_fn=_quadratic_loss, tx=tx, accum_steps=a))
+    outs.append(fn(state, frozen, batch))
+  (s1, m1), (s4, m4) = outs
+  np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-6)
+  np.testing.assert_allclose(s1.trainable['params']['w'],
+                             s4.trainable['params']['w'], rtol=1e-5)
+  assert int(s4.step) == 1
+
+
+def test_train_step_does_not_recompile():
+  x = jnp.ones((4, 3))
+  batch = {'x': x, 'y': jnp.zeros(4)}
+  trainable = {'adapters': {}, 'params': {'w': jnp.zeros(3)}}
+  tx, _ = optim.make_optimizer(learning_rate=0.1, num_steps=4)
+  state = step_lib.create_state(trainable, tx, seed=0)
+  fn = jax.jit(lambda s, f, b: step_lib.train_step(
+      s, f, b, loss_fn=_quadratic_loss, tx=tx))
+  state, _ = fn(state, {'b': jnp.float32(0)}, batch)
+  state, _ = fn(state, {'b': jnp.float32(0)}, batch)
+  assert fn._cache_size() == 1  # pylint: disable=protected-access
+
+
+# ---- end to end --------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_runs_end_to_end(name, tmp_path):
+  config = load_config(name)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  steps = config.num_train_steps
+  rows = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert list(rows) == list(range(1, steps + 1))
+  assert all(np.isfinite(r['loss']) for r in rows.values())
+  assert summary['checkpoint_step'] == steps
+  assert summary['trainable_params'] > 0
+  metric = 'accuracy' if config.task == 'classification' else 'perplexity'
+  assert metric in summary['test'] and metric in summary['final_validation']
+  assert os.listdir(tmp_path / 'tensorboard')
+  saved = json.loads((tmp_path / 'summary.json').read_text())
+  assert saved['test'] == summary['test']
+  # Never the frozen base: the trainable item holds only trained leaves.
+  _, meta = ckpt_lib.read_meta(tmp_path / 'checkpoints')
+  n_saved = sum(int(np.prod(s)) for s, _ in meta['shapes'].values())
+  assert n_saved == summary['trainable_params']
+  if config.method != 'full':
+    assert n_saved < summary['all_params'] / 10
+
+
+def test_lm_reports_perplexity_before_and_after(tmp_path):
+  config = load_config('shakespeare_smollm2_lora', num_train_steps=3,
+                       eval_every=3)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  before = summary['initial_validation']['perplexity']
+  after = summary['final_validation']['perplexity']
+  assert np.isfinite(before) and np.isfinite(after)
+
+
+def test_saved_adapter_evaluates_on_its_base(tmp_path):
+  config = load_config('rt_minilm_lora')
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  got = train.evaluate_checkpoint(config, str(tmp_path), 'test')
+  assert got['accuracy'] == pytest.approx(summary['test']['accuracy'])
+  assert got['loss'] == pytest.approx(summary['test']['loss'], rel=1e-5)
+
+
+# ---- bad input --------------------------------------------------------------
+
+
+def test_unknown_config_field_names_it(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.train',
+       '--config=configs/rt_minilm_lora.py:smoke', '--config.lora.rnak=8',
+       f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert proc.returncode != 0
+  assert 'rnak' in proc.stderr and 'Did you mean "rank"' in proc.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_unknown_config_argument_names_it():
+  with pytest.raises(ValueError, match='smok'):
+    load_config('rt_minilm_lora', arg='smok')
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder')
+  with pytest.raises(ValueError, match='not writable') as err:
+    train.train_and_evaluate(load_config('rt_minilm_lora'),
+                             str(blocker / 'run'))
+  assert str(blocker) in str(err.value)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  real_step = step_lib.train_step
+
+  def poisoned(state, frozen, batch, **kw):
+    new_state, m = real_step(state, frozen, batch, **kw)
+    bad = new_state.step >= 5
+    m = dict(m, loss=jnp.where(bad, jnp.nan, m['loss']))
+    trainable = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x),
+                             new_state.trainable)
+    return new_state._replace(trainable=trainable), m
+
+  monkeypatch.setattr(step_lib, 'train_step', poisoned)
+  config = load_config('rt_minilm_lora', checkpoint_every=2)
+  with pytest.raises(FloatingPointError, match='step 5') as err:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert 'last good checkpoint is step 4' in str(err.value)
+  monkeypatch.setattr(step_lib, 'train_step', real_step)
+  manager = ckpt_lib.make_manager(tmp_path / 'checkpoints')
+  assert manager.latest_step() == 4
+  manager.close()
+  trainable, _ = ckpt_lib.restore_trainable(
+      tmp_path / 'checkpoints',
+      train.tasks.build_task(config).split_params()[0],
+      {'shapes': ckpt_lib.read_meta(tmp_path / 'checkpoints')[1]['shapes'],
+       'model': ckpt_lib.read_meta(tmp_path / 'checkpoints')[1]['model'],
+       'spec': config_lib.spec_to_json(config_lib.make_spec(config))})
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(trainable))
+  assert optax.tree.norm(trainable) > 0
