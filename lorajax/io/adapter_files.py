@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -89,6 +90,13 @@ def fingerprint(params: PyTree, spec: spec_lib.LoraSpec) -> dict[str, Any]:
   return {'shapes': shapes, 'weights': digest.hexdigest()}
 
 
+def _action(spec: spec_lib.LoraSpec, path: str) -> spec_lib.Action:
+  for pattern, action in spec.rules:
+    if re.fullmatch(pattern, path):
+      return action
+  return spec_lib.FREEZE
+
+
 def check_base(expected: dict[str, Any], params: PyTree,
                spec: spec_lib.LoraSpec, *, check_weights: bool = True,
                source: str = 'adapter') -> None:
@@ -111,8 +119,9 @@ def check_base(expected: dict[str, Any], params: PyTree,
   want, have = expected['shapes'], got['shapes']
   missing = sorted(set(want) - set(have))
   extra = sorted(set(have) - set(want))
-  differ = sorted(p for p in set(want) & set(have)
-                  if want[p][0] != have[p][0])
+  differ = sorted((p for p in set(want) & set(have)
+                   if want[p][0] != have[p][0]),
+                  key=lambda p: (_action(spec, p) == spec_lib.FREEZE, p))
   if missing or extra or differ:
     parts = []
     if differ:
