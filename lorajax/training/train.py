@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 import lorajax
+from lorajax import process_memory
 from lorajax.data import loader
 from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
@@ -280,6 +281,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       'checkpoint_bytes': sum(ckpt_lib.item_size(ckpt_dir, last, item)
                               for item in ckpt_lib.ITEMS),
       'workdir': workdir,
+      # VmHWM of this process: the run's own peak when it is a subprocess.
+      'peak_rss_bytes': process_memory.peak_rss_bytes(),
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'summary.json'), 'w',
