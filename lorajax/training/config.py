@@ -28,7 +28,7 @@ import lorajax
 
 METHODS = ('lora', 'full', 'head')
 TASKS = ('classification', 'lm')
-MODES = ('jit',)  # 'pmap' and 'mesh' come with lorajax.training.parallel.
+MODES = ('jit', 'pmap', 'mesh')  # See lorajax.training.parallel.
 
 
 def base_config(task: str) -> config_dict.ConfigDict:
@@ -47,8 +47,16 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.name = task
   # What is learned: 'classification' (sentence label) or 'lm' (next token).
   c.task = task
-  # How steps run: 'jit' on one device ('pmap', 'mesh' in parallel.py).
+  # How steps run (lorajax.training.parallel): 'jit' on one device, 'pmap'
+  # data parallel over local devices, or 'mesh' (jit over a data x model
+  # Mesh: batch over 'data', kernels FSDP over 'model', across processes).
   c.mode = 'jit'
+  # The device mesh of mode 'mesh'.
+  c.mesh = config_dict.ConfigDict()
+  # Size of the 'data' axis (batch rows); -1 takes the devices left.
+  c.mesh.data = -1
+  # Size of the 'model' axis (one axis of each kernel, and its adapters).
+  c.mesh.model = 1
   # Seed of adapter init, the new head, dropout and the data order.
   c.seed = 0
 

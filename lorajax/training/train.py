@@ -20,12 +20,11 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 from absl import logging
 import jax
@@ -38,43 +37,14 @@ from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import optim
+from lorajax.training import parallel
 from lorajax.training import step as step_lib
 from lorajax.training import tasks
 
 PyTree = Any
 
 
-class Runner(NamedTuple):
-  """How steps run on devices (one per ``config.mode``).
-
-  Attributes:
-    place: ``(state, frozen) -> (state, frozen)`` on the devices.
-    train_step: ``(state, frozen, batch) -> (state, metrics)``.
-    eval_step: ``(trainable, frozen, batch) -> stats``.
-    put_batch: host batch -> device batch.
-    to_checkpoint: device state -> the ``TrainState`` to save (and the
-      target to restore into).
-  """
-  place: Callable[..., Any]
-  train_step: Callable[..., Any]
-  eval_step: Callable[..., Any]
-  put_batch: Callable[..., Any]
-  to_checkpoint: Callable[..., Any]
-
-
-def jit_runner(config, task: tasks.Task, tx) -> Runner:
-  """``jax.jit`` on the default device."""
-  train = jax.jit(functools.partial(
-      step_lib.train_step, loss_fn=task.loss_fn, tx=tx,
-      accum_steps=int(config.optim.accum_steps)))
-  evaluate = jax.jit(functools.partial(step_lib.eval_step,
-                                       eval_fn=task.eval_fn))
-  return Runner(place=lambda state, frozen: jax.device_put((state, frozen)),
-                train_step=train, eval_step=evaluate,
-                put_batch=jax.device_put, to_checkpoint=lambda s: s)
-
-
-RUNNERS: dict[str, Callable[..., Runner]] = {'jit': jit_runner}
+Runner = parallel.Runner
 
 
 def check_workdir(workdir: str) -> str:
@@ -158,9 +128,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   wall_start = time.perf_counter()
   workdir = check_workdir(workdir)
-  if config.mode not in RUNNERS:
+  if config.mode not in parallel.MODES:
     raise ValueError(f'config.mode={config.mode!r}; available: '
-                     f'{sorted(RUNNERS)}')
+                     f'{parallel.MODES}')
   task = tasks.build_task(config)
   trainable, frozen = task.split_params()
   report = lorajax.trainable_report(task.spec, task.params, task.adapters)
@@ -168,7 +138,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   n_all = lorajax.count(task.params) + lorajax.count(task.adapters)
   num_steps = int(config.num_train_steps)
   tx, schedule = optim.from_config(config.optim, num_steps)
-  runner = RUNNERS[config.mode](config, task, tx)
+  runner = parallel.runner_from_config(config, task, tx)
   state = step_lib.create_state(trainable, tx, config.seed)
   state, frozen = runner.place(state, frozen)
 
@@ -311,7 +281,9 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test',
       os.path.join(workdir, 'checkpoints'), trainable,
       _meta(config, task, trainable), step)
   tx, _ = optim.from_config(config.optim, int(config.num_train_steps))
-  runner = RUNNERS[config.mode](config, task, tx)
-  return evaluate(runner, trainable, frozen, task.data[split],
+  runner = parallel.runner_from_config(config, task, tx)
+  state, frozen = runner.place(
+      step_lib.create_state(trainable, tx, config.seed), frozen)
+  return evaluate(runner, state.trainable, frozen, task.data[split],
                   batch_size=config.eval_batch_size,
                   max_batches=config.data.max_eval_batches)
