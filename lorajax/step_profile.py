@@ -1,0 +1,208 @@
+"""Peak memory, step time and FLOPs of one config's train step, per batch size.
+
+In the spirit of the LoRA paper's and PEFT's measurements: for batch sizes
+1, 2, 4, 8, ... each measurement runs in a fresh subprocess, so its peak
+resident memory (``VmHWM``, see ``lorajax.process_memory``) is that batch
+size's alone. The child builds the run exactly as ``train_and_evaluate``
+does (task, spec, optimizer, ``jax.jit`` step), compiles the step once,
+reads XLA's FLOP count from ``lower(...).compile().cost_analysis()``, times a
+few steps after warm-up, and reports. The parent fits
+``peak = intercept + slope · batch`` by least squares: ``slope`` is the
+memory each extra example adds. FLOPs per token (over padded tokens,
+``batch · max_len``) should not depend on the batch size.
+
+Example:
+
+  >>> rows = profile('configs/rt_minilm_lora.py', {}, [1, 2, 4])  # doctest: +SKIP
+  >>> print(markdown(rows, fit_memory(rows), title='LoRA'))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from lorajax import process_memory
+from lorajax import sweeps
+
+RESULT_PREFIX = 'STEP_PROFILE '
+PROFILE_MODULE = 'experiments.profile'
+Row = dict[str, Any]
+
+
+def xla_flops(compiled) -> float | None:
+  """``flops`` of a compiled computation's cost analysis (None if absent)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per device.
+    cost = cost[0] if cost else {}
+  value = (cost or {}).get('flops')
+  return None if value is None else float(value)
+
+
+def measure(config, batch_size: int, *, steps: int = 5, warmup: int = 2
+            ) -> Row:
+  """Measures one batch size in this process (call it in a fresh one).
+
+  Args:
+    config: a training config (``configs/``).
+    batch_size: examples per step.
+    steps: timed steps (the median is reported).
+    warmup: untimed steps first (the first one compiles).
+
+  Returns:
+    ``batch_size``, ``step_time_s``, ``flops``, ``tokens`` (padded),
+    ``real_tokens``, ``setup_rss_bytes`` (after building the run, before
+    compiling) and ``peak_rss_bytes`` (``VmHWM`` at the end).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from lorajax.data import loader  # pylint: disable=g-import-not-at-top
+  from lorajax.training import optim  # pylint: disable=g-import-not-at-top
+  from lorajax.training import parallel  # pylint: disable=g-import-not-at-top
+  from lorajax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  from lorajax.training import tasks  # pylint: disable=g-import-not-at-top
+
+  task = tasks.build_task(config)
+  trainable, frozen = task.split_params()
+  tx, _ = optim.from_config(config.optim, int(config.num_train_steps))
+  runner = parallel.runner_from_config(config, task, tx)
+  state = step_lib.create_state(trainable, tx, config.seed)
+  state, frozen = runner.place(state, frozen)
+  host_batch = next(iter(loader.BatchIterator(
+      task.data['train'], batch_size=batch_size, seed=config.seed,
+      train=True)))
+  batch = runner.put_batch(host_batch)
+  setup_rss = process_memory.rss_bytes()
+  compiled = runner.train_step.lower(state, frozen, batch).compile()
+  times = []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  return {'batch_size': batch_size, 'step_time_s': statistics.median(times),
+          'flops': xla_flops(compiled), 'tokens': int(np.size(host_batch[task.tokens_key])),
+          'real_tokens': int(np.sum(host_batch[task.tokens_key])),
+          'trainable_params': int(sum(np.size(x) for x in
+                                      jax.tree.leaves(trainable))),
+          'setup_rss_bytes': setup_rss,
+          'peak_rss_bytes': process_memory.peak_rss_bytes()}
+
+
+def measure_in_subprocess(config_file: str, overrides: Mapping[str, Any],
+                          batch_size: int, *, timeout: float = 1800.0
+                          ) -> Row:
+  """Runs ``python -m experiments.profile --child_batch_size=B`` for one B.
+
+  Raises:
+    RuntimeError: the child failed (with the end of its output).
+  """
+  argv = [sys.executable, '-m', PROFILE_MODULE,
+          *sweeps.config_argv(config_file, overrides),
+          f'--child_batch_size={batch_size}']
+  proc = subprocess.run(argv, capture_output=True, text=True, check=False,
+                        timeout=timeout)
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_PREFIX):
+      return json.loads(line[len(RESULT_PREFIX):])
+  tail = '\n'.join((proc.stdout + proc.stderr).splitlines()[-20:])
+  raise RuntimeError(f'profile of batch size {batch_size} failed (exit '
+                     f'status {proc.returncode}):\n{tail}')
+
+
+def profile(config_file: str, overrides: Mapping[str, Any],
+            batch_sizes: Sequence[int], *, echo=print) -> list[Row]:
+  """Measures every batch size, each in its own subprocess."""
+  rows = []
+  for b in batch_sizes:
+    row = measure_in_subprocess(config_file, overrides, b)
+    echo(f'batch {b}: {1000 * row["step_time_s"]:.0f} ms/step, peak '
+         f'{row["peak_rss_bytes"] / 2**20:.0f} MB, '
+         f'{(row["flops"] or 0) / row["tokens"] / 1e6:.1f} MFLOPs/token')
+    rows.append(row)
+  return rows
+
+
+def fit_memory(rows: Sequence[Row]) -> dict[str, float]:
+  """Least-squares ``peak = intercept + slope · batch``, in MB, with R²."""
+  b = np.array([r['batch_size'] for r in rows], float)
+  peak = np.array([r['peak_rss_bytes'] for r in rows], float) / 2**20
+  if len(rows) < 2:
+    return {'slope_mb': float('nan'), 'intercept_mb': float(peak[0]),
+            'r2': float('nan')}
+  slope, intercept = np.polyfit(b, peak, 1)
+  resid = peak - (intercept + slope * b)
+  total = np.sum((peak - peak.mean()) ** 2)
+  r2 = 1.0 - np.sum(resid ** 2) / total if total > 0 else 1.0
+  return {'slope_mb': float(slope), 'intercept_mb': float(intercept),
+          'r2': float(r2)}
+
+
+def markdown(rows: Sequence[Row], fit: Mapping[str, float], title: str
+             ) -> str:
+  """The table: one row a batch size, then the fit and the FLOPs spread."""
+  lines = [f'# {title}', '',
+           '| batch | step (ms) | examples/s | tokens/s (padded) | peak RSS '
+           '(MB) | GFLOPs/step | MFLOPs/token |',
+           '|---|---|---|---|---|---|---|']
+  per_token = []
+  for r in rows:
+    flops = r['flops'] or float('nan')
+    per_token.append(flops / r['tokens'])
+    lines.append(
+        f'| {r["batch_size"]} | {1000 * r["step_time_s"]:.1f} | '
+        f'{r["batch_size"] / r["step_time_s"]:.1f} | '
+        f'{r["tokens"] / r["step_time_s"]:,.0f} | '
+        f'{r["peak_rss_bytes"] / 2**20:,.0f} | {flops / 1e9:.2f} | '
+        f'{flops / r["tokens"] / 1e6:.2f} |')
+  spread = (max(per_token) - min(per_token)) / np.mean(per_token)
+  lines += [
+      '',
+      f'- Memory per extra example: {fit["slope_mb"]:.2f} MB (least-squares '
+      f'fit peak = {fit["intercept_mb"]:.0f} MB + {fit["slope_mb"]:.2f} MB × '
+      f'batch, R² = {fit["r2"]:.3f}).',
+      f'- FLOPs per token (XLA cost analysis of the compiled step, over '
+      f'padded tokens): {np.mean(per_token) / 1e6:.2f} M, spread '
+      f'{100 * spread:.2f}% across batch sizes.',
+      f'- Trainable params: {rows[0]["trainable_params"]:,d}. Peak RSS is '
+      'each batch size\'s own fresh process (VmHWM); step time is the median '
+      'of timed steps after warm-up.', '']
+  return '\n'.join(lines)
+
+
+def plot(rows: Sequence[Row], fit: Mapping[str, float], path: str,
+         title: str) -> str:
+  """Peak memory (with the fit), step time and FLOPs/token vs batch size."""
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  b = np.array([r['batch_size'] for r in rows], float)
+  fig = figure.Figure(figsize=(13, 4))
+  ax_mem, ax_time, ax_flops = fig.subplots(1, 3)
+  ax_mem.plot(b, [r['peak_rss_bytes'] / 2**20 for r in rows], 'o',
+              label='peak RSS (VmHWM)')
+  ax_mem.plot(b, fit['intercept_mb'] + fit['slope_mb'] * b, '-',
+              label=f'fit: {fit["slope_mb"]:.2f} MB / example')
+  ax_mem.set_ylabel('MB')
+  ax_mem.legend(fontsize=8)
+  ax_time.plot(b, [1000 * r['step_time_s'] for r in rows], 'o-')
+  ax_time.set_ylabel('step time (ms)')
+  ax_flops.plot(b, [(r['flops'] or np.nan) / r['tokens'] / 1e6 for r in rows],
+                'o-')
+  ax_flops.set_ylabel('MFLOPs per token (XLA)')
+  ax_flops.set_ylim(bottom=0)
+  for ax, name in ((ax_mem, 'peak memory'), (ax_time, 'step time'),
+                   (ax_flops, 'FLOPs per token')):
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(b, [str(int(x)) for x in b])
+    ax.set_xlabel('batch size')
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return path

@@ -1,0 +1,276 @@
+"""Sweeps: expansion, skip/resume, reproduction commands, the report (no training)."""
+
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+from matplotlib import image as mpimg
+from ml_collections import config_flags
+import pytest
+
+from lorajax import process_memory
+from lorajax import step_profile
+from lorajax import sweep_report
+from lorajax import sweeps
+
+# ml_collections loads config files with the deprecated load_module().
+pytestmark = pytest.mark.filterwarnings(
+    'ignore:the load_module:DeprecationWarning')
+SMOKE = 'configs/rt_minilm_sweep.py:smoke'
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+  monkeypatch.chdir(ROOT)
+
+
+def write_config(tmp_path, sweep_body: str) -> str:
+  path = tmp_path / 'cfg.py'
+  path.write_text(textwrap.dedent('''
+      from lorajax.training import config as config_lib
+
+      def get_config(arg=None):
+        c = config_lib.base_config('classification')
+        config_lib.shrink(c)
+        c.lock()
+        return c
+
+      def sweep(add):
+      ''') + textwrap.indent(textwrap.dedent(sweep_body), '  '))
+  return str(path)
+
+
+class FakeTrainer:
+  """A launcher that writes what a run leaves, or dies part-way."""
+
+  def __init__(self, die=()):
+    self.calls = []
+    self.die = set(die)
+
+  def __call__(self, run):
+    self.calls.append(run.name)
+    os.makedirs(os.path.join(run.workdir, 'checkpoints', '2'), exist_ok=True)
+    if run.name in self.die:
+      return -9
+    c = run.config
+    lora = c.method == 'lora'
+    acc = {'lora': 0.70 + 0.002 * c.lora.rank / (1 + abs(c.lora.alpha - 8)),
+           'full': 0.80, 'head': 0.60}[c.method]
+    n = {'lora': 100 * c.lora.rank, 'full': 10**6, 'head': 770}[c.method]
+    with open(os.path.join(run.workdir, 'metrics.jsonl'), 'w') as f:
+      for step, tps in ((10, 50.0), (20, 400.0), (30, 420.0)):
+        f.write(json.dumps({'step': step, 'split': 'train',
+                            'tokens_per_sec': tps}) + '\n')
+    summary = {
+        'metric': 'accuracy', 'steps': 30, 'resumed_from': 0,
+        'trainable_params': n, 'trainable_fraction': n / 2e6,
+        'best_validation': {'accuracy': acc + 0.01}, 'best_validation_step': 30,
+        'test': {'accuracy': acc}, 'tokens_per_sec': 300.0,
+        'train_time_s': 10.0, 'adapter_bytes': 4 * n if lora else 8 * n,
+        'wall_time_s': 20.0, 'peak_rss_bytes': 2**30}
+    with open(os.path.join(run.workdir, sweeps.SUMMARY), 'w') as f:
+      json.dump(summary, f)
+    return 0
+
+
+def test_expands_the_shipped_sweep():
+  runs = sweeps.expand('configs/rt_minilm_sweep.py', '/tmp/sw')
+  assert len(runs) == 6 * 3 + 3
+  assert runs[0].name == 'lora.rank=1,lora.alpha=1'
+  assert runs[0].workdir == '/tmp/sw/lora.rank=1,lora.alpha=1'
+  assert len({r.name for r in runs}) == len(runs)
+  assert [r.config.method for r in runs[-2:]] == ['full', 'head']
+  assert runs[-3].config.lora.targets == 'encoder/.*/kernel'
+  assert (runs[5].config.lora.rank, runs[5].config.lora.alpha) == (2, 32.0)
+  assert runs[5].command() == (
+      'python -m experiments.train --config=configs/rt_minilm_sweep.py '
+      '--workdir=/tmp/sw/lora.rank=2,lora.alpha=32 '
+      '--config.lora.rank=2 --config.lora.alpha=32')
+
+
+def test_command_reproduces_the_run_config():
+  for run in sweeps.expand(SMOKE, '/tmp/sw', {'num_train_steps': 3}):
+    argv = shlex.split(run.command())
+    assert argv[:3] == ['python', '-m', 'experiments.train']
+    values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file(
+        'config', None, flag_values=values, sys_argv=argv[2:])
+    flags.DEFINE_string('workdir', None, '', flag_values=values)
+    values(argv[2:])
+    assert values.workdir == run.workdir
+    assert holder.value.to_dict() == run.config.to_dict()
+    assert holder.value.num_train_steps == 3
+
+
+def test_misspelled_key_is_an_error_before_any_run(tmp_path):
+  path = write_config(tmp_path, '''
+      add(**{'lora.rank': 2})
+      add(**{'lora.rnak': 4})
+      ''')
+  with pytest.raises(ValueError, match=r"'lora.rnak'.*did you mean 'lora.rank'"):
+    sweeps.expand(path, str(tmp_path / 'sweep'))
+  assert not (tmp_path / 'sweep').exists()
+
+
+@pytest.mark.parametrize('body, message', [
+    ("add(**{'lora': 2})", 'group of fields'),
+    ("add(**{'optimizer.learning_rate': 1.0})", "'optimizer.learning_rate'"),
+    ("add(**{'lora.rank': 'big'})", 'does not fit the config'),
+    ("add(**{'lora.rank': 2})\nadd(**{'lora.rank': 2})", 'same run'),
+    ("pass", 'added no run'),
+])
+def test_bad_sweep_entries_raise(tmp_path, body, message):
+  with pytest.raises(ValueError, match=message):
+    sweeps.expand(write_config(tmp_path, body), str(tmp_path / 'sweep'))
+
+
+@pytest.mark.parametrize('overrides, name', [
+    ({'lora.rank': 8, 'lora.alpha': 16}, 'lora.rank=8,lora.alpha=16'),
+    ({'optim.learning_rate': 5e-5}, 'optim.learning_rate=5e-05'),
+    ({'lora.rslora': True}, 'lora.rslora=true'),
+    ({}, 'base'),
+])
+def test_run_names(overrides, name):
+  assert sweeps.run_name(overrides) == name
+
+
+def test_unsafe_names_are_safe_and_distinct():
+  a = sweeps.run_name({'lora.targets': r'.*/(query|value)/kernel'})
+  b = sweeps.run_name({'lora.targets': r'.*/(query/value)/kernel'})
+  long = sweeps.run_name({'x': 'y' * 500})
+  for name in (a, b, long):
+    assert all(c.isalnum() or c in '._,=+-' for c in name), name
+  assert a != b and len(long) <= 120
+
+
+def test_skips_finished_and_resumes_interrupted(tmp_path):
+  runs = sweeps.expand(SMOKE, str(tmp_path))
+  killed = runs[1].name
+  trainer = FakeTrainer(die=[killed])
+  out = sweeps.run_sweep(runs, str(tmp_path), launcher=trainer,
+                         echo=lambda s: None)
+  assert out[killed] == 'failed'
+  assert sum(v == 'done' for v in out.values()) == len(runs) - 1
+  assert sweeps.run_status(runs[1].workdir) == 'interrupted'
+
+  lines, trainer = [], FakeTrainer()
+  out = sweeps.run_sweep(runs, str(tmp_path), launcher=trainer,
+                         echo=lines.append)
+  assert trainer.calls == [killed]
+  assert out[killed] == 'done'
+  assert sum(v == 'skipped' for v in out.values()) == len(runs) - 1
+  text = '\n'.join(lines)
+  assert f'{killed}: resuming from step 2' in text
+  for run in runs:  # Every run's command is printed, skipped ones too.
+    assert run.command() in text
+
+
+def test_changed_config_is_an_error_before_any_run(tmp_path):
+  runs = sweeps.expand(SMOKE, str(tmp_path))
+  sweeps.run_sweep(runs[:1], str(tmp_path), launcher=FakeTrainer(),
+                   echo=lambda s: None)
+  changed = sweeps.expand(SMOKE, str(tmp_path), {'num_train_steps': 9})
+  trainer = FakeTrainer()
+  with pytest.raises(ValueError, match='num_train_steps: 6 -> 9'):
+    sweeps.run_sweep(changed, str(tmp_path), launcher=trainer)
+  assert not trainer.calls
+
+
+def test_subprocess_launcher_runs_the_command(tmp_path, monkeypatch):
+  (tmp_path / 'fake_train.py').write_text(textwrap.dedent('''
+      import json, os, sys
+      workdir = [a for a in sys.argv if a.startswith('--workdir=')][0][10:]
+      print('args', sys.argv[1:])
+      with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+        json.dump({'argv': sys.argv[1:]}, f)
+      '''))
+  monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+  monkeypatch.setattr(sweeps, 'TRAIN_MODULE', 'fake_train')
+  run = sweeps.expand(SMOKE, str(tmp_path / 'sweep'))[0]
+  assert sweeps.run_sweep([run], str(tmp_path / 'sweep'),
+                          echo=lambda s: None) == {run.name: 'done'}
+  with open(os.path.join(run.workdir, sweeps.SUMMARY)) as f:
+    assert json.load(f)['argv'] == list(run.argv)
+  with open(os.path.join(run.workdir, sweeps.LOG_FILE)) as f:
+    assert f.read().startswith(f'$ {run.command()}\n')
+
+
+def test_report_from_a_fake_sweep(tmp_path):
+  runs = sweeps.expand(SMOKE, str(tmp_path))
+  sweeps.run_sweep(runs, str(tmp_path), launcher=FakeTrainer(
+      die=[runs[0].name]), echo=lambda s: None)
+  paths = sweep_report.write_report(str(tmp_path))
+  with open(paths['csv'], newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['name'] for r in rows] == [r.name for r in runs]
+  assert rows[0]['status'] == 'interrupted' and rows[0]['test'] == ''
+  by_name = {r['name']: r for r in rows}
+  full = by_name['method=full,optim.learning_rate=5e-05']
+  assert full['lora.rank'] == '' and full['method'] == 'full'
+  assert float(full['test']) == pytest.approx(0.80)
+  lora = by_name['lora.rank=2,lora.alpha=8']
+  assert (lora['lora.rank'], lora['lora.alpha']) == ('2', '8.0')
+  assert float(lora['test']) == pytest.approx(0.704)
+  assert float(lora['step_time_ms']) == pytest.approx(1000 * 100 / 410)
+  assert float(lora['peak_memory_mb']) == 1024
+  assert lora['command'] == runs[3].command()
+  with open(paths['md']) as f:
+    md = f.read()
+  assert md.count('\n| `') == len(runs)
+  assert 'Full fine-tuning: test 0.8000' in md
+  assert 'Head-only: test 0.6000' in md
+  assert '| `.*/attention/(query\\|value)/kernel` |' in md  # Escaped pipe.
+  for name in ('metric_vs_rank', 'rank_alpha_heatmap', 'metric_vs_params'):
+    pixels = mpimg.imread(paths[name])
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels.std() > 0  # Not a blank image.
+
+
+def test_report_of_an_empty_folder_is_an_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no sweep runs'):
+    sweep_report.write_report(str(tmp_path))
+
+
+def test_peak_rss_is_read_from_proc():
+  peak, now = process_memory.peak_rss_bytes(), process_memory.rss_bytes()
+  assert peak >= now > 0
+
+
+def test_subprocess_peak_rss_is_its_own():
+  """VmHWM starts afresh at exec: a small child reports a small peak."""
+  code = (f'exec(open({process_memory.__file__!r}).read()); '
+          'print(peak_rss_bytes())')
+  child = int(subprocess.run([sys.executable, '-S', '-c', code], check=True,
+                             capture_output=True, text=True).stdout)
+  assert 0 < child < process_memory.peak_rss_bytes() / 2
+
+
+def test_xla_flops_of_a_matmul():
+  x = jnp.ones((8, 16))
+  compiled = jax.jit(lambda a, b: a @ b).lower(x, x.T).compile()
+  assert step_profile.xla_flops(compiled) == pytest.approx(2 * 8 * 16 * 8)
+
+
+def test_profile_fit_table_and_plot(tmp_path):
+  rows = [{'batch_size': b, 'step_time_s': 0.01 * b, 'flops': 1e6 * b * 4,
+           'tokens': 4 * b, 'real_tokens': 3 * b, 'trainable_params': 10,
+           'setup_rss_bytes': 2**29, 'peak_rss_bytes': (500 + 3 * b) * 2**20}
+          for b in (1, 2, 4, 8)]
+  fit = step_profile.fit_memory(rows)
+  assert fit['slope_mb'] == pytest.approx(3.0)
+  assert fit['intercept_mb'] == pytest.approx(500.0)
+  text = step_profile.markdown(rows, fit, 'demo')
+  assert text.count('\n| ') == 1 + len(rows)
+  assert 'Memory per extra example: 3.00 MB' in text
+  assert 'spread 0.00%' in text
+  pixels = mpimg.imread(step_profile.plot(rows, fit, str(tmp_path / 'p.png'),
+                                          'demo'))
+  assert pixels.shape[0] > 100 and pixels.std() > 0
