@@ -86,7 +86,10 @@ class AdapterRegistry:
     self._entries: dict[str, Entry] = {}
     self._active: str | None = None
     self._fns: dict[Any, Callable[..., Any]] = {}
-    self._base = jax.jit(apply_fn, static_argnames=self._static)
+    # A private wrapper: jit caches are per function, and apply_fn may be
+    # jitted elsewhere too.
+    self._base = jax.jit(lambda p, *a, **k: apply_fn(p, *a, **k),
+                         static_argnames=self._static)
     self._stack: tuple[tuple[str, ...], str, Any, Any] | None = None
 
   # ---- contents -------------------------------------------------------------
