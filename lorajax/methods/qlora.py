@@ -2,7 +2,7 @@
 
 Two providers and the functions that put a base into quantized form:
 
-- ``Quantized(method)``: the kernel is only dequantized at its
+- ``Quantized(quant)``: the kernel is only dequantized at its
   ``dot_general`` (``x·dequant(W)``); no trainable parameters.
 - ``QLora(rank, alpha, ..., quant='nf4')``: ``x·dequant(W) + s·(x·a)·b``. A
   plain ``Lora`` on a quantized kernel computes the same; ``QLora`` also says
@@ -56,24 +56,24 @@ class Quantized(spec_lib.Adapter):
   """A frozen kernel stored quantized: ``y = x·dequant(W)``.
 
   Attributes:
-    method: ``'nf4'`` (4-bit NormalFloat, block-wise absmax) or ``'int8'``
+    quant: ``'nf4'`` (4-bit NormalFloat, block-wise absmax) or ``'int8'``
       (absmax per output unit).
     block_size: NF4 values per absmax block.
     double_quant: NF4 absmax values stored as int8 with a second-level
       scale per 256 blocks.
   """
-  method: str = 'nf4'
+  quant: str = 'nf4'
   block_size: int = 64
   double_quant: bool = True
 
   has_params = False
 
   def __post_init__(self):
-    _check_method(self.method)
+    _check_method(self.quant)
 
   def quantize(self, w: jax.Array, layout: spec_lib.KernelLayout
                ) -> quant.QuantizedKernel:
-    return quant.quantize(w, self.method, layout, block_size=self.block_size,
+    return quant.quantize(w, self.quant, layout, block_size=self.block_size,
                           double_quant=self.double_quant)
 
   def param_shapes(self, kernel_shape, layout):

@@ -81,6 +81,8 @@ def _tied(node: QuantizedKernel, like: jax.Array) -> QuantizedKernel:
   the forward and backward dequantizations into one buffer kept alive in
   between (it drops optimization barriers on some backends).
   """
+  if not like.size:
+    return node
   first = like.reshape(-1)[0]
   poison = first != first  # pylint: disable=comparison-with-itself
 
@@ -209,6 +211,8 @@ class Int8Kernel(QuantizedKernel):
     return quantize_int8(w, contract_axes=axes)
 
 
+@functools.partial(jax.jit, static_argnames=('stack', 'block_size',
+                                             'double_quant', 'group_size'))
 def quantize_nf4(w: jax.Array, *, stack: int = 0, block_size: int = 64,
                  double_quant: bool = True, group_size: int = 256
                  ) -> Nf4Kernel:
@@ -274,8 +278,14 @@ def quantize_int8(w: jax.Array, *, contract_axes: Sequence[int] = (0,)
   Returns:
     An ``Int8Kernel``; the round-trip error is at most half a scale step.
   """
+  return _quantize_int8(w, tuple(int(a) for a in contract_axes))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _quantize_int8(w: jax.Array, contract_axes: tuple[int, ...]
+                   ) -> Int8Kernel:
   w32 = jnp.asarray(w, jnp.float32)
-  absmax = jnp.max(jnp.abs(w32), axis=tuple(contract_axes), keepdims=True)
+  absmax = jnp.max(jnp.abs(w32), axis=contract_axes, keepdims=True)
   scale = absmax / 127.0
   codes = jnp.round(w32 / jnp.where(scale > 0, scale, 1.0))
   return Int8Kernel(codes=jnp.clip(codes, -127, 127).astype(jnp.int8),
@@ -309,8 +319,13 @@ def quantized_nbytes(params: Any) -> int:
                  else x.nbytes for x in jax.tree_util.tree_leaves(params)))
 
 
+@jax.jit
+def _dequantize(node: spec_lib.FrozenKernel) -> jax.Array:
+  return node.dequantize()
+
+
 def dequantize_params(params: Any) -> Any:
   """Replaces every quantized kernel by its dense dequantized array."""
   return jax.tree_util.tree_map(
-      lambda x: (x.dequantize() if isinstance(x, spec_lib.FrozenKernel)
+      lambda x: (_dequantize(x) if isinstance(x, spec_lib.FrozenKernel)
                  else x), params, is_leaf=spec_lib.is_kernel_node)

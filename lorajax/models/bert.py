@@ -19,6 +19,10 @@ Parameter paths (under the ``'params'`` collection)::
   pooler/{kernel,bias}
   classifier/{kernel,bias}
 
+Prompt and prefix tuning enter as optional call arguments (``prompt=``,
+``prefix=``, see ``lorajax.methods.prompts``); without them the model is the
+plain encoder.
+
 Example:
 
   >>> config = BertConfig.minilm_l6(num_labels=2)
@@ -151,8 +155,11 @@ class BertEmbeddings(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, *,
-               deterministic: bool) -> jax.Array:
-    """Embeds ``[B, T]`` ids into ``[B, T, H]``."""
+               deterministic: bool,
+               prompt: jax.Array | None = None) -> jax.Array:
+    """Embeds ``[B, T]`` ids into ``[B, T, H]`` (``[B, n + T, H]`` with an
+    ``[n, H]`` or ``[B, n, H]`` ``prompt`` prepended to the word embeddings;
+    its positions come first and its token type is 0)."""
     cfg = self.config
 
     def embed(num, name):
@@ -160,8 +167,16 @@ class BertEmbeddings(nn.Module):
                       param_dtype=cfg.param_dtype,
                       embedding_init=kernel_init(cfg), name=name)
 
-    positions = jnp.arange(input_ids.shape[-1])[None, :]
-    x = (embed(cfg.vocab_size, 'word_embeddings')(input_ids)
+    words = embed(cfg.vocab_size, 'word_embeddings')(input_ids)
+    if prompt is not None:
+      batch, n = input_ids.shape[0], prompt.shape[-2]
+      prompt = jnp.broadcast_to(prompt.astype(words.dtype),
+                                (batch, n, cfg.hidden_size))
+      words = jnp.concatenate([prompt, words], axis=1)
+      token_type_ids = jnp.concatenate(
+          [jnp.zeros((batch, n), token_type_ids.dtype), token_type_ids], 1)
+    positions = jnp.arange(words.shape[1])[None, :]
+    x = (words
          + embed(cfg.max_position, 'position_embeddings')(positions)
          + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids))
     x = _layer_norm(cfg, 'ln')(x)
@@ -174,8 +189,13 @@ class BertSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, *,
-               deterministic: bool) -> jax.Array:
-    """Attends ``x`` ``[B, T, H]`` over the real tokens of ``mask``."""
+               deterministic: bool,
+               prefix: jax.Array | None = None) -> jax.Array:
+    """Attends ``x`` ``[B, T, H]`` over the real tokens of ``mask``.
+
+    ``prefix`` ``[2, n, heads, head_dim]`` (keys, values) is prepended to
+    the keys and values; every query sees it.
+    """
     cfg = self.config
     batch, length, _ = x.shape
 
@@ -184,6 +204,12 @@ class BertSelfAttention(nn.Module):
       return y.reshape(batch, length, cfg.num_heads, cfg.head_dim)
 
     q, k, v = heads('query'), heads('key'), heads('value')
+    if prefix is not None:
+      n = prefix.shape[1]
+      pk, pv = (jnp.broadcast_to(p.astype(k.dtype), (batch, *p.shape))
+                for p in (prefix[0], prefix[1]))
+      k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+      mask = jnp.concatenate([jnp.ones((batch, n), bool), mask], 1)
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
                         preferred_element_type=jnp.float32)
     scores = scores / np.sqrt(cfg.head_dim).astype(np.float32)
@@ -206,10 +232,11 @@ class BertLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, *,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool,
+               prefix: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     x = BertSelfAttention(cfg, name='attention')(
-        x, mask, deterministic=deterministic)
+        x, mask, deterministic=deterministic, prefix=prefix)
     h = _dense(cfg, cfg.intermediate_size, 'intermediate')(x)
     h = nn.gelu(h, approximate=False)
     h = _dense(cfg, cfg.hidden_size, 'output')(h)
@@ -223,10 +250,12 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, *,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool,
+               prefix: jax.Array | None = None) -> jax.Array:
     for i in range(self.config.num_layers):
       x = BertLayer(self.config, name=f'layer_{i}')(
-          x, mask, deterministic=deterministic)
+          x, mask, deterministic=deterministic,
+          prefix=None if prefix is None else prefix[i])
     return x
 
 
@@ -242,7 +271,9 @@ class Bert(nn.Module):
   def __call__(self, input_ids: jax.Array,
                attention_mask: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, *,
-               deterministic: bool = True) -> BertOutput:
+               deterministic: bool = True,
+               prompt: jax.Array | None = None,
+               prefix: jax.Array | None = None) -> BertOutput:
     """Runs the encoder.
 
     Args:
@@ -252,29 +283,50 @@ class Bert(nn.Module):
       token_type_ids: ``[B, T]`` segment ids; ``None`` means all zeros.
       deterministic: disables dropout when True. When False, pass
         ``rngs={'dropout': key}`` to ``apply``.
+      prompt: prompt tuning: ``[n, H]`` (or ``[B, n, H]``) learned embeddings
+        prepended to the word embeddings (positions ``0..n-1``; the tokens
+        follow). Every token attends to them; they are dropped from
+        ``hidden`` and the pooler reads the real ``[CLS]``.
+      prefix: prefix tuning: ``[num_layers, 2, n, num_heads, head_dim]``
+        learned keys and values prepended in every layer's attention.
 
     Returns:
       A ``BertOutput`` with ``logits`` ``[B, num_labels]``, ``pooled``
-      ``[B, H]`` and ``hidden`` ``[B, T, H]``.
+      ``[B, H]`` and ``hidden`` ``[B, T, H]`` (the real tokens only).
     """
     cfg = self.config
     if input_ids.ndim != 2:
       raise ValueError(
           f'input_ids has shape {input_ids.shape}; expected [batch, length]')
-    if input_ids.shape[1] > cfg.max_position:
+    n_prompt = 0 if prompt is None else prompt.shape[-2]
+    if input_ids.shape[1] + n_prompt > cfg.max_position:
       raise ValueError(
-          f'input length {input_ids.shape[1]} exceeds max_position='
-          f'{cfg.max_position}')
+          f'input length {input_ids.shape[1]} (+ {n_prompt} prompt tokens) '
+          f'exceeds max_position={cfg.max_position}')
+    if prompt is not None and prompt.shape[-1] != cfg.hidden_size:
+      raise ValueError(f'prompt has shape {prompt.shape}; expected '
+                       f'[n, {cfg.hidden_size}]')
+    want = (cfg.num_layers, 2, cfg.num_heads, cfg.head_dim)
+    if prefix is not None and (prefix.ndim != 5 or
+                               prefix.shape[:2] + prefix.shape[3:] != want):
+      raise ValueError(
+          f'prefix has shape {prefix.shape}; expected [{want[0]}, 2, n, '
+          f'{want[2]}, {want[3]}] (layers, keys/values, length, heads, '
+          f'head_dim)')
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if token_type_ids is None:
       token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
     mask = attention_mask.astype(bool)
+    if n_prompt:
+      mask = jnp.concatenate(
+          [jnp.ones((mask.shape[0], n_prompt), bool), mask], axis=1)
 
     x = BertEmbeddings(cfg, name='embeddings')(
-        input_ids, token_type_ids, deterministic=deterministic)
+        input_ids, token_type_ids, deterministic=deterministic, prompt=prompt)
     hidden = BertEncoder(cfg, name='encoder')(
-        x, mask, deterministic=deterministic)
+        x, mask, deterministic=deterministic, prefix=prefix)
+    hidden = hidden[:, n_prompt:]
     pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, 'pooler')(hidden[:, 0]))
     rate = (cfg.hidden_dropout if cfg.classifier_dropout is None
             else cfg.classifier_dropout)

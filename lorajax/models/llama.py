@@ -192,7 +192,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array],
                mask: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None,
-               index: jax.Array) -> tuple[jax.Array, Any]:
+               index: jax.Array, prefix: jax.Array | None = None
+               ) -> tuple[jax.Array, Any]:
     """Attends ``x`` ``[B, T, d]`` over itself and the cached keys.
 
     Args:
@@ -202,6 +203,9 @@ class Attention(nn.Module):
         without a cache, the cache length with one).
       layer_cache: ``(keys, values)`` ``[B, S, kv_heads, hd]`` or None.
       index: the cache slot of the first of the ``T`` new tokens.
+      prefix: ``[2, n, kv_heads, hd]`` learned keys and values put before
+        the others (not rotated, not cached); ``mask`` then has ``n + S``
+        columns.
 
     Returns:
       ``([B, T, d] output, updated layer_cache)``.
@@ -220,6 +224,10 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
       v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
       layer_cache = (k, v)
+    if prefix is not None:
+      pk, pv = (jnp.broadcast_to(p.astype(k.dtype), (b, *p.shape))
+                for p in (prefix[0], prefix[1]))
+      k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
     scores = jnp.einsum('btkgd,bskd->bkgts', q, k.astype(q.dtype),
@@ -255,11 +263,12 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, h: jax.Array, layer_cache: Any,
                rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-               index: jax.Array) -> tuple[jax.Array, Any]:
+               index: jax.Array, prefix: jax.Array | None = None
+               ) -> tuple[jax.Array, Any]:
     cfg = self.config
     attn_out, layer_cache = Attention(cfg, name='attn')(
         RMSNorm(cfg.rms_eps, cfg.dtype, name='attn_norm')(h), rope, mask,
-        layer_cache, index)
+        layer_cache, index, prefix)
     h = h + attn_out
     h = h + Mlp(cfg, name='mlp')(RMSNorm(cfg.rms_eps, cfg.dtype,
                                          name='mlp_norm')(h))
@@ -270,7 +279,8 @@ class Llama(nn.Module):
   """Llama causal language model.
 
   Call: ``model.apply({'params': params}, tokens, *, positions=None,
-  attention_mask=None, cache=None, cache_len=None)``.
+  attention_mask=None, cache=None, cache_len=None, prompt=None,
+  prefix=None)``.
 
   Args (of ``__call__``):
     tokens: ``[B, T]`` int token ids.
@@ -283,6 +293,15 @@ class Llama(nn.Module):
       length (it is not checked under ``jit``).
     cache_len: start a fresh cache of this many slots (ignored if ``cache``
       is given).
+    prompt: prompt tuning: ``[n, d]`` (or ``[B, n, d]``) learned embeddings
+      put before the tokens' embeddings, as real tokens (positions
+      ``0..n-1``, the tokens follow; they fill the first ``n`` slots of a
+      fresh cache). Their logits are dropped. Not allowed with ``cache=``:
+      the prompt is consumed by the first call.
+    prefix: prefix tuning: ``[num_layers, 2, n, kv_heads, hd]`` learned keys
+      and values that every query of every layer sees, before the others.
+      They are not rotated and not stored in the cache: pass the prefix on
+      every call, decoding steps included.
 
   Returns:
     ``logits`` ``[B, T, vocab]`` float32, or ``(logits, new_cache)`` when
@@ -292,12 +311,24 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, attention_mask=None,
-               cache: KVCache | None = None, cache_len: int | None = None):
+               cache: KVCache | None = None, cache_len: int | None = None,
+               prompt: jax.Array | None = None,
+               prefix: jax.Array | None = None):
     cfg = self.config
     b, t = tokens.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), bool)
     attention_mask = attention_mask.astype(bool)
+    _check_prompts(cfg, prompt, prefix, cache)
+    n_prompt = 0 if prompt is None else prompt.shape[-2]
+    if n_prompt:
+      attention_mask = jnp.concatenate(
+          [jnp.ones((b, n_prompt), bool), attention_mask], 1)
+      if positions is not None:
+        positions = jnp.concatenate(
+            [jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt)),
+             positions + n_prompt], 1)
+      t += n_prompt
     if cache is None and cache_len is not None:
       cache = init_cache(cfg, b, cache_len)
     if cache is None:
@@ -316,11 +347,17 @@ class Llama(nn.Module):
     query_slots = index + jnp.arange(t)
     causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
     mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
+    if prefix is not None:  # [B, T, n + S]: the prefix is always visible.
+      mask = jnp.concatenate(
+          [jnp.ones((b, t, prefix.shape[2]), bool), mask], -1)
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_base)
 
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      embedding_init=nn.initializers.normal(0.02), name='embed')
     h = embed(tokens)
+    if n_prompt:
+      h = jnp.concatenate([jnp.broadcast_to(
+          prompt.astype(h.dtype), (b, n_prompt, cfg.hidden_size)), h], 1)
     kv = None if cache is None else (cache.keys, cache.values)
     layer_cls = DecoderLayer
     if cfg.remat:
@@ -328,15 +365,17 @@ class Llama(nn.Module):
     if cfg.scan_layers:
       stack = nn.scan(layer_cls, variable_axes={'params': 0},
                       split_rngs={'params': True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast,
+                               0),
                       length=cfg.num_layers)
-      h, kv = stack(cfg, name='layers')(h, kv, rope, mask, index)
+      h, kv = stack(cfg, name='layers')(h, kv, rope, mask, index, prefix)
     else:
       new_kv = []
       for i in range(cfg.num_layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        h, layer_kv = layer_cls(cfg, name=f'layers_{i}')(h, layer_kv, rope,
-                                                          mask, index)
+        h, layer_kv = layer_cls(cfg, name=f'layers_{i}')(
+            h, layer_kv, rope, mask, index,
+            None if prefix is None else prefix[i])
         new_kv.append(layer_kv)
       if kv is not None:
         kv = (jnp.stack([x[0] for x in new_kv]),
@@ -346,10 +385,30 @@ class Llama(nn.Module):
       logits = embed.attend(h)
     else:
       logits = _dense(cfg.vocab_size, 'lm_head', cfg.dtype)(h)
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)[:, n_prompt:]
     if cache is None:
       return logits
     return logits, KVCache(kv[0], kv[1], key_valid, index + t)
+
+
+def _check_prompts(cfg: LlamaConfig, prompt: jax.Array | None,
+                   prefix: jax.Array | None, cache: KVCache | None) -> None:
+  """Raises ValueError for prompt / prefix tensors that do not fit."""
+  if prompt is not None:
+    if cache is not None:
+      raise ValueError('prompt= starts a sequence; it cannot extend a cache '
+                       '(pass it to the first call, with cache_len=)')
+    if prompt.ndim not in (2, 3) or prompt.shape[-1] != cfg.hidden_size:
+      raise ValueError(f'prompt has shape {prompt.shape}; expected '
+                       f'[n, {cfg.hidden_size}] or [batch, n, '
+                       f'{cfg.hidden_size}]')
+  want = (cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
+  if prefix is not None and (prefix.ndim != 5 or
+                             prefix.shape[:2] + prefix.shape[3:] != want):
+    raise ValueError(
+        f'prefix has shape {prefix.shape}; expected [{want[0]}, 2, n, '
+        f'{want[2]}, {want[3]}] (layers, keys/values, length, kv_heads, '
+        f'head_dim)')
 
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
