@@ -36,8 +36,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import difflib
+import fcntl
 import hashlib
 import importlib.util
 import inspect
@@ -45,6 +48,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from typing import Any, Callable, Mapping, Sequence
@@ -57,6 +61,7 @@ SUMMARY = 'summary.json'   # The completion marker, from train_and_evaluate.
 RUN_FILE = 'sweep_run.json'
 SWEEP_FILE = 'sweep.json'
 LOG_FILE = 'train.log'
+LOCK_FILE = '.sweep.lock'
 TRAIN_MODULE = 'experiments.train'
 _MAX_NAME = 120
 _UNSAFE = re.compile(r'[^A-Za-z0-9._,=+-]')
@@ -311,8 +316,17 @@ def check_existing(runs: Sequence[Run]) -> None:
 Launcher = Callable[[Run], int]
 
 
+def _die_with_parent() -> None:
+  """In the child: SIGKILL when the sweep process dies (Linux prctl)."""
+  with contextlib.suppress(OSError, AttributeError):
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
 def subprocess_launcher(run: Run) -> int:
   """Runs ``python -m experiments.train`` for ``run``; output to train.log.
+
+  The child is killed if the sweep process dies, so that a restarted sweep
+  never finds an orphan still training in the same workdir.
 
   Returns:
     The exit status of the subprocess.
@@ -322,8 +336,10 @@ def subprocess_launcher(run: Run) -> int:
   with open(log, 'a', encoding='utf-8') as f:
     f.write(f'$ {run.command()}\n')
     f.flush()
-    proc = subprocess.run([sys.executable, '-m', TRAIN_MODULE, *run.argv],
-                          stdout=f, stderr=subprocess.STDOUT, check=False)
+    proc = subprocess.run(
+        [sys.executable, '-m', TRAIN_MODULE, *run.argv], stdout=f,
+        stderr=subprocess.STDOUT, check=False,
+        preexec_fn=_die_with_parent if sys.platform == 'linux' else None)
   return proc.returncode
 
 
@@ -332,6 +348,21 @@ def _tail(path: str, lines: int = 15) -> str:
     return ''
   with open(path, encoding='utf-8', errors='replace') as f:
     return ''.join(f.readlines()[-lines:])
+
+
+@contextlib.contextmanager
+def _lock(sweep_dir: str):
+  """Holds ``<sweep_dir>/.sweep.lock``; one sweep process per folder."""
+  with open(os.path.join(sweep_dir, LOCK_FILE), 'a+', encoding='utf-8') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+      raise RuntimeError(f'another sweep is running in {sweep_dir}; wait for '
+                         'it or stop it first') from e
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_sweep(runs: Sequence[Run], sweep_dir: str, *,
@@ -355,11 +386,18 @@ def run_sweep(runs: Sequence[Run], sweep_dir: str, *,
 
   Raises:
     ValueError: from ``check_existing``, before any run is launched.
+    RuntimeError: another sweep process holds the folder.
   """
   check_existing(runs)
   os.makedirs(sweep_dir, exist_ok=True)
-  with open(os.path.join(sweep_dir, SWEEP_FILE), 'w', encoding='utf-8') as f:
-    json.dump({'runs': [_record(r) for r in runs]}, f, indent=2)
+  with _lock(sweep_dir):
+    with open(os.path.join(sweep_dir, SWEEP_FILE), 'w', encoding='utf-8') as f:
+      json.dump({'runs': [_record(r) for r in runs]}, f, indent=2)
+    return _run_all(runs, launcher, echo)
+
+
+def _run_all(runs: Sequence[Run], launcher: Launcher,
+             echo: Callable[[str], None]) -> dict[str, str]:
   outcome = {}
   for i, run in enumerate(runs, 1):
     status = run_status(run.workdir)

@@ -184,6 +184,21 @@ def test_changed_config_is_an_error_before_any_run(tmp_path):
   assert not trainer.calls
 
 
+def test_one_sweep_process_per_folder(tmp_path):
+  runs = sweeps.expand(SMOKE, str(tmp_path))
+  inner = []
+
+  def launcher(run):
+    with pytest.raises(RuntimeError, match='another sweep is running'):
+      sweeps.run_sweep(runs, str(tmp_path), launcher=FakeTrainer())
+    inner.append(run.name)
+    return FakeTrainer()(run)
+
+  sweeps.run_sweep(runs[:1], str(tmp_path), launcher=launcher,
+                   echo=lambda s: None)
+  assert inner == [runs[0].name]
+
+
 def test_subprocess_launcher_runs_the_command(tmp_path, monkeypatch):
   (tmp_path / 'fake_train.py').write_text(textwrap.dedent('''
       import json, os, sys
