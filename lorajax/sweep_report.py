@@ -76,17 +76,20 @@ def _speed(summary: dict[str, Any], train_rows: list[dict[str, Any]]
   return 1000.0 * tokens / trained / rate, rate
 
 
-def read_run(workdir: str, keys: Sequence[str]) -> Row:
+def read_run(workdir: str, keys: Sequence[str],
+             record: dict[str, Any] | None = None) -> Row:
   """One row of the table, from one run workdir.
 
   Args:
-    workdir: a run's workdir (with ``sweep_run.json``).
+    workdir: a run's workdir.
     keys: the swept keys, for their columns.
+    record: the run's entry of ``sweep.json``; by default its
+      ``sweep_run.json``.
 
   Returns:
     The row; numbers are None where the run has not finished.
   """
-  record = _load(os.path.join(workdir, sweeps.RUN_FILE))
+  record = record or _load(os.path.join(workdir, sweeps.RUN_FILE))
   config = record['config']
   method = config.get('method')
   row: Row = {'name': record['name'], 'status': sweeps.run_status(workdir)}
@@ -120,29 +123,30 @@ def read_run(workdir: str, keys: Sequence[str]) -> Row:
 def collect(sweep_dir: str) -> tuple[list[str], list[Row]]:
   """``(swept keys, rows)`` of a sweep directory, in sweep order.
 
-  The order and keys come from ``sweep.json``; run folders it does not list
-  (but that have ``sweep_run.json``) follow, by name.
+  The runs, their order and keys come from ``sweep.json`` (runs not started
+  yet are rows with status ``new``); run folders it does not list but that
+  have ``sweep_run.json`` follow, by name.
 
   Raises:
     FileNotFoundError: the folder holds no run.
   """
-  names = []
+  records = {}
   listing = os.path.join(sweep_dir, sweeps.SWEEP_FILE)
   if os.path.isfile(listing):
-    names = [r['name'] for r in _load(listing)['runs']]
-  if os.path.isdir(sweep_dir):
-    names += sorted(d for d in os.listdir(sweep_dir) if d not in names and
-                    os.path.isfile(os.path.join(sweep_dir, d, sweeps.RUN_FILE)))
-  names = [n for n in names
-           if os.path.isfile(os.path.join(sweep_dir, n, sweeps.RUN_FILE))]
-  if not names:
-    raise FileNotFoundError(f'no sweep runs in {sweep_dir} (no */'
-                            f'{sweeps.RUN_FILE})')
+    records = {r['name']: r for r in _load(listing)['runs']}
+  for name in sorted(os.listdir(sweep_dir) if os.path.isdir(sweep_dir)
+                     else []):
+    path = os.path.join(sweep_dir, name, sweeps.RUN_FILE)
+    if name not in records and os.path.isfile(path):
+      records[name] = _load(path)
+  if not records:
+    raise FileNotFoundError(f'no sweep runs in {sweep_dir} (no '
+                            f'{sweeps.SWEEP_FILE}, no */{sweeps.RUN_FILE})')
   keys = []
-  for name in names:
-    record = _load(os.path.join(sweep_dir, name, sweeps.RUN_FILE))
+  for record in records.values():
     keys += [k for k in record['overrides'] if k not in keys]
-  return keys, [read_run(os.path.join(sweep_dir, n), keys) for n in names]
+  return keys, [read_run(os.path.join(sweep_dir, name), keys, record)
+                for name, record in records.items()]
 
 
 def write_csv(path: str, keys: Sequence[str], rows: Sequence[Row]) -> None:

@@ -276,12 +276,15 @@ def latest_checkpoint(workdir: str) -> int | None:
 
 
 def run_status(workdir: str) -> str:
-  """``'finished'`` (has ``summary.json``), ``'interrupted'`` or ``'new'``."""
+  """``'finished'`` (has ``summary.json``), ``'unfinished'`` or ``'new'``.
+
+  ``'unfinished'``: started (running now, or stopped) and not finished.
+  """
   if os.path.isfile(os.path.join(workdir, SUMMARY)):
     return 'finished'
   if os.path.isfile(os.path.join(workdir, RUN_FILE)) or latest_checkpoint(
       workdir) is not None:
-    return 'interrupted'
+    return 'unfinished'
   return 'new'
 
 

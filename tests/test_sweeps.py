@@ -159,7 +159,7 @@ def test_skips_finished_and_resumes_interrupted(tmp_path):
                          echo=lambda s: None)
   assert out[killed] == 'failed'
   assert sum(v == 'done' for v in out.values()) == len(runs) - 1
-  assert sweeps.run_status(runs[1].workdir) == 'interrupted'
+  assert sweeps.run_status(runs[1].workdir) == 'unfinished'
 
   lines, trainer = [], FakeTrainer()
   out = sweeps.run_sweep(runs, str(tmp_path), launcher=trainer,
@@ -226,7 +226,7 @@ def test_report_from_a_fake_sweep(tmp_path):
   with open(paths['csv'], newline='') as f:
     rows = list(csv.DictReader(f))
   assert [r['name'] for r in rows] == [r.name for r in runs]
-  assert rows[0]['status'] == 'interrupted' and rows[0]['test'] == ''
+  assert rows[0]['status'] == 'unfinished' and rows[0]['test'] == ''
   by_name = {r['name']: r for r in rows}
   full = by_name['method=full,optim.learning_rate=5e-05']
   assert full['lora.rank'] == '' and full['method'] == 'full'
