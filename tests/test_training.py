@@ -130,44 +130,63 @@ def test_train_step_does_not_recompile():
 # ---- end to end --------------------------------------------------------------
 
 
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  """Runs a config's smoke version once per module: (config, summary, dir)."""
+  runs = {}
+
+  def get(name):
+    if name not in runs:
+      workdir = tmp_path_factory.mktemp(name)
+      config = load_config(name)
+      runs[name] = (config, train.train_and_evaluate(config, str(workdir)),
+                    workdir)
+    return runs[name]
+  return get
+
+
 @pytest.mark.parametrize('name', CONFIGS)
-def test_config_runs_end_to_end(name, tmp_path):
-  config = load_config(name)
-  summary = train.train_and_evaluate(config, str(tmp_path))
+def test_config_runs_end_to_end(name, smoke_run):
+  config, summary, workdir = smoke_run(name)
   steps = config.num_train_steps
-  rows = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  rows = metrics_lib.read_jsonl(str(workdir / 'metrics.jsonl'))
   assert list(rows) == list(range(1, steps + 1))
   assert all(np.isfinite(r['loss']) for r in rows.values())
   assert summary['checkpoint_step'] == steps
   assert summary['trainable_params'] > 0
   metric = 'accuracy' if config.task == 'classification' else 'perplexity'
   assert metric in summary['test'] and metric in summary['final_validation']
-  assert os.listdir(tmp_path / 'tensorboard')
-  saved = json.loads((tmp_path / 'summary.json').read_text())
+  assert os.listdir(workdir / 'tensorboard')
+  saved = json.loads((workdir / 'summary.json').read_text())
   assert saved['test'] == summary['test']
   # Never the frozen base: the trainable item holds only trained leaves.
-  _, meta = ckpt_lib.read_meta(tmp_path / 'checkpoints')
+  _, meta = ckpt_lib.read_meta(workdir / 'checkpoints')
   n_saved = sum(int(np.prod(s)) for s, _ in meta['shapes'].values())
   assert n_saved == summary['trainable_params']
   if config.method != 'full':
     assert n_saved < summary['all_params'] / 10
 
 
-def test_lm_reports_perplexity_before_and_after(tmp_path):
-  config = load_config('shakespeare_smollm2_lora', num_train_steps=3,
-                       eval_every=3)
-  summary = train.train_and_evaluate(config, str(tmp_path))
+def test_lm_reports_perplexity_before_and_after(smoke_run):
+  _, summary, _ = smoke_run('shakespeare_smollm2_lora')
   before = summary['initial_validation']['perplexity']
   after = summary['final_validation']['perplexity']
   assert np.isfinite(before) and np.isfinite(after)
+  assert 'initial_validation' in summary
 
 
-def test_saved_adapter_evaluates_on_its_base(tmp_path):
-  config = load_config('rt_minilm_lora')
-  summary = train.train_and_evaluate(config, str(tmp_path))
-  got = train.evaluate_checkpoint(config, str(tmp_path), 'test')
+def test_saved_adapter_evaluates_on_its_base(smoke_run):
+  config, summary, workdir = smoke_run('rt_minilm_lora')
+  got = train.evaluate_checkpoint(config, str(workdir), 'test')
   assert got['accuracy'] == pytest.approx(summary['test']['accuracy'])
   assert got['loss'] == pytest.approx(summary['test']['loss'], rel=1e-5)
+
+
+def test_resumed_finished_run_only_evaluates(smoke_run):
+  config, summary, workdir = smoke_run('rt_minilm_head')
+  again = train.train_and_evaluate(config, str(workdir))
+  assert again['resumed_from'] == config.num_train_steps
+  assert again['test'] == pytest.approx(summary['test'])
 
 
 # ---- bad input --------------------------------------------------------------
@@ -210,7 +229,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     return new_state._replace(trainable=trainable), m
 
   monkeypatch.setattr(step_lib, 'train_step', poisoned)
-  config = load_config('rt_minilm_lora', checkpoint_every=2)
+  config = load_config('rt_minilm_lora', checkpoint_every=2,
+                       eval_every=100)
   with pytest.raises(FloatingPointError, match='step 5') as err:
     train.train_and_evaluate(config, str(tmp_path))
   assert 'last good checkpoint is step 4' in str(err.value)

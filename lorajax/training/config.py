@@ -263,17 +263,25 @@ def minilm_rotten_tomatoes() -> config_dict.ConfigDict:
 
 
 def smollm2_shakespeare() -> config_dict.ConfigDict:
-  """SmolLM2-135M on Shakespeare, sized for minutes on a CPU."""
+  """SmolLM2-135M on Shakespeare, sized for minutes on a 2-core CPU.
+
+  Only a slice of each split is tokenized (the run reads ~320 windows), and
+  before/after perplexity is measured on the same fixed 32 validation
+  windows (4,096 tokens).
+  """
   c = base_config('lm')
+  c.data.train_split = 'train[:10%]'
+  c.data.validation_split = 'validation[:10%]'
+  c.data.test_split = 'test[:10%]'
   c.data.max_len = 128
   c.data.max_eval_batches = 4
-  c.batch_size = 8
-  c.eval_batch_size = 16
-  c.num_train_steps = 60
-  c.eval_every = 30
+  c.batch_size = 4
+  c.eval_batch_size = 8
+  c.num_train_steps = 80
+  c.eval_every = 40
   c.eval_at_start = True
   c.log_every = 5
-  c.checkpoint_every = 30
+  c.checkpoint_every = 40
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 5
   return c
