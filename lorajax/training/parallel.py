@@ -178,7 +178,7 @@ def mesh_runner(*, loss_fn: step_lib.LossFn, eval_fn: step_lib.EvalFn,
   batch_sh = NamedSharding(mesh, P(sharding_lib.DATA))
   replicated = NamedSharding(mesh, P())
   sharded = [s for s in jax.tree.leaves((t_specs, f_specs),
-                                        is_leaf=sharding_lib._is_spec)  # pylint: disable=protected-access
+                                        is_leaf=sharding_lib.is_spec)
              if sharding_lib.MODEL in s]
   if jax.process_index() == 0:
     logging.info('mesh %s: %d leaves sharded over %r', dict(mesh.shape),

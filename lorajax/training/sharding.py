@@ -21,9 +21,9 @@ The rules are pure functions over shapes that return ``PartitionSpec`` trees
 Example:
 
   >>> fsdp_spec((32, 64), 2)
-  PartitionSpec(None, 'model')
+  P(None, 'model')
   >>> fsdp_spec((30, 7), 4)
-  PartitionSpec()
+  P()
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ DATA = 'data'
 MODEL = 'model'
 
 
-def _is_spec(x: Any) -> bool:
+def is_spec(x: Any) -> bool:
+  """Whether ``x`` is a ``PartitionSpec`` (a leaf of a spec tree)."""
   return isinstance(x, P)
 
 
@@ -226,7 +227,7 @@ def state_specs(tx: optax.GradientTransformation, state: step_lib.TrainState,
 def named(mesh: Mesh, specs: PyTree) -> PyTree:
   """A tree of ``NamedSharding``s from a tree of specs."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                      is_leaf=_is_spec)
+                      is_leaf=is_spec)
 
 
 def _put_leaf(x: Any, sharding: NamedSharding) -> jax.Array:
