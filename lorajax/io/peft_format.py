@@ -123,10 +123,10 @@ def export_peft(directory: str | pathlib.Path, config: Any,
   resolution = spec_lib.resolve(spec, params)
   providers = {}
   for path, provider in resolution.adapted.items():
-    if type(provider) is not lora_lib.Lora:  # pylint: disable=unidiomatic-typecheck
+    if not isinstance(provider, lora_lib.Lora):
       raise PeftFormatError(
           f'{path}: {type(provider).__name__} adapters cannot be written as '
-          f'PEFT LoRA; only Lora is exported')
+          f'PEFT LoRA; only Lora (and QLora) adapters are exported')
     providers[path] = provider
   if len({p.use_rslora for p in providers.values()}) > 1:
     raise PeftFormatError('PEFT has one use_rslora setting per adapter; this '

@@ -166,7 +166,7 @@ def lora_factors(adapters: PyTree, spec: spec_lib.LoraSpec, params: PyTree
   leaves = dict(spec_lib.flatten_paths(params))
   out = {}
   for path, provider in resolution.adapted.items():
-    if type(provider) is not lora_lib.Lora:  # pylint: disable=unidiomatic-typecheck
+    if not isinstance(provider, lora_lib.Lora):
       raise ValueError(f'{path}: {type(provider).__name__} adapters cannot be '
                        f'stacked or combined; only Lora')
     ad = spec_lib.get_by_path(adapters, path)
