@@ -12,7 +12,9 @@ quantized formats. Perplexity is next-token perplexity on the first
 ``num_sequences`` packed windows of ``seq_len`` tokens of the Shakespeare
 validation split (held-out plays), each format evaluated through
 ``lorajax.lora`` with the ``Quantized`` provider (dequantized at each
-``dot_general``), computed in float32.
+``dot_general``), computed in float32. For float32, int8 and NF4 the
+compiled (not run) LoRA / QLoRA gradient step is also measured: XLA's
+argument and temporary bytes.
 """
 
 from __future__ import annotations
@@ -80,6 +82,26 @@ def _kernel_stats(params: Any, spec: lorajax.LoraSpec) -> tuple[int, int]:
   return nbytes, count
 
 
+def _step_memory(model, stored, spec, data) -> tuple[int, int]:
+  """(argument, temp) bytes of a compiled LoRA training step (not run)."""
+  batch = {k: jnp.asarray(v[:2]) for k, v in data.items()}
+  adapters = lorajax.init(spec, stored, jax.random.key(0), fn=model.apply,
+                          args=(batch['inputs'],))
+  fn = lorajax.lora(model.apply, spec)
+
+  def step(adapters, frozen, batch):
+    def loss(ad):
+      logits = fn(frozen, ad, batch['inputs'])
+      logp = jax.nn.log_softmax(logits, -1)
+      nll = -jnp.take_along_axis(logp, batch['targets'][..., None], -1)
+      return jnp.mean(nll)
+    return jax.grad(loss)(adapters)
+
+  mem = jax.jit(step).lower(adapters, stored, batch).compile(
+  ).memory_analysis()
+  return mem.argument_size_in_bytes, mem.temp_size_in_bytes
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   start = time.perf_counter()
@@ -114,6 +136,12 @@ def main(argv: Sequence[str]) -> None:
            'bits_per_param': 8.0 * kernel_bytes / n_kernel,
            'base_bytes': quant.quantized_nbytes(stored),
            'perplexity': _perplexity(fn, stored, data)}
+    if fmt != 'bfloat16':
+      lora_rule = (lorajax.QLora(rank=8, alpha=16, quant=fmt)
+                   if fmt in ('int8', 'nf4') else lorajax.Lora(8, 16))
+      row['step_argument_bytes'], row['step_temp_bytes'] = _step_memory(
+          model, stored, lorajax.LoraSpec([(f'params/{KERNELS}', lora_rule),
+                                           (r'.*', 'freeze')]), data)
     rows.append(row)
     logging.info('%s done in %.1f s', fmt, time.perf_counter() - t0)
 
@@ -123,12 +151,17 @@ def main(argv: Sequence[str]) -> None:
         f'({n_all - n_kernel:,d} in the tied embedding and norms)')
   print(f'perplexity: Shakespeare {_SPLIT.value}, {len(data["inputs"])} x '
         f'{_SEQ_LEN.value} tokens\n')
-  print('| format | kernels MiB | bits/param | whole base MiB | perplexity |')
-  print('|---|---|---|---|---|')
+  print('| format | kernels MiB | bits/param | whole base MiB | perplexity '
+        '| LoRA step args MiB | LoRA step temp MiB |')
+  print('|---|---|---|---|---|---|---|')
   for r in rows:
+    mem = ' | '.join(f'{r[k] / 2**20:.1f}' if k in r else '-' for k in (
+        'step_argument_bytes', 'step_temp_bytes'))
     print(f'| {r["format"]} | {r["kernel_bytes"] / 2**20:.2f} | '
           f'{r["bits_per_param"]:.3f} | {r["base_bytes"] / 2**20:.2f} | '
-          f'{r["perplexity"]:.3f} |')
+          f'{r["perplexity"]:.3f} | {mem} |')
+  print('\nLoRA step: rank 8 on all 210 kernels (QLoRA for int8 / nf4), '
+        'batch 2, gradient only; XLA memory analysis of the compiled step.')
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
       json.dump({'parameters': n_all, 'kernel_parameters': n_kernel,

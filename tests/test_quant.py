@@ -170,8 +170,8 @@ def test_quantized_node_is_one_leaf_of_the_tree():
 
 # ---- dequantization inside the rewrite -------------------------------------
 
-REWRITE_CASES = [(m, q) for m in ('dense', 'multi_axis', 'scan', 'lhs')
-                 for q in ('nf4', 'int8')]
+REWRITE_CASES = ([(m, 'nf4') for m in ('dense', 'multi_axis', 'scan', 'lhs')]
+                 + [(m, 'int8') for m in ('multi_axis', 'lhs')])
 
 
 @pytest.mark.parametrize('name,method', REWRITE_CASES,
