@@ -26,9 +26,7 @@ from typing import Any, Callable
 from lorajax import spec as spec_lib
 from lorajax.methods import bottleneck as bottleneck_lib
 from lorajax.methods import dora as dora_lib
-from lorajax.methods import dora as dora_lib
 from lorajax.methods import lora as lora_lib
-from lorajax.methods import qlora as qlora_lib
 from lorajax.methods import qlora as qlora_lib
 
 FORMAT_VERSION = 1
@@ -138,9 +136,6 @@ def spec_from_json(data: dict[str, Any] | str) -> spec_lib.LoraSpec:
   return spec_lib.LoraSpec([(p, action_from_json(a)) for p, a in rules])
 
 
-for _cls in (lora_lib.Lora, dora_lib.Dora, qlora_lib.Quantized, qlora_lib.QLora):
+for _cls in (lora_lib.Lora, dora_lib.Dora, qlora_lib.Quantized, qlora_lib.QLora,
+             bottleneck_lib.Bottleneck):
   register_provider(_cls)
-register_provider(dora_lib.Dora)
-register_provider(qlora_lib.QLora)
-register_provider(qlora_lib.Quantized)
-register_provider(bottleneck_lib.Bottleneck)
