@@ -50,7 +50,8 @@ def main(argv):
   title = f'Train step profile: {name} (method {_CONFIG.value.method})'
   with open(os.path.join(out, 'profile.json'), 'w', encoding='utf-8') as f:
     json.dump({'config': config_file, 'overrides': overrides, 'rows': rows,
-               'fit': fit}, f, indent=2)
+               'fit': fit, 'flops_fit': step_profile.fit_flops(rows)}, f,
+              indent=2)
   text = step_profile.markdown(rows, fit, title)
   with open(os.path.join(out, 'profile.md'), 'w', encoding='utf-8') as f:
     f.write(text)

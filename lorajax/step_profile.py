@@ -144,6 +144,22 @@ def fit_memory(rows: Sequence[Row]) -> dict[str, float]:
           'r2': float(r2)}
 
 
+def fit_flops(rows: Sequence[Row]) -> dict[str, float]:
+  """``flops = per_step + per_token · tokens`` by least squares.
+
+  ``per_token`` is the cost of the model on one more token; ``per_step`` is
+  what does not grow with the batch (the optimizer update: a few FLOPs per
+  trainable parameter), which is why total / tokens falls a little with the
+  batch size when many parameters are trained.
+  """
+  tokens = np.array([r['tokens'] for r in rows], float)
+  flops = np.array([r['flops'] or np.nan for r in rows], float)
+  if len(rows) < 2 or not np.all(np.isfinite(flops)):
+    return {'per_token': float(np.nanmean(flops / tokens)), 'per_step': 0.0}
+  per_token, per_step = np.polyfit(tokens, flops, 1)
+  return {'per_token': float(per_token), 'per_step': float(per_step)}
+
+
 def markdown(rows: Sequence[Row], fit: Mapping[str, float], title: str
              ) -> str:
   """The table: one row a batch size, then the fit and the FLOPs spread."""
@@ -162,14 +178,18 @@ def markdown(rows: Sequence[Row], fit: Mapping[str, float], title: str
         f'{r["peak_rss_bytes"] / 2**20:,.0f} | {flops / 1e9:.2f} | '
         f'{flops / r["tokens"] / 1e6:.2f} |')
   spread = (max(per_token) - min(per_token)) / np.mean(per_token)
+  flops_fit = fit_flops(rows)
   lines += [
       '',
       f'- Memory per extra example: {fit["slope_mb"]:.2f} MB (least-squares '
       f'fit peak = {fit["intercept_mb"]:.0f} MB + {fit["slope_mb"]:.2f} MB × '
       f'batch, R² = {fit["r2"]:.3f}).',
       f'- FLOPs per token (XLA cost analysis of the compiled step, over '
-      f'padded tokens): {np.mean(per_token) / 1e6:.2f} M, spread '
-      f'{100 * spread:.2f}% across batch sizes.',
+      f'padded tokens): {np.mean(per_token) / 1e6:.2f} M on average, spread '
+      f'{100 * spread:.2f}% across batch sizes; as a line, '
+      f'{flops_fit["per_token"] / 1e6:.2f} M per token + '
+      f'{flops_fit["per_step"] / 1e6:.2f} M per step (the optimizer update, '
+      'independent of the batch).',
       f'- Trainable params: {rows[0]["trainable_params"]:,d}. Peak RSS is '
       'each batch size\'s own fresh process (VmHWM); step time is the median '
       'of timed steps after warm-up.', '']
@@ -192,7 +212,11 @@ def plot(rows: Sequence[Row], fit: Mapping[str, float], path: str,
   ax_time.plot(b, [1000 * r['step_time_s'] for r in rows], 'o-')
   ax_time.set_ylabel('step time (ms)')
   ax_flops.plot(b, [(r['flops'] or np.nan) / r['tokens'] / 1e6 for r in rows],
-                'o-')
+                'o-', label='total / tokens')
+  ax_flops.axhline(fit_flops(rows)['per_token'] / 1e6, color='gray',
+                   linestyle='--', label='per token, without the per-step '
+                   'part')
+  ax_flops.legend(fontsize=8)
   ax_flops.set_ylabel('MFLOPs per token (XLA)')
   ax_flops.set_ylim(bottom=0)
   for ax, name in ((ax_mem, 'peak memory'), (ax_time, 'step time'),

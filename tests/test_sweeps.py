@@ -286,6 +286,10 @@ def test_profile_fit_table_and_plot(tmp_path):
   assert text.count('\n| ') == 1 + len(rows)
   assert 'Memory per extra example: 3.00 MB' in text
   assert 'spread 0.00%' in text
+  for r in rows:
+    r['flops'] += 3e6  # A per-step part (the optimizer update).
+  assert step_profile.fit_flops(rows) == pytest.approx(
+      {'per_token': 1e6, 'per_step': 3e6})
   pixels = mpimg.imread(step_profile.plot(rows, fit, str(tmp_path / 'p.png'),
                                           'demo'))
   assert pixels.shape[0] > 100 and pixels.std() > 0
