@@ -263,3 +263,22 @@ def test_multilora_needs_indices_of_the_batch():
   ad = lorajax.init(with_head, params, jax.random.key(0))
   with pytest.raises(ValueError, match='outright'):
     multi.stack_adapters([(ad, with_head)], params)
+
+
+def test_generate_command_loads_either_format(tmp_path):
+  from experiments import generate  # pylint: disable=g-import-not-at-top
+  from lorajax.io import adapter_files  # pylint: disable=g-import-not-at-top
+  from lorajax.io import peft_format  # pylint: disable=g-import-not-at-top
+  config = llama.LlamaConfig.tiny()
+  apply_fn, params = _tiny_llama(False)
+  (ad, spec), = _four_adapters(params, apply_fn, (TOKENS,),
+                               ('.*q_proj/kernel', '.*v_proj/kernel'))[:1]
+  adapter_files.save_adapter(tmp_path / 'lj', spec, ad, params)
+  peft_format.export_peft(tmp_path / 'peft', config, spec, ad, params)
+  want = lm.generate(apply_fn, _merge(params, ad, spec), TOKENS[:2], 3)
+  for name in ('lj', 'peft'):
+    bundle = generate.load_adapter(tmp_path / name, config, params)
+    fn, tree = generate.adapted_apply(config, params, bundle)
+    np.testing.assert_array_equal(lm.generate(fn, tree, TOKENS[:2], 3), want)
+  with pytest.raises(FileNotFoundError, match='neither'):
+    generate.load_adapter(tmp_path, config, params)
