@@ -7,7 +7,8 @@ r"""Peak memory, step time and FLOPs per batch size: ``python -m experiments.pro
 
 Each batch size is measured in a fresh subprocess (its peak RSS is its own
 ``VmHWM``); ``--config.k=v`` flags apply to each. Writes ``profile.md``,
-``profile.json`` and ``profile.png`` to ``--out`` and prints the table.
+``profile.json`` and ``profile.png`` to ``--out`` and prints the table;
+``--report-only`` redraws them from ``profile.json``.
 """
 
 import json
@@ -27,6 +28,8 @@ _BATCH_SIZES = flags.DEFINE_list('batch_sizes', '1,2,4,8,16,32,64',
 _OUT = flags.DEFINE_string('out', None, 'Folder for profile.md/.json/.png; '
                            'default workdirs/profile_<config name>.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per batch size.')
+_REPORT_ONLY = flags.DEFINE_bool('report-only', False, 'Only rewrite '
+                                  'profile.md/.png from --out/profile.json.')
 _CHILD = flags.DEFINE_integer('child_batch_size', None, 'Internal: measure '
                               'this one batch size and print the result.')
 
@@ -39,19 +42,23 @@ def main(argv):
     print(step_profile.RESULT_PREFIX + json.dumps(row), flush=True)
     return
   config_file = config_flags.get_config_filename(flags.FLAGS['config'])
-  overrides = config_flags.get_override_values(flags.FLAGS['config'])
   name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
   out = _OUT.value or os.path.join('workdirs', f'profile_{name}')
-  os.makedirs(out, exist_ok=True)
-  rows = step_profile.profile(config_file, overrides,
-                              [int(b) for b in _BATCH_SIZES.value],
-                              echo=lambda s: print(s, flush=True))
-  fit = step_profile.fit_memory(rows)
+  path = os.path.join(out, 'profile.json')
   title = f'Train step profile: {name} (method {_CONFIG.value.method})'
-  with open(os.path.join(out, 'profile.json'), 'w', encoding='utf-8') as f:
-    json.dump({'config': config_file, 'overrides': overrides, 'rows': rows,
-               'fit': fit, 'flops_fit': step_profile.fit_flops(rows)}, f,
-              indent=2)
+  if _REPORT_ONLY.value:
+    with open(path, encoding='utf-8') as f:
+      rows = json.load(f)['rows']
+  else:
+    os.makedirs(out, exist_ok=True)
+    overrides = config_flags.get_override_values(flags.FLAGS['config'])
+    rows = step_profile.profile(config_file, overrides,
+                                [int(b) for b in _BATCH_SIZES.value],
+                                echo=lambda s: print(s, flush=True))
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump({'config': config_file, 'overrides': overrides,
+                 'rows': rows}, f, indent=2)
+  fit = step_profile.fit_memory(rows)
   text = step_profile.markdown(rows, fit, title)
   with open(os.path.join(out, 'profile.md'), 'w', encoding='utf-8') as f:
     f.write(text)
