@@ -62,7 +62,7 @@ def test_bert_virtual_tokens_are_masked_like_real_ones():
 def test_bert_rejects_bad_shapes():
   model = bert.Bert(BERT)
   ids = jnp.ones((1, 4), jnp.int32)
-  variables = model.init(KEY, ids)
+  variables = jax.jit(model.init)(KEY, ids)
   with pytest.raises(ValueError, match='prefix has shape'):
     model.apply(variables, ids, prefix=jnp.zeros((2, 2, 3, 16)))
   with pytest.raises(ValueError, match='max_position'):
