@@ -189,6 +189,15 @@ def test_resumed_finished_run_only_evaluates(smoke_run):
   assert again['test'] == pytest.approx(summary['test'])
 
 
+def test_bfloat16_compute_keeps_float32_state(tmp_path):
+  config = load_config('rt_minilm_lora', num_train_steps=2, eval_every=2,
+                       checkpoint_every=2, **{'model.dtype': 'bfloat16'})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(summary['test']['loss'])
+  _, meta = ckpt_lib.read_meta(tmp_path / 'checkpoints')
+  assert {dtype for _, dtype in meta['shapes'].values()} == {'float32'}
+
+
 # ---- bad input --------------------------------------------------------------
 
 
