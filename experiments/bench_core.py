@@ -57,10 +57,22 @@ def _spec(variant: str) -> lorajax.LoraSpec:
 
 
 def make_setup(variant: str, config: bert_lib.BertConfig, batch: dict[str, Any],
-               seed: int = 0) -> Setup:
-  """Builds the train step of ``variant`` (not yet compiled)."""
+               seed: int = 0, *, params: Any = None,
+               adapters: Any = None) -> Setup:
+  """Builds the train step of ``variant`` (not yet compiled).
+
+  Args:
+    variant: one of ``VARIANTS``.
+    config: the model's shape.
+    batch: an example batch (for initialization shapes).
+    seed: seeds the parameters and adapters that are not given.
+    params: the model's parameters; ``None`` initializes them randomly.
+    adapters: the LoRA adapters (``lorajax.init``'s layout); ``None``
+      initializes them.
+  """
   model = bert_lib.Bert(config)
-  params = model.init(jax.random.key(seed), batch['input_ids'])['params']
+  if params is None:
+    params = model.init(jax.random.key(seed), batch['input_ids'])['params']
 
   def apply(p, ids, mask):
     return model.apply({'params': p}, ids, mask).logits
@@ -74,7 +86,8 @@ def make_setup(variant: str, config: bert_lib.BertConfig, batch: dict[str, Any],
       del frozen
       return apply(t, x['input_ids'], x['attention_mask'])
   else:
-    adapters = lorajax.init(spec, params, jax.random.key(seed + 1))
+    if adapters is None:
+      adapters = lorajax.init(spec, params, jax.random.key(seed + 1))
     train, frozen = lorajax.partition(params, spec)
     trainable = {'adapters': adapters, 'params': train}
     if variant == 'lora_materialized':

@@ -1,0 +1,117 @@
+"""The PyTorch + transformers + PEFT side of ``python -m experiments.bench peft``.
+
+One process that serves ``setup`` (a ``BertForSequenceClassification`` from
+a ``BertConfig``, its weights, LoRA ``A`` matrices and batch read from the
+driver's safetensors file, wrapped by ``peft.get_peft_model``) and ``step``
+(the standard PyTorch step, timed around itself):
+
+  loss = model(**batch).loss
+  loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+
+Dropout is off everywhere (hidden, attention, LoRA), as in the lorajax step.
+``torch.set_num_threads`` is the machine's core count. Imports neither JAX
+nor lorajax, so its memory is PyTorch's alone.
+
+Run by ``experiments.bench_peft``; by hand:
+
+  echo '{"cmd": "stats"}' | python -m experiments.peft_worker
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import peft
+from safetensors import safe_open
+import torch
+import transformers
+
+from experiments import worker_protocol
+
+# The kernels of each ``targets`` choice, as a PEFT user writes them. "all"
+# is every dense layer of the encoder blocks (not the pooler), so a regex.
+TARGET_MODULES = {
+    'qv': ['query', 'value'],
+    'all': (r'.*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|'
+            r'attention\.output\.dense|intermediate\.dense|output\.dense)'),
+}
+
+
+class Runner:
+  """Holds the model, optimizer and batch between requests."""
+
+  def __init__(self):
+    self.model = None
+    self.opt = None
+    self.batch = None
+
+  def handle_setup(self, req: dict[str, Any]) -> dict[str, Any]:
+    """Builds the PEFT model and the AdamW optimizer; runs nothing."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=req['vocab_size'], hidden_size=req['hidden_size'],
+        num_hidden_layers=req['num_layers'],
+        num_attention_heads=req['num_heads'],
+        intermediate_size=req['intermediate_size'],
+        num_labels=req['num_labels'], hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)
+    model = transformers.BertForSequenceClassification(config)
+    with safe_open(req['weights'], framework='pt') as f, torch.no_grad():
+      for name, p in model.named_parameters():
+        p.copy_(f.get_tensor(name))
+      self.batch = {
+          'input_ids': f.get_tensor('batch.input_ids').long(),
+          'attention_mask': f.get_tensor('batch.attention_mask').long(),
+          'labels': f.get_tensor('batch.label').long(),
+      }
+    lora = peft.LoraConfig(r=req['rank'], lora_alpha=req['alpha'],
+                           lora_dropout=0.0,
+                           target_modules=TARGET_MODULES[req['targets']],
+                           modules_to_save=['classifier'])
+    model = peft.get_peft_model(model, lora)
+    adapted = 0
+    with safe_open(req['weights'], framework='pt') as f, torch.no_grad():
+      for name, module in model.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+          hf = name.split('bert.', 1)[1]
+          module.lora_A['default'].weight.copy_(f.get_tensor(f'lora.{hf}.A'))
+          module.lora_B['default'].weight.zero_()
+          adapted += 1
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    self.opt = torch.optim.AdamW(trainable, lr=req['learning_rate'],
+                                 weight_decay=req['weight_decay'])
+    self.model = model
+    return {'trainable_params': sum(p.numel() for p in trainable),
+            'adapted_modules': adapted,
+            'setup_s': round(time.perf_counter() - t0, 2),
+            'threads': torch.get_num_threads(),
+            'attn_implementation': model.config._attn_implementation,  # pylint: disable=protected-access
+            'versions': {'torch': torch.__version__,
+                         'transformers': transformers.__version__,
+                         'peft': peft.__version__}}
+
+  def handle_step(self, req: dict[str, Any]) -> dict[str, Any]:
+    """One train step, timed around forward, backward and the update."""
+    del req
+    t0 = time.perf_counter()
+    loss = self.model(**self.batch).loss
+    loss.backward()
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    step_s = time.perf_counter() - t0
+    return {'step_s': step_s, 'loss': float(loss.detach())}
+
+
+def main() -> None:
+  runner = Runner()
+  worker_protocol.serve({'setup': runner.handle_setup,
+                         'step': runner.handle_step})
+
+
+if __name__ == '__main__':
+  main()
