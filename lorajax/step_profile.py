@@ -205,7 +205,8 @@ def plot(rows: Sequence[Row], fit: Mapping[str, float], path: str,
   ax_mem, ax_time, ax_flops = fig.subplots(1, 3)
   ax_mem.plot(b, [r['peak_rss_bytes'] / 2**20 for r in rows], 'o',
               label='peak RSS (VmHWM)')
-  ax_mem.plot(b, fit['intercept_mb'] + fit['slope_mb'] * b, '-',
+  dense = np.geomspace(b.min(), b.max(), 64)  # The line, on a log axis.
+  ax_mem.plot(dense, fit['intercept_mb'] + fit['slope_mb'] * dense, '-',
               label=f'fit: {fit["slope_mb"]:.2f} MB / example')
   ax_mem.set_ylabel('MB')
   ax_mem.legend(fontsize=8)
