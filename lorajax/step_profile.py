@@ -219,7 +219,8 @@ def plot(rows: Sequence[Row], fit: Mapping[str, float], path: str,
                    'part')
   ax_flops.legend(fontsize=8)
   ax_flops.set_ylabel('MFLOPs per token (XLA)')
-  ax_flops.set_ylim(bottom=0)
+  ax_flops.set_ylim(0, 1.2 * max((r['flops'] or 0) / r['tokens']
+                                  for r in rows) / 1e6 or 1.0)
   for ax, name in ((ax_mem, 'peak memory'), (ax_time, 'step time'),
                    (ax_flops, 'FLOPs per token')):
     ax.set_xscale('log', base=2)
