@@ -24,6 +24,7 @@ from lorajax import Lora, LoraSpec
 from lorajax.io import hf_models
 from lorajax.io import peft_format
 from lorajax.methods import dora
+from lorajax.methods import qlora
 from lorajax.models import bert
 from lorajax.models import bert_loading
 from lorajax.models import llama
@@ -46,6 +47,12 @@ def _randomize(tree, seed, scale):
 @functools.cache
 def _minilm():
   config, params = bert_loading.load_minilm(num_labels=2)
+  # A head with unit-scale weights, so that logits are O(1) (the fresh
+  # N(0, 0.02) head gives logits ~0.05, too small to compare meaningfully).
+  rng = np.random.default_rng(7)
+  params = dict(params, classifier={
+      'kernel': rng.standard_normal((384, 2)).astype(np.float32),
+      'bias': np.zeros(2, np.float32)})
   model = bert.Bert(config)
   return config, params, lambda p, *a, **k: model.apply({'params': p}, *a,
                                                         **k).logits
@@ -56,6 +63,15 @@ def _smollm2():
   config, params = llama_loading.load_smollm2()
   model = llama.Llama(config)
   return config, params, lambda p, *a, **k: model.apply({'params': p}, *a, **k)
+
+
+@functools.cache
+def _base_logits(name):
+  if name == 'minilm':
+    _, params, apply_fn = _minilm()
+    return jax.jit(apply_fn)(params, BERT_IDS, BERT_MASK)
+  _, params, apply_fn = _smollm2()
+  return jax.jit(apply_fn)(params, LLAMA_IDS)
 
 
 # ---- the peer --------------------------------------------------------------------
@@ -76,6 +92,11 @@ def torch_bert(torch_mods):
   directory = assets.asset_path('minilm', 'model/config.json').parent
   model = transformers.BertForSequenceClassification.from_pretrained(
       str(directory), num_labels=2, attn_implementation='eager')
+  # The checkpoint has no classifier: give transformers lorajax's fresh one.
+  head = _minilm()[1]['classifier']
+  with torch.no_grad():
+    model.classifier.weight.copy_(torch.tensor(np.asarray(head['kernel']).T))
+    model.classifier.bias.copy_(torch.tensor(np.asarray(head['bias'])))
   return model.to(torch.float64).eval()
 
 
@@ -97,7 +118,7 @@ def _peer_logits(torch, model, **inputs):
   return out.logits.numpy()
 
 
-def _close(ours, theirs, what):
+def _close(ours, theirs, what, base=None):
   """Logits agree to 1e-4: ``|ours - theirs| <= 1e-4 * (1 + |theirs|)``.
 
   SmolLM2's logits reach ~30, where float32 itself resolves ~2e-6 and 30
@@ -110,6 +131,10 @@ def _close(ours, theirs, what):
   print(f'{what}: max |logit diff| {diff:.2e} (logits up to '
         f'{np.abs(theirs).max():.1f})')
   np.testing.assert_allclose(ours, theirs, rtol=TOL, atol=TOL, err_msg=what)
+  if base is not None:  # the adapter changes the output far beyond that
+    effect = float(np.abs(theirs - np.asarray(base, np.float64)).max())
+    print(f'{what}: the adapter moves logits by up to {effect:.2f}')
+    assert effect > 1e-2, effect
 
 
 # ---- lorajax -> PEFT -------------------------------------------------------------
@@ -132,7 +157,7 @@ def test_minilm_export_loads_in_peft(torch_mods, torch_bert, tmp_path):
   model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_bert), tmp_path)
   theirs = _peer_logits(torch, model.eval(), input_ids=BERT_IDS,
                         attention_mask=BERT_MASK)
-  _close(ours, theirs, 'MiniLM lorajax->PEFT')
+  _close(ours, theirs, 'MiniLM lorajax->PEFT', _base_logits('minilm'))
 
 
 def test_smollm2_export_loads_in_peft(torch_mods, torch_llama, tmp_path):
@@ -152,9 +177,7 @@ def test_smollm2_export_loads_in_peft(torch_mods, torch_llama, tmp_path):
   peft_format.export_peft(tmp_path, config, spec, adapters, params)
   model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_llama), tmp_path)
   theirs = _peer_logits(torch, model.eval(), input_ids=LLAMA_IDS)
-  base = jax.jit(apply_fn)(params, LLAMA_IDS)
-  assert np.abs(theirs - base).max() > 0.1   # the adapter matters
-  _close(ours, theirs, 'SmolLM2 lorajax->PEFT')
+  _close(ours, theirs, 'SmolLM2 lorajax->PEFT', _base_logits('smollm2'))
 
 
 # ---- PEFT -> lorajax -------------------------------------------------------------
@@ -176,7 +199,7 @@ def test_peft_minilm_adapter_imports(torch_mods, torch_bert, tmp_path):
   assert set(imported.trained) == {'classifier'}
   ours = jax.jit(lorajax.lora(apply_fn, imported.spec))(
       imported.params_for(params), imported.adapters, BERT_IDS, BERT_MASK)
-  _close(ours, theirs, 'MiniLM PEFT->lorajax')
+  _close(ours, theirs, 'MiniLM PEFT->lorajax', _base_logits('minilm'))
 
 
 def test_peft_smollm2_adapter_imports(torch_mods, torch_llama, tmp_path):
@@ -198,7 +221,39 @@ def test_peft_smollm2_adapter_imports(torch_mods, torch_llama, tmp_path):
                                            use_rslora=True)
   ours = jax.jit(lorajax.lora(apply_fn, imported.spec))(
       params, imported.adapters, LLAMA_IDS)
-  _close(ours, theirs, 'SmolLM2 PEFT->lorajax')
+  _close(ours, theirs, 'SmolLM2 PEFT->lorajax', _base_logits('smollm2'))
+
+
+def test_dora_both_ways_minilm(torch_mods, torch_bert, tmp_path):
+  torch, _, peft = torch_mods
+  config, params, apply_fn = _minilm()
+  spec = LoraSpec([(r'.*/attention/(query|value)/kernel',
+                    dora.Dora(rank=4, alpha=8)), (r'.*', 'freeze')])
+  adapters = _randomize(lorajax.init(spec, params, jax.random.key(1)), 6, 0.05)
+  ours = jax.jit(lorajax.lora(apply_fn, spec))(params, adapters, BERT_IDS,
+                                              BERT_MASK)
+  peft_format.export_peft(tmp_path / 'out', config, spec, adapters, params)
+  model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_bert),
+                                         tmp_path / 'out')
+  theirs = _peer_logits(torch, model.eval(), input_ids=BERT_IDS,
+                        attention_mask=BERT_MASK)
+  _close(ours, theirs, 'MiniLM DoRA lorajax->PEFT', _base_logits('minilm'))
+  torch.manual_seed(1)
+  cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['query', 'value'],
+                        use_dora=True, init_lora_weights=False)
+  model = peft.get_peft_model(copy.deepcopy(torch_bert), cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'lora_magnitude' in name:
+        p.mul_(1.1)
+  model.save_pretrained(str(tmp_path / 'in'))
+  theirs = _peer_logits(torch, model, input_ids=BERT_IDS,
+                        attention_mask=BERT_MASK)
+  imported = peft_format.import_peft(tmp_path / 'in', config, params)
+  assert isinstance(imported.spec.rules[0][1], dora.Dora)
+  ours = jax.jit(lorajax.lora(apply_fn, imported.spec))(
+      params, imported.adapters, BERT_IDS, BERT_MASK)
+  _close(ours, theirs, 'MiniLM DoRA PEFT->lorajax', _base_logits('minilm'))
 
 
 def test_merged_minilm_checkpoint_loads_in_transformers(torch_mods, tmp_path):
@@ -214,7 +269,7 @@ def test_merged_minilm_checkpoint_loads_in_transformers(torch_mods, tmp_path):
                         attention_mask=BERT_MASK)
   ours = jax.jit(lorajax.lora(apply_fn, spec))(params, adapters, BERT_IDS,
                                               BERT_MASK)
-  _close(ours, theirs, 'MiniLM merged checkpoint')
+  _close(ours, theirs, 'MiniLM merged checkpoint', _base_logits('minilm'))
 
 
 # ---- without the peer: formats and bad input ------------------------------------
@@ -251,14 +306,14 @@ Q = 'base_model.model.bert.encoder.layer.0.attention.self.query'
 
 @pytest.mark.parametrize('config,tensors,match', [
     (dict(LORA_CFG, peft_type='IA3'), {}, "peft_type 'IA3' is not supported"),
-    (dict(LORA_CFG, use_dora=True), {}, 'use_dora=True is not supported'),
+    (dict(LORA_CFG, use_dora=True), {}, r'needs .*magnitude.*use_dora=True'),
     (dict(LORA_CFG, bias='all'), {}, "bias='all' is not supported"),
     (LORA_CFG, {'base_model.model.bert.embeddings.word_embeddings.'
                 'lora_embedding_A': A}, 'embedding LoRA'),
     (LORA_CFG, {'base_model.model.bert.embeddings.LayerNorm.lora_A.weight': A,
                 'base_model.model.bert.embeddings.LayerNorm.lora_B.weight': B},
      "'bert.embeddings.LayerNorm' is not a Linear kernel"),
-    (LORA_CFG, {f'{Q}.lora_A.weight': A}, 'needs both lora_A and lora_B'),
+    (LORA_CFG, {f'{Q}.lora_A.weight': A}, r"has \['lora_A'\] but needs"),
     (dict(LORA_CFG, r=8), {f'{Q}.lora_A.weight': A, f'{Q}.lora_B.weight': B},
      'rank 2 but the config says r=8'),
 ], ids=['ia3', 'dora', 'bias', 'embedding', 'layernorm', 'half', 'rank'])
@@ -285,8 +340,13 @@ def test_export_refuses_what_peft_lora_cannot_say(tmp_path):
                            num_heads=2, intermediate_size=32, max_position=16)
   params = jax.jit(bert.Bert(config).init)(
       jax.random.key(0), jnp.ones((1, 4), jnp.int32))['params']
-  spec = LoraSpec([(r'.*/query/kernel', dora.Dora(rank=2)), ('.*', 'freeze')])
-  with pytest.raises(peft_format.PeftFormatError, match='Dora adapters cannot'):
+  spec = LoraSpec([(r'.*/query/kernel', qlora.Quantized()), ('.*', 'freeze')])
+  with pytest.raises(peft_format.PeftFormatError,
+                     match='Quantized adapters cannot'):
+    peft_format.export_peft(tmp_path, config, spec, {}, params)
+  spec = LoraSpec([(r'.*/query/kernel', dora.Dora(rank=2)),
+                   (r'.*/value/kernel', Lora(rank=2)), ('.*', 'freeze')])
+  with pytest.raises(peft_format.PeftFormatError, match='use_dora'):
     peft_format.export_peft(tmp_path, config, spec, {}, params)
   spec = LoraSpec([(r'.*/query/kernel', Lora(rank=2)),
                    (r'.*/query/bias', 'train'), ('.*', 'freeze')])

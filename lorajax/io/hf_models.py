@@ -75,6 +75,12 @@ class HfModel:
     """HF module name of a Flax path (the key without ``.weight``/``.bias``)."""
     return self.keys[path].rsplit('.', 1)[0]
 
+  def head_paths(self) -> list[str]:
+    """Flax paths of the task head PEFT saves whole (``modules_to_save``)."""
+    if self.task_type == 'SEQ_CLS':
+      return [p for p in self.keys if p.startswith('classifier/')]
+    return []
+
   def kernel_modules(self) -> dict[str, str]:
     """HF module name -> Flax kernel path, for every Linear of the model."""
     return {self.module_of(p): p for p in self.keys if self.is_kernel(p)}

@@ -6,13 +6,15 @@ A PEFT LoRA directory holds ``adapter_config.json`` and
 ``...lora_B.weight`` (``b.T``, ``[out, r]``); modules trained outright (a
 classifier head) are stored whole as ``base_model.model.<HF module>.weight``
 and listed in ``modules_to_save``. The config gives ``r``, ``lora_alpha``,
-``use_rslora`` (scale ``alpha/sqrt(r)``), per-module ``rank_pattern`` /
-``alpha_pattern`` and ``target_modules``.
+``use_rslora`` (scale ``alpha/sqrt(r)``), ``use_dora`` (then each module also
+has ``lora_magnitude_vector``, DoRA's ``m`` ``[out]``), per-module
+``rank_pattern`` / ``alpha_pattern`` and ``target_modules``.
 
-``export_peft`` writes lorajax ``Lora`` adapters of the shipped BERT and Llama
-models in that form; ``import_peft`` reads such a directory into a spec,
-adapters and trained leaves. What PEFT can say and lorajax cannot (another
-method, DoRA, LoRA on embeddings, biases) is an error that names it.
+``export_peft`` writes lorajax ``Lora`` (or ``Dora``) adapters of the shipped
+BERT and Llama models in that form; ``import_peft`` reads such a directory
+into a spec, adapters and trained leaves. What PEFT can say and lorajax
+cannot (another method, LoRA on embeddings, LoRA biases) is an error that
+names it.
 
 Example:
 
@@ -37,6 +39,7 @@ from lorajax import spec as spec_lib
 from lorajax import spec_paths
 from lorajax.io import adapter_files
 from lorajax.io import hf_models
+from lorajax.methods import dora as dora_lib
 from lorajax.methods import lora as lora_lib
 
 PyTree = Any
@@ -45,7 +48,7 @@ WEIGHTS_FILE = 'adapter_model.safetensors'
 PREFIX = 'base_model.model.'
 # Config fields that change what a LoRA adapter computes and that lorajax's
 # Lora does not implement: (field, value that is fine).
-_MUST_BE = (('use_dora', False), ('fan_in_fan_out', False), ('bias', 'none'),
+_MUST_BE = (('fan_in_fan_out', False), ('bias', 'none'),
             ('lora_bias', False), ('layer_replication', None),
             ('target_parameters', None), ('trainable_token_indices', None),
             ('use_qalora', False), ('use_bdlora', None))
@@ -123,14 +126,18 @@ def export_peft(directory: str | pathlib.Path, config: Any,
   resolution = spec_lib.resolve(spec, params)
   providers = {}
   for path, provider in resolution.adapted.items():
-    if not isinstance(provider, lora_lib.Lora):
+    if not isinstance(provider, (lora_lib.Lora, dora_lib.Dora)):
       raise PeftFormatError(
           f'{path}: {type(provider).__name__} adapters cannot be written as '
-          f'PEFT LoRA; only Lora (and QLora) adapters are exported')
+          f'PEFT LoRA; only Lora (QLora) and Dora adapters are exported')
     providers[path] = provider
-  if len({p.use_rslora for p in providers.values()}) > 1:
-    raise PeftFormatError('PEFT has one use_rslora setting per adapter; this '
-                          'spec mixes both')
+  for what, values in (
+      ('use_rslora', {p.use_rslora for p in providers.values()}),
+      ('use_dora', {isinstance(p, dora_lib.Dora) for p in providers.values()})):
+    if len(values) > 1:
+      raise PeftFormatError(f'PEFT has one {what} setting per adapter; this '
+                            f'spec mixes both')
+  use_dora = any(isinstance(p, dora_lib.Dora) for p in providers.values())
   flat_ad = dict(spec_lib.flatten_paths(hf.unscan(adapters)))
   trained = set(resolution.trained)
   tensors, targets = {}, {}
@@ -147,9 +154,14 @@ def export_peft(directory: str | pathlib.Path, config: Any,
                               f'{b.shape} are not 2-D')
       tensors[f'{PREFIX}{module}.lora_A.weight'] = np.ascontiguousarray(a.T)
       tensors[f'{PREFIX}{module}.lora_B.weight'] = np.ascontiguousarray(b.T)
+      if use_dora:
+        tensors[f'{PREFIX}{module}.lora_magnitude_vector'] = np.asarray(
+            flat_ad[f'{layer_path}/m'], np.float32).reshape(-1)
       alpha = provider.rank if provider.alpha is None else provider.alpha
       targets[module] = (provider.rank, alpha, provider.dropout)
-  saved = set()
+  # PEFT's sequence-classification wrapper always saves (and expects) the
+  # head, trained or not.
+  saved = {hf.module_of(p) for p in hf.head_paths()}
   for path in trained:
     for layer_path in _unscanned_paths(hf, path):
       module = hf.module_of(layer_path)
@@ -177,7 +189,7 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       'alpha_pattern': {m: t[1] for m, t in targets.items() if t[1] != alpha},
       'use_rslora': bool(providers and next(iter(
           providers.values())).use_rslora),
-      'use_dora': False, 'fan_in_fan_out': False, 'bias': 'none',
+      'use_dora': use_dora, 'fan_in_fan_out': False, 'bias': 'none',
       'modules_to_save': sorted(saved) or None, 'inference_mode': True,
       'init_lora_weights': True, 'layers_to_transform': None,
       'layers_pattern': None, 'revision': None,
@@ -258,13 +270,15 @@ def import_peft(directory: str | pathlib.Path, config: Any,
   lora, saved = collections.defaultdict(dict), {}
   for key, value in tensors.items():
     name = key.removeprefix(PREFIX)
-    m = re.fullmatch(r'(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight', name)
+    m = (re.fullmatch(r'(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight', name)
+         or re.fullmatch(r'(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?'
+                         r'(?:\.weight)?', name))
     if m:
       lora[m.group(1)][m.group(2)] = np.asarray(value, np.float32)
-    elif re.search(r'lora_embedding_|lora_magnitude|\.lora_', name):
+    elif re.search(r'lora_embedding_|\.lora_', name):
       raise PeftFormatError(
           f'{directory / WEIGHTS_FILE}: tensor {key!r} is not a LoRA factor '
-          f'of a Linear layer (embedding LoRA, DoRA and others are not '
+          f'of a Linear layer (embedding LoRA and others are not '
           f'supported)')
     elif name in by_key:
       saved[by_key[name]] = np.asarray(value, np.float32)
@@ -274,15 +288,18 @@ def import_peft(directory: str | pathlib.Path, config: Any,
           f'factor nor a parameter of {hf.architecture}')
   adapters, groups = {}, collections.defaultdict(list)
   use_rslora = bool(cfg.get('use_rslora', False))
+  use_dora = bool(cfg.get('use_dora', False))
+  want = {'lora_A', 'lora_B'} | ({'lora_magnitude_vector'} if use_dora
+                                 else set())
   for module, pair in sorted(lora.items()):
     if module not in modules:
       raise PeftFormatError(
           f'target module {module!r} is not a Linear kernel of lorajax\'s '
           f'{hf.architecture} (LoRA on embeddings or tied heads is not '
           f'supported); kernels: {sorted(modules)[:6]} ...')
-    if set(pair) != {'lora_A', 'lora_B'}:
-      raise PeftFormatError(f'{module}: has {sorted(pair)} but needs both '
-                            f'lora_A and lora_B')
+    if set(pair) != want:
+      raise PeftFormatError(f'{module}: has {sorted(pair)} but needs '
+                            f'{sorted(want)} (use_dora={use_dora})')
     a, b = pair['lora_A'].T, pair['lora_B'].T
     path = modules[module]
     r = a.shape[1]
@@ -295,7 +312,10 @@ def import_peft(directory: str | pathlib.Path, config: Any,
                             f'says r={r_cfg}')
     alpha = _pattern_value(cfg.get('alpha_pattern') or {}, module,
                            cfg.get('lora_alpha', r))
-    spec_lib.set_by_path(adapters, path, {'a': a, 'b': b})
+    ad = {'a': a, 'b': b}
+    if use_dora:
+      ad['m'] = pair['lora_magnitude_vector'].reshape(b.shape[1:])
+    spec_lib.set_by_path(adapters, path, ad)
     groups[(r, float(alpha))].append(path)
   if not adapters:
     raise PeftFormatError(f'{directory / WEIGHTS_FILE} holds no LoRA factors')
@@ -304,9 +324,10 @@ def import_peft(directory: str | pathlib.Path, config: Any,
     spec_lib.set_by_path(trained, path, value.T if hf.is_kernel(path)
                          else value)
   universe = sorted(hf.keys)
+  method = dora_lib.Dora if use_dora else lora_lib.Lora
   rules = [(spec_paths.exact_regex(paths, universe),
-            lora_lib.Lora(rank=r, alpha=alpha, use_rslora=use_rslora,
-                          dropout=float(cfg.get('lora_dropout') or 0.0)))
+            method(rank=r, alpha=alpha, use_rslora=use_rslora,
+                   dropout=float(cfg.get('lora_dropout') or 0.0)))
            for (r, alpha), paths in sorted(groups.items())]
   if saved:
     rules.append((spec_paths.exact_regex(saved, universe), spec_lib.TRAIN))
