@@ -8,7 +8,8 @@ Run:
   python -m experiments.train --config configs/rt_minilm_head.py \
       --workdir /tmp/lorajax_head
 
-Expected: test accuracy about 0.75, clearly below LoRA.
+Expected (measured): validation accuracy 0.786, test accuracy 0.746, about 7
+points below LoRA.
 """
 
 from lorajax.training import config as config_lib

@@ -4,12 +4,13 @@ Rank-8 adapters (alpha 16) on every attention query and value kernel, and a
 new 2-way classifier on the mean-pooled tokens; the 22.7M base parameters stay
 frozen (75k trained, 0.33%).
 
-Run (about 8 minutes on a 2-core CPU):
+Run (5 CPU-minutes of compute; about 6 minutes on an idle 2-core machine):
 
   python -m experiments.train --config configs/rt_minilm_lora.py \
       --workdir /tmp/lorajax_main
 
-Expected: test accuracy about 0.81, adapter checkpoint about 300 KB.
+Expected (measured): validation accuracy 0.838, test accuracy 0.815; the
+adapter checkpoint (trainable/) is 291 KB, 881 KB with the optimizer state.
 
 ``--config configs/rt_minilm_lora.py:smoke`` shrinks it to a tiny random
 model and a few steps (seconds; for tests).

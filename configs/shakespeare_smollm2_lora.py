@@ -5,12 +5,13 @@ layers; windows of 128 tokens packed from the plays (split by play).
 Validation perplexity on a fixed slice is measured before the first step and
 after training.
 
-Run (about 8 minutes on a 2-core CPU):
+Run (about 4.5 CPU-minutes of compute):
 
   python -m experiments.train --config configs/shakespeare_smollm2_lora.py \
       --workdir /tmp/lorajax_shakespeare
 
-Expected: validation perplexity falls from about 40 to about 30.
+Expected (measured): validation perplexity 61.7 before the first step, 41.7
+after 40 steps and 40.5 after 80 (test 40.3); adapter 1.7 MB.
 """
 
 from lorajax.training import config as config_lib
