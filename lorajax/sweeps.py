@@ -293,13 +293,22 @@ def _record(run: Run) -> dict[str, Any]:
           'command': run.command(), 'config': flat_config(run.config)}
 
 
-def check_existing(runs: Sequence[Run]) -> None:
-  """Raises ValueError if a workdir was made by a different config.
+def check_existing(runs: Sequence[Run]) -> list[str]:
+  """Checks that each existing workdir was made by the config it gets now.
 
-  A finished run is skipped and an interrupted one resumed only when its
-  recorded config equals the one it would get now; otherwise the sweep
-  stops before launching anything and names the run and the fields.
+  A finished run is skipped and an unfinished one resumed only when every
+  field its recorded config shares with the current one has the same value.
+  Fields added to (or removed from) the configs since then do not count:
+  code that adds a field keeps the old behaviour as its default.
+
+  Returns:
+    Notes naming the added and removed fields, one per run that has any.
+
+  Raises:
+    ValueError: naming the run and the fields whose values differ, before
+      anything is launched.
   """
+  notes = []
   for run in runs:
     path = os.path.join(run.workdir, RUN_FILE)
     if not os.path.isfile(path):
@@ -307,13 +316,18 @@ def check_existing(runs: Sequence[Run]) -> None:
     with open(path, encoding='utf-8') as f:
       old = json.load(f)['config']
     new = flat_config(run.config)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff = sorted(k for k in set(old) & set(new) if old[k] != new[k])
     if diff:
-      shown = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
-                        for k in diff[:5])
+      shown = ', '.join(f'{k}: {old[k]!r} -> {new[k]!r}' for k in diff[:5])
       raise ValueError(f'run {run.name}: {run.workdir} was made with a '
                        f'different config ({shown}); use another sweep '
                        'workdir or remove that run')
+    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    if added or removed:
+      notes.append(f'run {run.name}: config fields added since it was made: '
+                   f'{", ".join(added) or "none"}; removed: '
+                   f'{", ".join(removed) or "none"}')
+  return notes
 
 
 Launcher = Callable[[Run], int]
@@ -391,7 +405,8 @@ def run_sweep(runs: Sequence[Run], sweep_dir: str, *,
     ValueError: from ``check_existing``, before any run is launched.
     RuntimeError: another sweep process holds the folder.
   """
-  check_existing(runs)
+  for note in check_existing(runs):
+    echo(note)
   os.makedirs(sweep_dir, exist_ok=True)
   with _lock(sweep_dir):
     with open(os.path.join(sweep_dir, SWEEP_FILE), 'w', encoding='utf-8') as f:

@@ -184,6 +184,22 @@ def test_changed_config_is_an_error_before_any_run(tmp_path):
   assert not trainer.calls
 
 
+def test_fields_added_to_the_config_since_do_not_block(tmp_path):
+  runs = sweeps.expand(SMOKE, str(tmp_path))
+  sweeps.run_sweep(runs[:1], str(tmp_path), launcher=FakeTrainer(),
+                   echo=lambda s: None)
+  path = os.path.join(runs[0].workdir, sweeps.RUN_FILE)
+  with open(path) as f:
+    record = json.load(f)
+  del record['config']['lora.dropout']  # As if written before it existed.
+  with open(path, 'w') as f:
+    json.dump(record, f)
+  lines, trainer = [], FakeTrainer()
+  assert sweeps.run_sweep(runs[:1], str(tmp_path), launcher=trainer,
+                          echo=lines.append) == {runs[0].name: 'skipped'}
+  assert 'fields added since it was made: lora.dropout' in lines[0]
+
+
 def test_one_sweep_process_per_folder(tmp_path):
   runs = sweeps.expand(SMOKE, str(tmp_path))
   inner = []
