@@ -302,13 +302,13 @@ def check_existing(runs: Sequence[Run]) -> list[str]:
   code that adds a field keeps the old behaviour as its default.
 
   Returns:
-    Notes naming the added and removed fields, one per run that has any.
+    Notes naming the added and removed fields (one per distinct change).
 
   Raises:
     ValueError: naming the run and the fields whose values differ, before
       anything is launched.
   """
-  notes = []
+  changes: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {}
   for run in runs:
     path = os.path.join(run.workdir, RUN_FILE)
     if not os.path.isfile(path):
@@ -322,12 +322,14 @@ def check_existing(runs: Sequence[Run]) -> list[str]:
       raise ValueError(f'run {run.name}: {run.workdir} was made with a '
                        f'different config ({shown}); use another sweep '
                        'workdir or remove that run')
-    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    added = tuple(sorted(set(new) - set(old)))
+    removed = tuple(sorted(set(old) - set(new)))
     if added or removed:
-      notes.append(f'run {run.name}: config fields added since it was made: '
-                   f'{", ".join(added) or "none"}; removed: '
-                   f'{", ".join(removed) or "none"}')
-  return notes
+      changes.setdefault((added, removed), []).append(run.name)
+  return [f'note: config fields added since {len(names)} run(s) were made '
+          f'({names[0]}, ...): {", ".join(added) or "none"}; removed: '
+          f'{", ".join(removed) or "none"}'
+          for (added, removed), names in changes.items()]
 
 
 Launcher = Callable[[Run], int]

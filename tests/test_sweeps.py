@@ -197,7 +197,8 @@ def test_fields_added_to_the_config_since_do_not_block(tmp_path):
   lines, trainer = [], FakeTrainer()
   assert sweeps.run_sweep(runs[:1], str(tmp_path), launcher=trainer,
                           echo=lines.append) == {runs[0].name: 'skipped'}
-  assert 'fields added since it was made: lora.dropout' in lines[0]
+  assert 'fields added since 1 run(s) were made' in lines[0]
+  assert lines[0].endswith(': lora.dropout; removed: none')
 
 
 def test_one_sweep_process_per_folder(tmp_path):
