@@ -4,7 +4,7 @@ Every file in ``configs/`` starts from ``base_config(task)`` and changes a few
 fields, so each config reads as the handful of choices that define its run.
 The spec is data in the config, not code:
 
-  config.method = 'lora'                  # 'lora' | 'full' | 'head'
+  config.method = 'lora'                  # one of METHODS
   config.lora.targets = r'.*/attention/(query|value)/kernel'
   config.train_rules = r'classifier/.*'   # also trained (the new head)
   config.frozen_rules = r'pooler/.*'      # never trained, even by 'full'
@@ -26,7 +26,14 @@ from ml_collections import config_dict
 
 import lorajax
 
-METHODS = ('lora', 'full', 'head')
+METHODS = ('lora', 'dora', 'qlora', 'bottleneck', 'prompt', 'prefix', 'full',
+           'head')
+# Methods whose adapters come from the config.lora fields.
+LOW_RANK_METHODS = ('lora', 'dora', 'qlora')
+# Methods that train a 'prompts' tree (lorajax.methods.prompts).
+PROMPT_METHODS = ('prompt', 'prefix')
+# The bottleneck rule helpers' name of each model.
+_ARCH = {'minilm': 'bert', 'smollm2': 'llama'}
 TASKS = ('classification', 'lm')
 MODES = ('jit', 'pmap', 'mesh')  # See lorajax.training.parallel.
 
@@ -78,8 +85,10 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.model.pooling = 'mean'
 
   # The rules: method, adapter targets, extra trained and frozen leaves.
-  # 'lora' (adapters + train_rules), 'full' (every leaf but frozen_rules) or
-  # 'head' (only train_rules).
+  # 'lora', 'dora' or 'qlora' (adapters on lora.targets + train_rules),
+  # 'bottleneck' (adapters after output projections + train_rules),
+  # 'prompt' or 'prefix' (learned virtual tokens + train_rules), 'full'
+  # (every leaf but frozen_rules) or 'head' (only train_rules).
   c.method = 'lora'
   c.lora = config_dict.ConfigDict()
   # Regex over parameter paths of the kernels that get adapters.
@@ -94,6 +103,34 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.lora.rslora = False
   # Dropout on the adapter input.
   c.lora.dropout = 0.0
+  # Format of the frozen base under method 'qlora': 'nf4' (4-bit NormalFloat,
+  # double-quantized block scales) or 'int8' (one scale per output unit).
+  c.quant = 'nf4'
+  # Regex of the other frozen kernels stored quantized under 'qlora' (the
+  # lora.targets kernels always are); '' for the adapted kernels only. It
+  # must match a kernel that lora.targets does not.
+  c.quant_targets = (r'encoder/layer_\d+/.*/kernel'
+                     if task == 'classification'
+                     else r'layers_\d+/(attn|mlp)/\w+_proj/kernel')
+  c.bottleneck = config_dict.ConfigDict()
+  # Width of every bottleneck adapter.
+  c.bottleneck.size = 64
+  # Activation between the down and up projection ('relu', 'gelu', ...).
+  c.bottleneck.act = 'relu'
+  # 'houlsby' (after the attention output and the FFN output of every
+  # layer) or 'pfeiffer' (after the FFN output only).
+  c.bottleneck.style = 'pfeiffer'
+  c.prompt = config_dict.ConfigDict()
+  # Learned virtual input tokens prepended to the embeddings ('prompt').
+  c.prompt.num_tokens = 20
+  # Start them as embeddings of random vocabulary tokens (else N(0, 0.02)).
+  c.prompt.init_from_vocab = True
+  c.prefix = config_dict.ConfigDict()
+  # Learned key/value positions prepended in every layer ('prefix').
+  c.prefix.num_tokens = 16
+  # Width of the MLP that reparameterizes the prefix during training (folded
+  # into the plain prefix at the end); 0 trains the prefix directly.
+  c.prefix.mlp_hidden = 0
   # Regex of leaves trained as they are (besides adapters); '' for none.
   c.train_rules = r'classifier/.*' if task == 'classification' else ''
   # Regex of leaves that no method trains; '' for none.
@@ -164,10 +201,13 @@ def make_spec(config: config_dict.ConfigDict) -> lorajax.LoraSpec:
   """The ``LoraSpec`` of ``config.method`` and its rules.
 
   ``frozen_rules`` come first, then the method's rules, then a catch-all
-  ``freeze`` (``full`` ends with a catch-all ``train`` instead).
+  ``freeze`` (``full`` ends with a catch-all ``train`` instead). ``prompt``
+  and ``prefix`` add no rule: what they train is the task's ``prompts``
+  tree.
 
   Raises:
-    ValueError: for an unknown method, or ``head`` without ``train_rules``.
+    ValueError: for an unknown method or bottleneck style, or ``head``
+      without ``train_rules``.
   """
   method = config.method
   if method not in METHODS:
@@ -177,17 +217,47 @@ def make_spec(config: config_dict.ConfigDict) -> lorajax.LoraSpec:
     rules.append((config.frozen_rules, lorajax.FREEZE))
   if method == 'full':
     return lorajax.LoraSpec(rules + [(r'.*', lorajax.TRAIN)])
-  if method == 'lora':
-    rules.append((config.lora.targets, lorajax.Lora(
-        rank=int(config.lora.rank), alpha=float(config.lora.alpha),
-        use_rslora=bool(config.lora.rslora),
-        dropout=float(config.lora.dropout))))
-  elif not config.train_rules:
+  if method in LOW_RANK_METHODS:
+    rules.extend(_low_rank_rules(config))
+  elif method == 'bottleneck':
+    rules.extend(_bottleneck_rules(config))
+  elif method == 'head' and not config.train_rules:
     raise ValueError("config.method='head' trains only config.train_rules, "
                      'which is empty')
   if config.train_rules:
     rules.append((config.train_rules, lorajax.TRAIN))
   return lorajax.LoraSpec(rules + [(r'.*', lorajax.FREEZE)])
+
+
+def _low_rank_rules(config: config_dict.ConfigDict) -> list[tuple[str, Any]]:
+  """The ``lora``/``dora``/``qlora`` rules of ``config.lora``."""
+  kw = dict(rank=int(config.lora.rank), alpha=float(config.lora.alpha),
+            use_rslora=bool(config.lora.rslora),
+            dropout=float(config.lora.dropout))
+  if config.method == 'lora':
+    return [(config.lora.targets, lorajax.Lora(**kw))]
+  if config.method == 'dora':
+    return [(config.lora.targets, lorajax.Dora(**kw))]
+  rules = [(config.lora.targets, lorajax.QLora(quant=config.quant, **kw))]
+  if config.quant_targets:
+    rules.append((config.quant_targets, lorajax.Quantized(config.quant)))
+  return rules
+
+
+def _bottleneck_rules(config: config_dict.ConfigDict
+                      ) -> list[tuple[str, Any]]:
+  """Houlsby or Pfeiffer rules of ``config.bottleneck`` for the model."""
+  b = config.bottleneck
+  styles = {'houlsby': lorajax.houlsby_rules,
+            'pfeiffer': lorajax.pfeiffer_rules}
+  if b.style not in styles:
+    raise ValueError(f'config.bottleneck.style={b.style!r}; expected one of '
+                     f'{sorted(styles)}')
+  if config.model.name not in _ARCH:
+    raise ValueError(f'config.model.name={config.model.name!r} has no '
+                     f'bottleneck paths; known: {sorted(_ARCH)}')
+  return styles[b.style](int(b.size), b.act,
+                         model=_ARCH[config.model.name])
 
 
 def spec_to_json(spec: lorajax.LoraSpec) -> list[list[str]]:
