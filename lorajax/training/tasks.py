@@ -37,6 +37,7 @@ import lorajax
 from lorajax import assets
 from lorajax.data import sources
 from lorajax.data import text
+from lorajax.methods import prompts as prompts_lib
 from lorajax.models import bert
 from lorajax.models import bert_loading
 from lorajax.models import bert_tokenizer
@@ -67,6 +68,9 @@ class Task:
     metric: the headline metric: ``'accuracy'`` (higher is better) or
       ``'perplexity'`` (lower is better).
     tokens_key: the batch entry whose sum counts real tokens.
+    prompts: the learned virtual tokens of ``prompt``/``prefix`` tuning
+      (``lorajax.methods.prompts``), trained as ``trainable['prompts']``;
+      ``{}`` for other methods.
   """
   kind: str
   spec: lorajax.LoraSpec
@@ -78,11 +82,16 @@ class Task:
   model_info: dict[str, Any]
   metric: str
   tokens_key: str
+  prompts: PyTree = dataclasses.field(default_factory=dict)
 
   def split_params(self) -> tuple[PyTree, PyTree]:
-    """``(trainable, frozen)``: ``{'adapters', 'params'}`` and the base."""
+    """``(trainable, frozen)``: ``{'adapters', 'params'[, 'prompts']}`` and
+    the base (quantized kernels stay in the frozen base)."""
     train, frozen = lorajax.partition(self.params, self.spec)
-    return {'adapters': self.adapters, 'params': train}, frozen
+    trainable = {'adapters': self.adapters, 'params': train}
+    if self.prompts:
+      trainable['prompts'] = self.prompts
+    return trainable, frozen
 
   @property
   def higher_is_better(self) -> bool:
@@ -100,19 +109,59 @@ def summarize(stats: dict[str, float]) -> dict[str, float]:
   return out
 
 
+def _prompt_inputs(trainable: PyTree) -> dict[str, jax.Array]:
+  """``prompt=``/``prefix=`` model arguments of ``trainable['prompts']``."""
+  return prompts_lib.model_inputs(trainable.get('prompts'))
+
+
+def init_prompts(config, model_config: Any, embedding: jax.Array
+                 ) -> PyTree:
+  """The ``prompts`` tree of ``config.method`` (``{}`` for other methods).
+
+  Args:
+    config: the run config (``prompt.*``, ``prefix.*``, ``seed``).
+    model_config: a ``BertConfig`` or ``LlamaConfig``.
+    embedding: the word embedding table ``[vocab, hidden]``, to start the
+      prompt from (``prompt.init_from_vocab``).
+  """
+  key = jax.random.key(config.seed + 2)
+  make = (prompts_lib.for_bert if config.task == 'classification'
+          else prompts_lib.for_llama)
+  if config.method == 'prompt':
+    return make(model_config, key, n_prompt=int(config.prompt.num_tokens),
+                embedding=(embedding if config.prompt.init_from_vocab
+                           else None))
+  if config.method == 'prefix':
+    return make(model_config, key, n_prefix=int(config.prefix.num_tokens),
+                mlp_hidden=int(config.prefix.mlp_hidden) or None)
+  return {}
+
+
+def _quantized(config, params: PyTree, spec: lorajax.LoraSpec) -> PyTree:
+  """``params`` with the kernels of a ``qlora`` spec quantized."""
+  if config.method != 'qlora':
+    return params
+  params = lorajax.quantize_params(params, spec)
+  logging.info('qlora: frozen base %d bytes with %s kernels',
+               lorajax.quantized_nbytes(params), config.quant)
+  return params
+
+
 # ---- classification ---------------------------------------------------
 
 
 def classifier_apply(module: bert.Bert, pooling: str):
-  """``apply(p, batch, *, train, rng) -> logits [B, C]`` for a ``Bert``."""
+  """``apply(p, batch, *, train, rng, **inputs) -> logits [B, C]`` for a
+  ``Bert``; ``inputs`` are its ``prompt=``/``prefix=`` arguments."""
   if pooling not in ('mean', 'cls'):
     raise ValueError(f"pooling={pooling!r}; expected 'mean' or 'cls'")
 
-  def apply(p, batch, *, train=False, rng=None):
+  def apply(p, batch, *, train=False, rng=None, **inputs):
     out = module.apply({'params': p}, batch['input_ids'],
                        batch['attention_mask'], batch['token_type_ids'],
                        deterministic=not train,
-                       rngs=None if rng is None else {'dropout': rng})
+                       rngs=None if rng is None else {'dropout': rng},
+                       **inputs)
     if pooling == 'cls':
       return out.logits
     pooled = bert.mean_pool(out.hidden, batch['attention_mask'])
@@ -131,7 +180,8 @@ def classification_loss(trainable, frozen, batch, rng, *, apply_fn):
   params = lorajax.combine(trainable['params'], frozen)
   model_rng, lora_rng = jax.random.split(rng)
   logits = apply_fn(params, trainable['adapters'], batch, train=True,
-                    rng=model_rng, lora_rng=lora_rng)
+                    rng=model_rng, lora_rng=lora_rng,
+                    **_prompt_inputs(trainable))
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
   correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
   stats = {'loss_sum': jnp.sum(ce), 'count': jnp.float32(ce.shape[0]),
@@ -142,7 +192,8 @@ def classification_loss(trainable, frozen, batch, rng, *, apply_fn):
 def classification_eval(trainable, frozen, batch, *, apply_fn):
   """Stats of a batch, padding rows (``valid`` False) weighted 0."""
   params = lorajax.combine(trainable['params'], frozen)
-  logits = apply_fn(params, trainable['adapters'], batch)
+  logits = apply_fn(params, trainable['adapters'], batch,
+                    **_prompt_inputs(trainable))
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
   w = _weights(batch, ce.shape[0])
   correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
@@ -187,6 +238,10 @@ def _classification(config) -> Task:
         config.data, f'{split}_split'), config.data.dir)
     data[split] = text.encode_source(src, tok, max_len=config.data.max_len)
   spec = config_lib.make_spec(config)
+  prompts = init_prompts(
+      config, module.config,
+      params['embeddings']['word_embeddings']['embedding'])
+  params = _quantized(config, params, spec)
   apply_fn = lorajax.lora(classifier_apply(module, config.model.pooling),
                           spec)
   adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1))
@@ -194,23 +249,25 @@ def _classification(config) -> Task:
               functools.partial(classification_loss, apply_fn=apply_fn),
               functools.partial(classification_eval, apply_fn=apply_fn),
               data, {'name': 'minilm', 'size': config.model.size, **arch},
-              'accuracy', 'attention_mask')
+              'accuracy', 'attention_mask', prompts)
 
 
 # ---- causal language modelling ----------------------------------------
 
 
 def lm_apply(module: llama.Llama):
-  """``apply(p, batch, *, train, rng) -> logits [B, T, V]`` for a ``Llama``."""
-  def apply(p, batch, *, train=False, rng=None):
+  """``apply(p, batch, *, train, rng, **inputs) -> logits [B, T, V]`` for a
+  ``Llama``; ``inputs`` are its ``prompt=``/``prefix=`` arguments."""
+  def apply(p, batch, *, train=False, rng=None, **inputs):
     del train, rng  # The decoder has no dropout.
-    return module.apply({'params': p}, batch['inputs'])
+    return module.apply({'params': p}, batch['inputs'], **inputs)
   return apply
 
 
 def _nll(apply_fn, trainable, frozen, batch, lora_rng):
   params = lorajax.combine(trainable['params'], frozen)
-  logits = apply_fn(params, trainable['adapters'], batch, lora_rng=lora_rng)
+  logits = apply_fn(params, trainable['adapters'], batch, lora_rng=lora_rng,
+                    **_prompt_inputs(trainable))
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
   mask = batch['mask'].astype(jnp.float32)
@@ -268,6 +325,8 @@ def _lm(config) -> Task:
                {s: len(d['inputs']) for s, d in data.items()},
                time.perf_counter() - start)
   spec = config_lib.make_spec(config)
+  prompts = init_prompts(config, cfg, params['embed']['embedding'])
+  params = _quantized(config, params, spec)
   apply_fn = lorajax.lora(lm_apply(module), spec)
   adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1))
   arch = {k: v for k, v in dataclasses.asdict(cfg).items()
@@ -276,7 +335,7 @@ def _lm(config) -> Task:
               functools.partial(lm_loss, apply_fn=apply_fn),
               functools.partial(lm_eval, apply_fn=apply_fn),
               data, {'name': 'smollm2', 'size': m.size, **arch},
-              'perplexity', 'mask')
+              'perplexity', 'mask', prompts)
 
 
 def build_task(config) -> Task:
