@@ -136,6 +136,8 @@ def format_summary(s: Mapping[str, Any]) -> str:
       f'checkpoint   adapter {human_bytes(s["adapter_bytes"])} (trainable/ '
       f'of step {s["checkpoint_step"]}), with optimizer '
       f'{human_bytes(s["checkpoint_bytes"])}',
+      *([f'prompts      {s["prompts_params"]:,d} params (folded) in '
+         f'{s["prompts_file"]}'] if s.get('prompts_file') else []),
       f'workdir      {s["workdir"]}',
       '=' * 64,
   ]

@@ -179,7 +179,8 @@ def param_specs(trainable: PyTree, frozen: PyTree, spec: spec_lib.LoraSpec,
   """Specs of the trainable tree and the frozen base.
 
   Args:
-    trainable: ``{'adapters': ..., 'params': ...}`` (arrays or shapes).
+    trainable: ``{'adapters': ..., 'params': ...}`` and optionally
+      ``'prompts'`` (replicated), arrays or shapes.
     frozen: the frozen base (quantized kernels are kept whole: replicated).
     spec: the spec that split them.
     model_size: size of the ``'model'`` mesh axis.
@@ -211,6 +212,8 @@ def param_specs(trainable: PyTree, frozen: PyTree, spec: spec_lib.LoraSpec,
   if 'params' in trainable:
     out['params'] = map_paths(plain, trainable['params'],
                               is_leaf=spec_lib.is_kernel_node)
+  if 'prompts' in trainable:  # Small and used whole by every layer.
+    out['prompts'] = jax.tree.map(lambda _: P(), trainable['prompts'])
   return out, map_paths(plain, frozen, is_leaf=spec_lib.is_kernel_node)
 
 

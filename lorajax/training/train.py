@@ -108,6 +108,25 @@ def _better(task: tasks.Task, new: dict[str, float],
   return new[task.metric] < best[task.metric]
 
 
+def export_prompts(workdir: str, trainable: PyTree) -> tuple[str | None, int]:
+  """Writes ``<workdir>/prompts.npz``: the trained prompts, MLP folded.
+
+  A prefix trained through its MLP reparameterization ships as the prefix
+  the MLP computes (``lorajax.prompts.fold``); the checkpoints keep the MLP
+  so that a run can resume.
+
+  Returns:
+    ``(path, number of parameters)``, or ``(None, 0)`` without prompts.
+  """
+  if not trainable.get('prompts'):
+    return None, 0
+  folded = jax.device_get(lorajax.prompts.fold(trainable['prompts']))
+  path = os.path.join(workdir, 'prompts.npz')
+  if jax.process_index() == 0:
+    np.savez(path, **{k: np.asarray(v) for k, v in folded.items()})
+  return path, lorajax.count(folded)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains and evaluates the run ``config`` describes, in ``workdir``.
 
@@ -135,7 +154,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   trainable, frozen = task.split_params()
   report = lorajax.trainable_report(task.spec, task.params, task.adapters)
   n_train = lorajax.count(trainable)
-  n_all = lorajax.count(task.params) + lorajax.count(task.adapters)
+  n_all = (lorajax.count(task.params) + lorajax.count(task.adapters)
+           + lorajax.count(task.prompts))
+  if task.prompts:
+    logging.info('prompts: %d trained parameters %s', lorajax.count(
+        task.prompts), ckpt_lib.tree_shapes(task.prompts))
   num_steps = int(config.num_train_steps)
   tx, schedule = optim.from_config(config.optim, num_steps)
   runner = parallel.runner_from_config(config, task, tx)
@@ -229,6 +252,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     test = evaluate(runner, state.trainable, frozen, task.data['test'],
                     **eval_kw)
     writer.write(num_steps, 'test', test)
+    prompts_file, prompts_params = export_prompts(
+        workdir, runner.to_host(runner.to_checkpoint(state).trainable))
   finally:
     bar.close()
     manager.wait_until_finished()
@@ -248,6 +273,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       'tokens_per_sec': tokens / max(train_time, 1e-9),
       'checkpoint_step': last,
       'adapter_bytes': ckpt_lib.item_size(ckpt_dir, last, 'trainable'),
+      # Prompt/prefix tuning: the folded prompts that ship, and their size.
+      'prompts_file': prompts_file, 'prompts_params': prompts_params,
       'checkpoint_bytes': sum(ckpt_lib.item_size(ckpt_dir, last, item)
                               for item in ckpt_lib.ITEMS),
       'workdir': workdir,
