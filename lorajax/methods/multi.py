@@ -15,6 +15,9 @@ Two ways to compute the low-rank path:
 - ``'dense'``: one product with all N adapters concatenated along the rank
   (``[in, N·r]``), mask by example, one product back: N times the FLOPs of
   ``'gather'`` in two large matrix products, faster on CPU for small N·r.
+- ``'auto'`` (default): ``'dense'`` while its low-rank FLOPs
+  ``2·(in + out)·N·r`` stay below the kernel's own ``in·out``, else
+  ``'gather'``. Decided per kernel from static shapes.
 
 The batch axis is the input's leading axis (as in Flax ``Dense`` on
 ``[B, ..., in]``).
@@ -42,7 +45,7 @@ from lorajax.methods import lora as lora_lib
 
 PyTree = Any
 CONTEXT_KEY = 'adapter_index'
-MODES = ('gather', 'dense')
+MODES = ('auto', 'gather', 'dense')
 
 
 def _indices(context: Any) -> jax.Array:
@@ -63,11 +66,11 @@ class MultiLora(spec_lib.Adapter):
   Attributes:
     num_adapters: N.
     rank: r, the (padded) rank shared by the N adapters.
-    mode: ``'gather'`` or ``'dense'`` (see the module docstring).
+    mode: ``'auto'``, ``'gather'`` or ``'dense'`` (see the module docstring).
   """
   num_adapters: int
   rank: int
-  mode: str = 'gather'
+  mode: str = 'auto'
 
   def __post_init__(self):
     if self.num_adapters < 1 or self.rank < 1:
@@ -112,7 +115,12 @@ class MultiLora(spec_lib.Adapter):
     n, r = self.num_adapters, self.rank
     order = sorted(dims.w_contract)
     a_axes = tuple(order.index(c) for c in dims.w_contract)
-    if self.mode == 'gather':
+    mode = self.mode
+    if mode == 'auto':
+      d_in, d_out = int(np.prod(a.shape[1:-1])), int(np.prod(b.shape[2:]))
+      dense_flops = 2 * (d_in + d_out) * n * r
+      mode = 'dense' if dense_flops <= d_in * d_out else 'gather'
+    if mode == 'gather':
       valid = (idx >= 0) & (idx < n)
       safe = jnp.where(valid, idx, 0)
       a_sel = jnp.take(a, safe, axis=0)     # [B, *c, r]
@@ -187,7 +195,7 @@ def _pad_rank(f: Factors, rank: int) -> tuple[jax.Array, jax.Array]:
 
 
 def stack_factors(entries: Sequence[dict[str, Factors]], params: PyTree, *,
-                  mode: str = 'gather', dtype: Any = jnp.float32
+                  mode: str = 'auto', dtype: Any = jnp.float32
                   ) -> tuple[spec_lib.LoraSpec, PyTree]:
   """Stacks per-adapter factors into one ``MultiLora`` spec and tree.
 
@@ -229,7 +237,7 @@ def stack_factors(entries: Sequence[dict[str, Factors]], params: PyTree, *,
 
 
 def stack_adapters(entries: Sequence[tuple[PyTree, spec_lib.LoraSpec]],
-                   params: PyTree, *, mode: str = 'gather'
+                   params: PyTree, *, mode: str = 'auto'
                    ) -> tuple[spec_lib.LoraSpec, PyTree]:
   """``stack_factors`` of ``lora_factors(adapters, spec, params)`` per entry.
 

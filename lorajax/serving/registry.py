@@ -232,7 +232,7 @@ class AdapterRegistry:
     return jnp.asarray([-1 if n is None else order[n] for n in names],
                        jnp.int32)
 
-  def stacked(self, mode: str = 'gather') -> tuple[spec_lib.LoraSpec, PyTree]:
+  def stacked(self, mode: str = 'auto') -> tuple[spec_lib.LoraSpec, PyTree]:
     """``MultiLora`` spec and stacked adapters of every registered adapter."""
     names = tuple(self._entries)
     if not names:
@@ -249,7 +249,7 @@ class AdapterRegistry:
     return self._stack[2], self._stack[3]
 
   def apply_mixed(self, names: Sequence[str | None], *args,
-                  mode: str = 'gather', **kwargs) -> Any:
+                  mode: str = 'auto', **kwargs) -> Any:
     """Runs a batch whose example ``i`` uses adapter ``names[i]``."""
     spec, stacked = self.stacked(mode)
     return self._fn(spec)(self._params, stacked, *args,
