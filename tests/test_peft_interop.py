@@ -355,3 +355,25 @@ def test_export_refuses_what_peft_lora_cannot_say(tmp_path):
     peft_format.export_peft(tmp_path, config, spec, ad, params)
   with pytest.raises(TypeError, match='no Hugging Face naming'):
     hf_models.hf_model(object())
+
+
+def test_scanned_llama_adapters_round_trip(tmp_path):
+  config = llama.LlamaConfig.tiny(scan_layers=True)
+  model = llama.Llama(config)
+  params = jax.jit(model.init)(jax.random.key(0), LLAMA_IDS)['params']
+  apply_fn = lambda p, *a: model.apply({'params': p}, *a)
+  spec = LoraSpec([(r'layers/attn/(q|v)_proj/kernel', Lora(rank=2, alpha=4)),
+                   ('.*', 'freeze')])
+  adapters = _randomize(lorajax.init(spec, params, jax.random.key(1),
+                                     fn=apply_fn, args=(LLAMA_IDS,)), 1, 0.1)
+  peft_format.export_peft(tmp_path, config, spec, adapters, params)
+  keys = st_numpy.load_file(str(tmp_path / 'adapter_model.safetensors'))
+  assert ('base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight'
+          in keys)
+  want = jax.jit(lorajax.lora(apply_fn, spec))(params, adapters, LLAMA_IDS)
+  imported = peft_format.import_peft(tmp_path, config, params)
+  assert imported.adapters['layers']['attn']['q_proj']['kernel']['a'].shape == (
+      2, 32, 2)
+  got = jax.jit(lorajax.lora(apply_fn, imported.spec))(
+      params, imported.adapters, LLAMA_IDS)
+  np.testing.assert_allclose(got, want, atol=1e-6)
