@@ -13,7 +13,8 @@ windows (tokens/s of each ``log_every`` window; the median leaves out the
 window that holds compilation), with tokens/step the run's average of real
 (unpadded) tokens. Peak memory is the run process's ``VmHWM`` (present when
 the run was a subprocess, as ``experiments.sweep`` launches it). A swept
-``lora.*`` value is left blank for runs whose method is not ``lora``.
+value of a method's fields (``lora.*`` for lora/dora/qlora, ``bottleneck.*``,
+``prompt.*``, ``prefix.*``) is left blank for runs of another method.
 
 Example:
 
@@ -34,6 +35,10 @@ from lorajax import sweep_plots
 from lorajax import sweeps
 
 Row = dict[str, Any]
+# Config groups that only some methods read: group -> those methods.
+METHOD_FIELDS = {'lora': ('lora', 'dora', 'qlora'),
+                 'bottleneck': ('bottleneck',), 'prompt': ('prompt',),
+                 'prefix': ('prefix',)}
 FIELDS = ('method', 'trainable_params', 'trainable_pct', 'metric',
           'best_validation', 'best_validation_step', 'test', 'step_time_ms',
           'tokens_per_sec', 'peak_memory_mb', 'adapter_kb', 'wall_time_s')
@@ -94,7 +99,8 @@ def read_run(workdir: str, keys: Sequence[str],
   method = config.get('method')
   row: Row = {'name': record['name'], 'status': sweeps.run_status(workdir)}
   for key in keys:
-    skip = method not in (None, 'lora') and key.startswith('lora.')
+    owners = METHOD_FIELDS.get(key.split('.')[0])
+    skip = method is not None and owners is not None and method not in owners
     row[key] = None if skip else config.get(key)
   row.update(dict.fromkeys(FIELDS))
   row['method'] = method
