@@ -49,7 +49,7 @@ CHAT_TEMPLATE = '<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n'
 
 def load_adapter(directory: str | pathlib.Path, config: llama.LlamaConfig,
                  params: Any, *, check_weights: bool = True) -> Any:
-  """A lorajax ``AdapterBundle`` or a ``PeftAdapter``, by what the folder holds."""
+  """A lorajax ``AdapterBundle`` or a ``PeftAdapter``, by the folder's files."""
   directory = pathlib.Path(directory)
   if (directory / adapter_files.META_FILE).exists():
     return adapter_files.load_adapter(directory, params,

@@ -210,7 +210,8 @@ def save_adapter(directory: str | pathlib.Path, spec: spec_lib.LoraSpec,
   directory.mkdir(parents=True, exist_ok=True)
   resolution = spec_lib.resolve(spec, params)
   from lorajax import rewrite  # pylint: disable=g-import-not-at-top
-  rewrite._check_adapter_paths(adapters, resolution.adapted)  # pylint: disable=protected-access
+  rewrite._check_adapter_paths(  # pylint: disable=protected-access
+      adapters, resolution.adapted)
   trained, _ = partition(params, spec)
   tensors = _tensor_dict(adapters, trained)
   meta = {'lorajax_adapter': 1, 'storage': format,
@@ -309,7 +310,9 @@ def load_adapter(directory: str | pathlib.Path, params: PyTree | None = None,
   try:
     meta = json.loads(meta_path.read_text())
     spec = spec_json.spec_from_json(meta['spec'])
-    meta['storage'], meta['tensors'], meta['base']  # pylint: disable=pointless-statement
+    missing = {'storage', 'tensors', 'base'} - set(meta)
+    if missing:
+      raise KeyError(', '.join(sorted(missing)))
   except (json.JSONDecodeError, KeyError, ValueError) as e:
     raise AdapterFileError(f'{meta_path} is not a lorajax adapter '
                            f'description: {type(e).__name__}: {e}') from None

@@ -193,7 +193,8 @@ def export_merged(directory: str | pathlib.Path, config: Any, params: PyTree,
   hf = hf_model(config)
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  st_numpy.save_file(hf.state_dict(params), str(directory / 'model.safetensors'),
+  st_numpy.save_file(hf.state_dict(params),
+                     str(directory / 'model.safetensors'),
                      metadata={'format': 'pt'})
   (directory / 'config.json').write_text(json.dumps(hf.hf_config(), indent=1))
   return directory

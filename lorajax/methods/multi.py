@@ -130,9 +130,9 @@ class MultiLora(spec_lib.Adapter):
                      ((0,), (0,))),
           preferred_element_type=dims.preferred_element_type)
       xa = xa * valid.astype(xa.dtype).reshape((-1,) + (1,) * (xa.ndim - 1))
-      delta = lax.dot_general(xa, b_sel.astype(xa.dtype),
-                              (((xa.ndim - 1,), (1,)), ((0,), (0,))),
-                              preferred_element_type=dims.preferred_element_type)
+      delta = lax.dot_general(
+          xa, b_sel.astype(xa.dtype), (((xa.ndim - 1,), (1,)), ((0,), (0,))),
+          preferred_element_type=dims.preferred_element_type)
     else:
       # [N, *c, r] -> [*c, N*r]; [N, r, *f] -> [N*r, *f].
       a_cat = jnp.moveaxis(a, 0, -2).reshape(a.shape[1:-1] + (n * r,))
@@ -143,9 +143,9 @@ class MultiLora(spec_lib.Adapter):
       shape = (x.shape[0],) + (1,) * (xa.ndim - 2) + (n, 1)
       xa = (xa.reshape(xa.shape[:-1] + (n, r)) * onehot.reshape(shape)
             ).reshape(xa.shape)
-      delta = lax.dot_general(xa, b_cat.astype(xa.dtype),
-                              (((xa.ndim - 1,), (0,)), ((), ())),
-                              preferred_element_type=dims.preferred_element_type)
+      delta = lax.dot_general(
+          xa, b_cat.astype(xa.dtype), (((xa.ndim - 1,), (0,)), ((), ())),
+          preferred_element_type=dims.preferred_element_type)
     return y + delta.astype(y.dtype)
 
 
@@ -190,7 +190,8 @@ def _pad_rank(f: Factors, rank: int) -> tuple[jax.Array, jax.Array]:
   r = f.a.shape[-1]
   s = f.layout.stack
   a = jnp.pad(f.a, [(0, 0)] * (f.a.ndim - 1) + [(0, rank - r)])
-  b = jnp.pad(f.b, [(0, 0)] * s + [(0, rank - r)] + [(0, 0)] * (f.b.ndim - s - 1))
+  b = jnp.pad(f.b, [(0, 0)] * s + [(0, rank - r)]
+              + [(0, 0)] * (f.b.ndim - s - 1))
   return a, b
 
 

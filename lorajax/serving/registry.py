@@ -127,7 +127,8 @@ class AdapterRegistry:
     if name in self._entries:
       raise ValueError(f'an adapter named {name!r} is registered already')
     resolution = spec_lib.resolve(spec, self._params)
-    rewrite._check_adapter_paths(adapters, resolution.adapted)  # pylint: disable=protected-access
+    rewrite._check_adapter_paths(  # pylint: disable=protected-access
+        adapters, resolution.adapted)
     factors = multi.lora_factors(adapters, spec, self._params)
     leaves = dict(spec_lib.flatten_paths(self._params))
     for path, f in factors.items():
@@ -138,9 +139,10 @@ class AdapterRegistry:
     params = self._params
     if trained is not None:
       given = {p for p, _ in spec_lib.flatten_paths(trained)}
-      if given - set(trained_paths):
-        raise ValueError(f'trained leaves {sorted(given - set(trained_paths))[:4]}'
-                         f' are not marked \'train\' by the spec')
+      unmarked = sorted(given - set(trained_paths))
+      if unmarked:
+        raise ValueError(f'trained leaves {unmarked[:4]} are not marked '
+                         f"'train' by the spec")
       params = _replace_leaves(self._params, trained)
     actions = {p: lora_lib.Lora(rank=int(f.a.shape[-1]))
                for p, f in sorted(factors.items())}
@@ -255,7 +257,7 @@ class AdapterRegistry:
     return self._fn(spec)(self._params, stacked, *args,
                           lora_context=self.indices(names), **kwargs)
 
-  # ---- combining --------------------------------------------------------------
+  # ---- combining -----------------------------------------------------------
 
   def combine(self, new_name: str, names: Sequence[str], *,
               weights: Sequence[float] | None = None, method: str = 'cat',
