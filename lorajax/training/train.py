@@ -152,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                      f'{parallel.MODES}')
   task = tasks.build_task(config)
   trainable, frozen = task.split_params()
-  report = lorajax.trainable_report(task.spec, task.params, task.adapters)
+  lorajax.trainable_report(task.spec, task.params, task.adapters)  # Logs.
   n_train = lorajax.count(trainable)
   n_all = (lorajax.count(task.params) + lorajax.count(task.adapters)
            + lorajax.count(task.prompts))
@@ -286,7 +286,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
               encoding='utf-8') as f:
       json.dump(summary, f, indent=2)
     text = metrics_lib.format_summary(summary)
-    logging.info('trainable report:\n%s', report)
     print(text, flush=True)
   return summary
 
