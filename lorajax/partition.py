@@ -109,9 +109,10 @@ def trainable_report(spec: spec_lib.LoraSpec, params: PyTree,
     paths = [p for p, r in resolution.rule_of.items() if r == i]
     lines.append(f'rule {i} {pattern!r} -> {action!r}: {len(paths)} '
                  f'parameter(s)')
-    lines.extend(f'    {p}' for p in paths[:200])
-    if len(paths) > 200:
-      lines.append(f'    ... {len(paths) - 200} more')
+    shown = 8 if action == spec_lib.FREEZE else 200  # frozen: just a sample
+    lines.extend(f'    {p}' for p in paths[:shown])
+    if len(paths) > shown:
+      lines.append(f'    ... {len(paths) - shown} more')
   text = '\n'.join(lines)
   if log and jax.process_index() == 0:
     for line in lines:
