@@ -282,3 +282,17 @@ def test_generate_command_loads_either_format(tmp_path):
     np.testing.assert_array_equal(lm.generate(fn, tree, TOKENS[:2], 3), want)
   with pytest.raises(FileNotFoundError, match='neither'):
     generate.load_adapter(tmp_path, config, params)
+
+
+@pytest.mark.parametrize('mode', multi.STACK_MODES)
+def test_select_takes_one_adapter_back_out(mode):
+  apply_fn, params = _tiny_llama(True)
+  entries = _four_adapters(params, apply_fn, (TOKENS,),
+                           (r'.*attn/(q|v)_proj/kernel', r'.*mlp/down_proj/kernel'))
+  spec, stacked = multi.stack_adapters(entries, params, mode=mode)
+  for i in (0, 3):
+    one_spec, one = multi.select(stacked, spec, params, i)
+    got = _deltas([(one, one_spec)], params)[0]
+    want = _deltas([entries[i]], params)[0]
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, atol=1e-6)

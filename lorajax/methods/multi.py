@@ -1,23 +1,26 @@
 """Per-example adapters in one batch: ``MultiLora`` holds N stacked adapters.
 
 For inference with many adapters over one base, every example of a batch
-names the adapter it runs with. ``MultiLora`` owns ``a`` ``[N, in, r]`` and
-``b`` ``[N, r, out]`` (scales folded into ``b``; smaller ranks zero-padded)
-and reads an index array ``[B]`` from the rewrite's ``lora_context``:
+names the adapter it runs with. ``MultiLora`` owns the N adapters' factors
+(scales folded into ``b``; smaller ranks zero-padded) and reads an index
+array ``[B]`` from the rewrite's ``lora_context``:
 example ``i`` gets ``x_i·W + (x_i·a[k_i])·b[k_i]``, and an index outside
 ``[0, N)`` (``-1`` by convention) gets the base ``x_i·W``. The indices are data,
 so one compiled function serves any mix.
 
-Two ways to compute the low-rank path:
+Two ways to store and compute the low-rank path:
 
-- ``'gather'``: gather ``a[k]``, ``b[k]`` per example, then batched
-  products: ``2·(in + out)·r`` FLOPs per token.
-- ``'dense'``: one product with all N adapters concatenated along the rank
-  (``[in, N·r]``), mask by example, one product back: N times the FLOPs of
-  ``'gather'`` in two large matrix products, faster on CPU for small N·r.
-- ``'auto'`` (default): ``'dense'`` while its low-rank FLOPs
-  ``2·(in + out)·N·r`` stay below the kernel's own ``in·out``, else
-  ``'gather'``. Decided per kernel from static shapes.
+- ``'gather'``: ``a`` ``[N, in, r]``, ``b`` ``[N, r, out]``; gather ``a[k]``,
+  ``b[k]`` per example, then batched products: ``2·(in + out)·r`` FLOPs per
+  token.
+- ``'dense'``: the N adapters concatenated along the rank, ``a``
+  ``[in, N·r]``, ``b`` ``[N·r, out]``; one product, a per-example mask over
+  the rank, one product back: N times the FLOPs of ``'gather'`` in two plain
+  matrix products, faster on CPU for small N·r.
+
+``stack_adapters(..., mode='auto')`` (the default) picks ``'dense'`` for a
+kernel while its low-rank FLOPs ``2·(in + out)·N·r`` stay below the kernel's
+own ``in·out``, else ``'gather'``.
 
 The batch axis is the input's leading axis (as in Flax ``Dense`` on
 ``[B, ..., in]``).
@@ -45,7 +48,8 @@ from lorajax.methods import lora as lora_lib
 
 PyTree = Any
 CONTEXT_KEY = 'adapter_index'
-MODES = ('auto', 'gather', 'dense')
+MODES = ('gather', 'dense')
+STACK_MODES = ('auto',) + MODES
 
 
 def _indices(context: Any) -> jax.Array:
@@ -66,11 +70,12 @@ class MultiLora(spec_lib.Adapter):
   Attributes:
     num_adapters: N.
     rank: r, the (padded) rank shared by the N adapters.
-    mode: ``'auto'``, ``'gather'`` or ``'dense'`` (see the module docstring).
+    mode: ``'gather'`` or ``'dense'``: the layout of the factors and how
+      they are applied (see the module docstring).
   """
   num_adapters: int
   rank: int
-  mode: str = 'auto'
+  mode: str = 'gather'
 
   def __post_init__(self):
     if self.num_adapters < 1 or self.rank < 1:
@@ -82,10 +87,14 @@ class MultiLora(spec_lib.Adapter):
   def param_shapes(self, kernel_shape, layout):
     stack, cshape, fshape = layout.split_shape(kernel_shape)
     n, r = self.num_adapters, self.rank
+    if self.mode == 'dense':
+      return {'a': (*stack, *cshape, n * r), 'b': (*stack, n * r, *fshape)}
     return {'a': (*stack, n, *cshape, r), 'b': (*stack, n, r, *fshape)}
 
   def infer_layout(self, kernel_shape, params):
     a, b = np.shape(params['a']), np.shape(params['b'])
+    if self.mode == 'dense':
+      return lora_lib.layout_from_factors(kernel_shape, a, b)
     # Drop the adapter axis: it sits right after the stack axes.
     s = len(a) + len(b) - 4 - len(kernel_shape)
     return lora_lib.layout_from_factors(kernel_shape, a[:s] + a[s + 1:],
@@ -115,12 +124,7 @@ class MultiLora(spec_lib.Adapter):
     n, r = self.num_adapters, self.rank
     order = sorted(dims.w_contract)
     a_axes = tuple(order.index(c) for c in dims.w_contract)
-    mode = self.mode
-    if mode == 'auto':
-      d_in, d_out = int(np.prod(a.shape[1:-1])), int(np.prod(b.shape[2:]))
-      dense_flops = 2 * (d_in + d_out) * n * r
-      mode = 'dense' if dense_flops <= d_in * d_out else 'gather'
-    if mode == 'gather':
+    if self.mode == 'gather':
       valid = (idx >= 0) & (idx < n)
       safe = jnp.where(valid, idx, 0)
       a_sel = jnp.take(a, safe, axis=0)     # [B, *c, r]
@@ -133,18 +137,14 @@ class MultiLora(spec_lib.Adapter):
       delta = lax.dot_general(
           xa, b_sel.astype(xa.dtype), (((xa.ndim - 1,), (1,)), ((0,), (0,))),
           preferred_element_type=dims.preferred_element_type)
-    else:
-      # [N, *c, r] -> [*c, N*r]; [N, r, *f] -> [N*r, *f].
-      a_cat = jnp.moveaxis(a, 0, -2).reshape(a.shape[1:-1] + (n * r,))
-      b_cat = b.reshape((n * r,) + b.shape[2:])
-      xa = lax.dot_general(x, a_cat, ((dims.x_contract, a_axes), ((), ())),
+    else:  # a [*c, N*r], b [N*r, *f]: slot k owns rank columns k*r..k*r+r-1.
+      xa = lax.dot_general(x, a, ((dims.x_contract, a_axes), ((), ())),
                            preferred_element_type=dims.preferred_element_type)
-      onehot = (idx[:, None] == jnp.arange(n)[None, :]).astype(xa.dtype)
-      shape = (x.shape[0],) + (1,) * (xa.ndim - 2) + (n, 1)
-      xa = (xa.reshape(xa.shape[:-1] + (n, r)) * onehot.reshape(shape)
-            ).reshape(xa.shape)
+      slot = jnp.arange(n * r, dtype=jnp.int32) // r
+      mask = (idx[:, None] == slot[None, :]).astype(xa.dtype)   # [B, N*r]
+      xa = xa * mask.reshape((x.shape[0],) + (1,) * (xa.ndim - 2) + (n * r,))
       delta = lax.dot_general(
-          xa, b_cat.astype(xa.dtype), (((xa.ndim - 1,), (0,)), ((), ())),
+          xa, b.astype(xa.dtype), (((xa.ndim - 1,), (0,)), ((), ())),
           preferred_element_type=dims.preferred_element_type)
     return y + delta.astype(y.dtype)
 
@@ -203,7 +203,8 @@ def stack_factors(entries: Sequence[dict[str, Factors]], params: PyTree, *,
   Args:
     entries: one ``lora_factors`` result per adapter, in index order.
     params: the base the adapters belong to.
-    mode: ``MultiLora.mode``.
+    mode: ``'gather'``, ``'dense'`` or ``'auto'`` (per kernel, see the
+      module docstring).
     dtype: dtype of the stacked factors.
 
   Returns:
@@ -213,6 +214,8 @@ def stack_factors(entries: Sequence[dict[str, Factors]], params: PyTree, *,
   """
   if not entries:
     raise ValueError('stack_factors needs at least one adapter')
+  if mode not in STACK_MODES:
+    raise ValueError(f'mode={mode!r}; expected one of {STACK_MODES}')
   paths = sorted({p for e in entries for p in e})
   stacked, actions = {}, {}
   for path in paths:
@@ -229,10 +232,21 @@ def stack_factors(entries: Sequence[dict[str, Factors]], params: PyTree, *,
       if f.layout != ref.layout or f.a.shape[:-1] != ref.a.shape[:-1]:
         raise ValueError(f'{path}: adapters disagree on the kernel layout '
                          f'({f.layout} vs {ref.layout})')
-    spec_lib.set_by_path(stacked, path, {
-        'a': jnp.stack([p[0] for p in pairs], axis=s).astype(dtype),
-        'b': jnp.stack([p[1] for p in pairs], axis=s).astype(dtype)})
-    actions[path] = MultiLora(len(entries), rank, mode)
+    kernel_mode = mode
+    if mode == 'auto':
+      d_in = int(np.prod(ref.a.shape[s:-1]))
+      d_out = int(np.prod(ref.b.shape[s + 1:]))
+      dense_flops = 2 * (d_in + d_out) * len(entries) * rank
+      kernel_mode = 'dense' if dense_flops <= d_in * d_out else 'gather'
+    if kernel_mode == 'dense':
+      a = jnp.concatenate([p[0] for p in pairs], axis=-1)
+      b = jnp.concatenate([p[1] for p in pairs], axis=s)
+    else:
+      a = jnp.stack([p[0] for p in pairs], axis=s)
+      b = jnp.stack([p[1] for p in pairs], axis=s)
+    spec_lib.set_by_path(stacked, path, {'a': a.astype(dtype),
+                                         'b': b.astype(dtype)})
+    actions[path] = MultiLora(len(entries), rank, kernel_mode)
   universe = [p for p, _ in spec_lib.flatten_paths(params)]
   return spec_paths.spec_from_actions(actions, universe), stacked
 
@@ -265,9 +279,14 @@ def select(stacked: PyTree, spec: spec_lib.LoraSpec, params: PyTree, index: int
     ad = spec_lib.get_by_path(stacked, path)
     layout = provider.infer_layout(
         tuple(provider.kernel_aval(leaves[path]).shape), ad)
-    s = layout.stack
-    spec_lib.set_by_path(out, path, {
-        k: jnp.take(v, index, axis=s) for k, v in ad.items()})
+    s, r = layout.stack, provider.rank
+    if provider.mode == 'dense':
+      part = {'a': ad['a'][..., index * r:(index + 1) * r],
+              'b': lax.slice_in_dim(ad['b'], index * r, (index + 1) * r,
+                                    axis=s)}
+    else:
+      part = {k: jnp.take(v, index, axis=s) for k, v in ad.items()}
+    spec_lib.set_by_path(out, path, part)
     actions[path] = lora_lib.Lora(rank=provider.rank)
   universe = list(leaves)
   return spec_paths.spec_from_actions(actions, universe), out
