@@ -14,69 +14,10 @@ from lorajax import Lora, LoraSpec
 from lorajax.methods import qlora
 from lorajax.methods import quant
 
-KEY = jax.random.key(0)
-X = jax.random.normal(jax.random.key(1), (4, 8))
+from toy_models import KEY, MODELS, X, Heads, LhsDot, Mlp, Scanned  # pylint: disable=g-multiple-import
+from toy_models import assert_close as _close
+from toy_models import perturb as _randomize
 
-
-def _randomize(tree, seed=7, scale=0.3):
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
-  return jax.tree_util.tree_unflatten(
-      treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                for k, x in zip(keys, leaves)])
-
-
-class Mlp(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(16, name='fc1')(x))
-    return nn.Dense(4, name='fc2')(x)
-
-
-class Heads(nn.Module):
-  """Multi-axis kernels: query [8, 2, 4] and out [2, 4, 8]."""
-
-  @nn.compact
-  def __call__(self, x):
-    q = nn.DenseGeneral((2, 4), name='query')(x)
-    return nn.DenseGeneral(8, axis=(-2, -1), name='out')(jnp.tanh(q))
-
-
-class Block(nn.Module):
-
-  @nn.compact
-  def __call__(self, x, _):
-    return x + nn.Dense(8, name='dense')(jnp.tanh(x)), None
-
-
-class Scanned(nn.Module):
-  """Three layers stacked by nn.scan: kernel [3, 8, 8]."""
-
-  @nn.compact
-  def __call__(self, x):
-    stack = nn.scan(Block, variable_axes={'params': 0},
-                    split_rngs={'params': True}, length=3)
-    return stack(name='layers')(x, None)[0]
-
-
-class LhsDot(nn.Module):
-  """The kernel is the left operand of the dot_general."""
-
-  @nn.compact
-  def __call__(self, x):
-    w = self.param('kernel', nn.initializers.lecun_normal(), (8, 6))
-    return lax.dot_general(w, x, (((0,), (1,)), ((), ()))).T  # [B, 6]
-
-
-MODELS = {'dense': Mlp(), 'multi_axis': Heads(), 'scan': Scanned(),
-          'lhs': LhsDot()}
-
-
-def _close(got, want, tol=1e-5):
-  scale = float(np.abs(np.asarray(want)).max()) or 1.0
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol,
-                             atol=tol * scale)
 
 
 NORMAL = jax.random.normal(jax.random.key(3), (256, 256))  # 1024 blocks

@@ -1,0 +1,72 @@
+"""Tiny models and helpers shared by the method tests (DoRA, QLoRA, ...)."""
+
+from flax import linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+KEY = jax.random.key(0)
+X = jax.random.normal(jax.random.key(1), (4, 8))
+
+
+def perturb(tree, seed=7, scale=0.3):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
+  return jax.tree_util.tree_unflatten(
+      treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                for k, x in zip(keys, leaves)])
+
+
+class Mlp(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(16, name='fc1')(x))
+    return nn.Dense(4, name='fc2')(x)
+
+
+class Heads(nn.Module):
+  """Multi-axis kernels: query [8, 2, 4] and out [2, 4, 8]."""
+
+  @nn.compact
+  def __call__(self, x):
+    q = nn.DenseGeneral((2, 4), name='query')(x)
+    return nn.DenseGeneral(8, axis=(-2, -1), name='out')(jnp.tanh(q))
+
+
+class Block(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, _):
+    return x + nn.Dense(8, name='dense')(jnp.tanh(x)), None
+
+
+class Scanned(nn.Module):
+  """Three layers stacked by nn.scan: kernel [3, 8, 8]."""
+
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(Block, variable_axes={'params': 0},
+                    split_rngs={'params': True}, length=3)
+    return stack(name='layers')(x, None)[0]
+
+
+class LhsDot(nn.Module):
+  """The kernel is the left operand of the dot_general."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('kernel', nn.initializers.lecun_normal(), (8, 6))
+    return lax.dot_general(w, x, (((0,), (1,)), ((), ()))).T  # [B, 6]
+
+
+MODELS = {'dense': Mlp(), 'multi_axis': Heads(), 'scan': Scanned(),
+          'lhs': LhsDot()}
+
+
+def assert_close(got, want, tol=1e-5):
+  """allclose with an absolute tolerance relative to the largest value."""
+  scale = float(np.abs(np.asarray(want)).max()) or 1.0
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol,
+                             atol=tol * scale)
