@@ -17,8 +17,11 @@ and compare its validation perplexity with the LoRA run's
 (``configs/shakespeare_smollm2_lora.py``). ``--config.quant=int8`` stores the
 base as int8 instead.
 
-Expected: the NF4 base starts at a slightly higher perplexity than the
-float32 one, and QLoRA ends within a few percent of LoRA.
+Measured here (80 steps, 34 minutes at load 10-14): validation perplexity
+77.0 at the start (the float32 base: 61.7) and 45.6 after training (LoRA on
+the float32 base: 40.5); test 46.5 (LoRA: 40.3). Same adapter (460,800
+parameters, 1.8 MB); the process peak RSS was the same, 2.8 GB, because the
+float32 base is loaded before it is quantized.
 """
 
 from lorajax.training import config as config_lib
