@@ -195,21 +195,28 @@ def _best(rows: Sequence[Row], field: str) -> Row | None:
   return (max if higher else min)(done, key=lambda r: r[field])
 
 
-def findings(rows: Sequence[Row]) -> list[str]:
-  """Sentences on the best run and LoRA against full and head-only."""
+def _describe(row: Row) -> str:
+  config = row['_config']
+  return (f'`{row["name"]}` (rank {config.get("lora.rank")}, alpha '
+          f'{_value(config.get("lora.alpha"))}): validation '
+          f'{row["best_validation"]:.4f}, test {_cell(row["test"])}, '
+          f'{row["trainable_params"]:,d} trainable params '
+          f'({row["trainable_pct"]:.3f}%)')
+
+
+def findings(keys: Sequence[str], rows: Sequence[Row]) -> list[str]:
+  """Sentences on the best runs and LoRA against full and head-only."""
   out = []
   lora = [r for r in rows if r['method'] in (None, 'lora')]
   best = _best(lora, 'best_validation')
   if best is None:
     return ['No run has finished yet.']
   metric = best['metric']
-  rank, alpha = best['_config'].get('lora.rank'), best['_config'].get(
-      'lora.alpha')
-  out.append(f'Best LoRA run by validation {metric}: `{best["name"]}` '
-             f'(rank {rank}, alpha {alpha}): validation '
-             f'{best["best_validation"]:.4f}, test {_cell(best["test"])}, '
-             f'{best["trainable_params"]:,d} trainable params '
-             f'({best["trainable_pct"]:.3f}%).')
+  out.append(f'Best LoRA run by validation {metric}: {_describe(best)}.')
+  in_grid = _best(sweep_plots.grid(keys, rows), 'best_validation')
+  if in_grid is not None and in_grid is not best:
+    out.append(f'Best of the rank × alpha grid by validation {metric}: '
+               f'{_describe(in_grid)}.')
   top = _best(lora, 'test')
   if top is not None and top is not best:
     out.append(f'Best LoRA run by test {metric}: `{top["name"]}` '
@@ -236,7 +243,7 @@ def markdown(keys: Sequence[str], rows: Sequence[Row], title: str) -> str:
   head = ['run', *keys, 'trainable', 'trainable %', f'best val {metric}',
           f'test {metric}', 'step (ms)', 'tokens/s', 'peak mem (MB)',
           'adapter (KB)', 'status']
-  lines = [f'# {title}', '', *[f'- {s}' for s in findings(rows)], '',
+  lines = [f'# {title}', '', *[f'- {s}' for s in findings(keys, rows)], '',
            '| ' + ' | '.join(head) + ' |',
            '|' + '|'.join('---' for _ in head) + '|']
   for r in rows:

@@ -259,6 +259,8 @@ def test_report_from_a_fake_sweep(tmp_path):
   assert md.count('\n| `') == len(runs)
   assert 'Full fine-tuning: test 0.8000' in md
   assert 'Head-only: test 0.6000' in md
+  assert ('Best of the rank × alpha grid by validation accuracy: '
+          '`lora.rank=2,lora.alpha=8`') in md
   assert '| `.*/attention/(query\\|value)/kernel` |' in md  # Escaped pipe.
   for name in ('metric_vs_rank', 'rank_alpha_heatmap', 'metric_vs_params'):
     pixels = mpimg.imread(paths[name])
