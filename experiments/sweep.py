@@ -20,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from lorajax import sweep_report
+from lorajax import sweep_runner
 from lorajax import sweeps
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,7 +41,7 @@ def main(argv):
     base = config_flags.get_override_values(flags.FLAGS['config'])
     runs = sweeps.expand(config_file, _WORKDIR.value, base)
     print(f'{len(runs)} runs in {_WORKDIR.value}', flush=True)
-    outcome = sweeps.run_sweep(
+    outcome = sweep_runner.run_sweep(
         runs, _WORKDIR.value, echo=lambda s: print(s, flush=True))
     failed = [name for name, status in outcome.items() if status == 'failed']
   paths = sweep_report.write_report(_WORKDIR.value)

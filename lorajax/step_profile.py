@@ -13,7 +13,7 @@ memory each extra example adds. FLOPs per token (over padded tokens,
 
 Example:
 
-  >>> rows = profile('configs/rt_minilm_lora.py', {}, [1, 2, 4])  # doctest: +SKIP
+  >>> rows = profile('configs/x.py', {}, [1, 2, 4])  # doctest: +SKIP
   >>> print(markdown(rows, fit_memory(rows), title='LoRA'))  # doctest: +SKIP
 """
 
@@ -26,10 +26,17 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
+from matplotlib import figure
 import numpy as np
 
 from lorajax import process_memory
 from lorajax import sweeps
+from lorajax.data import loader
+from lorajax.training import optim
+from lorajax.training import parallel
+from lorajax.training import step as step_lib
+from lorajax.training import tasks
 
 RESULT_PREFIX = 'STEP_PROFILE '
 PROFILE_MODULE = 'experiments.profile'
@@ -60,13 +67,6 @@ def measure(config, batch_size: int, *, steps: int = 5, warmup: int = 2
     ``real_tokens``, ``setup_rss_bytes`` (after building the run, before
     compiling) and ``peak_rss_bytes`` (``VmHWM`` at the end).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from lorajax.data import loader  # pylint: disable=g-import-not-at-top
-  from lorajax.training import optim  # pylint: disable=g-import-not-at-top
-  from lorajax.training import parallel  # pylint: disable=g-import-not-at-top
-  from lorajax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  from lorajax.training import tasks  # pylint: disable=g-import-not-at-top
-
   task = tasks.build_task(config)
   trainable, frozen = task.split_params()
   tx, _ = optim.from_config(config.optim, int(config.num_train_steps))
@@ -87,7 +87,8 @@ def measure(config, batch_size: int, *, steps: int = 5, warmup: int = 2
     if i >= warmup:
       times.append(time.perf_counter() - t0)
   return {'batch_size': batch_size, 'step_time_s': statistics.median(times),
-          'flops': xla_flops(compiled), 'tokens': int(np.size(host_batch[task.tokens_key])),
+          'flops': xla_flops(compiled),
+          'tokens': int(np.size(host_batch[task.tokens_key])),
           'real_tokens': int(np.sum(host_batch[task.tokens_key])),
           'trainable_params': int(sum(np.size(x) for x in
                                       jax.tree.leaves(trainable))),
@@ -199,7 +200,6 @@ def markdown(rows: Sequence[Row], fit: Mapping[str, float], title: str
 def plot(rows: Sequence[Row], fit: Mapping[str, float], path: str,
          title: str) -> str:
   """Peak memory (with the fit), step time and FLOPs/token vs batch size."""
-  from matplotlib import figure  # pylint: disable=g-import-not-at-top
   b = np.array([r['batch_size'] for r in rows], float)
   fig = figure.Figure(figsize=(13, 4))
   ax_mem, ax_time, ax_flops = fig.subplots(1, 3)

@@ -32,7 +32,7 @@ import statistics
 from typing import Any, Sequence
 
 from lorajax import sweep_plots
-from lorajax import sweeps
+from lorajax import sweep_runner
 
 Row = dict[str, Any]
 # Config groups that only some methods read: group -> those methods.
@@ -94,10 +94,11 @@ def read_run(workdir: str, keys: Sequence[str],
   Returns:
     The row; numbers are None where the run has not finished.
   """
-  record = record or _load(os.path.join(workdir, sweeps.RUN_FILE))
+  record = record or _load(os.path.join(workdir, sweep_runner.RUN_FILE))
   config = record['config']
   method = config.get('method')
-  row: Row = {'name': record['name'], 'status': sweeps.run_status(workdir)}
+  row: Row = {'name': record['name'],
+             'status': sweep_runner.run_status(workdir)}
   for key in keys:
     owners = METHOD_FIELDS.get(key.split('.')[0])
     skip = method is not None and owners is not None and method not in owners
@@ -107,7 +108,7 @@ def read_run(workdir: str, keys: Sequence[str],
   row['command'] = record['command']
   row['_config'] = config
   row['_overrides'] = record['overrides']
-  path = os.path.join(workdir, sweeps.SUMMARY)
+  path = os.path.join(workdir, sweep_runner.SUMMARY)
   if not os.path.isfile(path):
     return row
   s = _load(path)
@@ -137,17 +138,18 @@ def collect(sweep_dir: str) -> tuple[list[str], list[Row]]:
     FileNotFoundError: the folder holds no run.
   """
   records = {}
-  listing = os.path.join(sweep_dir, sweeps.SWEEP_FILE)
+  listing = os.path.join(sweep_dir, sweep_runner.SWEEP_FILE)
   if os.path.isfile(listing):
     records = {r['name']: r for r in _load(listing)['runs']}
   for name in sorted(os.listdir(sweep_dir) if os.path.isdir(sweep_dir)
                      else []):
-    path = os.path.join(sweep_dir, name, sweeps.RUN_FILE)
+    path = os.path.join(sweep_dir, name, sweep_runner.RUN_FILE)
     if name not in records and os.path.isfile(path):
       records[name] = _load(path)
   if not records:
-    raise FileNotFoundError(f'no sweep runs in {sweep_dir} (no '
-                            f'{sweeps.SWEEP_FILE}, no */{sweeps.RUN_FILE})')
+    raise FileNotFoundError(
+        f'no sweep runs in {sweep_dir} (no {sweep_runner.SWEEP_FILE}, no '
+        f'*/{sweep_runner.RUN_FILE})')
   keys = []
   for record in records.values():
     keys += [k for k in record['overrides'] if k not in keys]

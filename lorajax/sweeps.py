@@ -1,4 +1,4 @@
-r"""Sweeps declared in a config file: expand, run, skip, resume, reproduce.
+r"""Sweeps declared in a config file: expand into runs that reproduce.
 
 A config file may define ``sweep(add)`` next to ``get_config(arg)``, in the
 style of big_vision; each ``add(...)`` call is one run, given as overrides of
@@ -16,31 +16,19 @@ starts), and every run's config is parsed from its own command line exactly as
 the run. A run's workdir is ``<sweep_dir>/<name>``, the name made of its
 overrides (``lora.rank=8,lora.alpha=16``; unsafe characters replaced, and then
 a short hash appended so that names stay distinct).
-
-``run_sweep`` launches each run (by default as a subprocess
-``python -m experiments.train --config=... --workdir=... --config.k=v``): a
-subprocess returns all its memory when it ends, has its own peak RSS
-(``VmHWM`` starts afresh at ``exec``), cannot take the sweep down when it
-crashes, and is literally the reproduction command. A run whose workdir holds
-``summary.json`` (written by ``train_and_evaluate`` when it ends) is finished
-and skipped; any other run is launched, and the training system resumes it
-from the newest checkpoint in its workdir.
+``lorajax.sweep_runner.run_sweep`` runs them.
 
 Example:
 
-  >>> runs = expand('configs/rt_minilm_sweep.py', '/tmp/sweep')  # doctest: +SKIP
+  >>> runs = expand('configs/x.py', '/tmp/sweep')  # doctest: +SKIP
   >>> runs[0].name, runs[0].command()  # doctest: +SKIP
   ('lora.rank=1,lora.alpha=1', 'python -m experiments.train --config=...')
-  >>> results = run_sweep(runs, '/tmp/sweep')  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import difflib
-import fcntl
 import hashlib
 import importlib.util
 import inspect
@@ -48,20 +36,12 @@ import json
 import os
 import re
 import shlex
-import signal
-import subprocess
-import sys
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 from absl import flags
 from ml_collections import config_dict
 from ml_collections import config_flags
 
-SUMMARY = 'summary.json'   # The completion marker, from train_and_evaluate.
-RUN_FILE = 'sweep_run.json'
-SWEEP_FILE = 'sweep.json'
-LOG_FILE = 'train.log'
-LOCK_FILE = '.sweep.lock'
 TRAIN_MODULE = 'experiments.train'
 _MAX_NAME = 120
 _UNSAFE = re.compile(r'[^A-Za-z0-9._,=+-]')
@@ -265,180 +245,3 @@ def expand(config_file: str, sweep_dir: str,
                     argv=tuple(config_argv(config_file, merged, workdir)),
                     workdir=workdir))
   return runs
-
-
-def latest_checkpoint(workdir: str) -> int | None:
-  """The newest complete checkpoint step in ``<workdir>/checkpoints``."""
-  folder = os.path.join(workdir, 'checkpoints')
-  steps = [int(d) for d in (os.listdir(folder) if os.path.isdir(folder)
-                            else []) if d.isdigit()]
-  return max(steps, default=None)
-
-
-def run_status(workdir: str) -> str:
-  """``'finished'`` (has ``summary.json``), ``'unfinished'`` or ``'new'``.
-
-  ``'unfinished'``: started (running now, or stopped) and not finished.
-  """
-  if os.path.isfile(os.path.join(workdir, SUMMARY)):
-    return 'finished'
-  if os.path.isfile(os.path.join(workdir, RUN_FILE)) or latest_checkpoint(
-      workdir) is not None:
-    return 'unfinished'
-  return 'new'
-
-
-def _record(run: Run) -> dict[str, Any]:
-  return {'name': run.name, 'overrides': run.overrides,
-          'command': run.command(), 'config': flat_config(run.config)}
-
-
-def check_existing(runs: Sequence[Run]) -> list[str]:
-  """Checks that each existing workdir was made by the config it gets now.
-
-  A finished run is skipped and an unfinished one resumed only when every
-  field its recorded config shares with the current one has the same value.
-  Fields added to (or removed from) the configs since then do not count:
-  code that adds a field keeps the old behaviour as its default.
-
-  Returns:
-    Notes naming the added and removed fields (one per distinct change).
-
-  Raises:
-    ValueError: naming the run and the fields whose values differ, before
-      anything is launched.
-  """
-  changes: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {}
-  for run in runs:
-    path = os.path.join(run.workdir, RUN_FILE)
-    if not os.path.isfile(path):
-      continue
-    with open(path, encoding='utf-8') as f:
-      old = json.load(f)['config']
-    new = flat_config(run.config)
-    diff = sorted(k for k in set(old) & set(new) if old[k] != new[k])
-    if diff:
-      shown = ', '.join(f'{k}: {old[k]!r} -> {new[k]!r}' for k in diff[:5])
-      raise ValueError(f'run {run.name}: {run.workdir} was made with a '
-                       f'different config ({shown}); use another sweep '
-                       'workdir or remove that run')
-    added = tuple(sorted(set(new) - set(old)))
-    removed = tuple(sorted(set(old) - set(new)))
-    if added or removed:
-      changes.setdefault((added, removed), []).append(run.name)
-  return [f'note: config fields added since {len(names)} run(s) were made '
-          f'({names[0]}, ...): {", ".join(added) or "none"}; removed: '
-          f'{", ".join(removed) or "none"}'
-          for (added, removed), names in changes.items()]
-
-
-Launcher = Callable[[Run], int]
-
-
-def _die_with_parent() -> None:
-  """In the child: SIGKILL when the sweep process dies (Linux prctl)."""
-  with contextlib.suppress(OSError, AttributeError):
-    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
-def subprocess_launcher(run: Run) -> int:
-  """Runs ``python -m experiments.train`` for ``run``; output to train.log.
-
-  The child is killed if the sweep process dies, so that a restarted sweep
-  never finds an orphan still training in the same workdir.
-
-  Returns:
-    The exit status of the subprocess.
-  """
-  os.makedirs(run.workdir, exist_ok=True)
-  log = os.path.join(run.workdir, LOG_FILE)
-  with open(log, 'a', encoding='utf-8') as f:
-    f.write(f'$ {run.command()}\n')
-    f.flush()
-    proc = subprocess.run(
-        [sys.executable, '-m', TRAIN_MODULE, *run.argv], stdout=f,
-        stderr=subprocess.STDOUT, check=False,
-        preexec_fn=_die_with_parent if sys.platform == 'linux' else None)
-  return proc.returncode
-
-
-def _tail(path: str, lines: int = 15) -> str:
-  if not os.path.isfile(path):
-    return ''
-  with open(path, encoding='utf-8', errors='replace') as f:
-    return ''.join(f.readlines()[-lines:])
-
-
-@contextlib.contextmanager
-def _lock(sweep_dir: str):
-  """Holds ``<sweep_dir>/.sweep.lock``; one sweep process per folder."""
-  with open(os.path.join(sweep_dir, LOCK_FILE), 'a+', encoding='utf-8') as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-      raise RuntimeError(f'another sweep is running in {sweep_dir}; wait for '
-                         'it or stop it first') from e
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def run_sweep(runs: Sequence[Run], sweep_dir: str, *,
-              launcher: Launcher = subprocess_launcher,
-              echo: Callable[[str], None] = print) -> dict[str, str]:
-  """Runs every unfinished run, one after another.
-
-  Finished runs are skipped, interrupted ones resumed (the training system
-  restores the newest checkpoint of the workdir), each run's reproduction
-  command is printed, and a failed run does not stop the others.
-
-  Args:
-    runs: from ``expand``.
-    sweep_dir: the folder of the run workdirs; ``sweep.json`` lists the runs.
-    launcher: ``run -> exit status``; it must leave ``summary.json`` in
-      ``run.workdir`` when the run completes.
-    echo: where progress lines go.
-
-  Returns:
-    ``{name: 'skipped' | 'done' | 'failed'}``.
-
-  Raises:
-    ValueError: from ``check_existing``, before any run is launched.
-    RuntimeError: another sweep process holds the folder.
-  """
-  for note in check_existing(runs):
-    echo(note)
-  os.makedirs(sweep_dir, exist_ok=True)
-  with _lock(sweep_dir):
-    with open(os.path.join(sweep_dir, SWEEP_FILE), 'w', encoding='utf-8') as f:
-      json.dump({'runs': [_record(r) for r in runs]}, f, indent=2)
-    return _run_all(runs, launcher, echo)
-
-
-def _run_all(runs: Sequence[Run], launcher: Launcher,
-             echo: Callable[[str], None]) -> dict[str, str]:
-  outcome = {}
-  for i, run in enumerate(runs, 1):
-    status = run_status(run.workdir)
-    head = f'[{i}/{len(runs)}] {run.name}'
-    if status == 'finished':
-      echo(f'{head}: finished, skipped\n  {run.command()}')
-      outcome[run.name] = 'skipped'
-      continue
-    step = latest_checkpoint(run.workdir)
-    what = f'resuming from step {step}' if step is not None else 'starting'
-    echo(f'{head}: {what}\n  {run.command()}')
-    os.makedirs(run.workdir, exist_ok=True)
-    with open(os.path.join(run.workdir, RUN_FILE), 'w', encoding='utf-8') as f:
-      json.dump(_record(run), f, indent=2)
-    code = launcher(run)
-    if code == 0 and run_status(run.workdir) == 'finished':
-      outcome[run.name] = 'done'
-      echo(f'{head}: done')
-    else:
-      outcome[run.name] = 'failed'
-      echo(f'{head}: FAILED (exit status {code}); last lines of '
-           f'{os.path.join(run.workdir, LOG_FILE)}:\n'
-           + _tail(os.path.join(run.workdir, LOG_FILE)))
-  return outcome

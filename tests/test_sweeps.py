@@ -18,6 +18,7 @@ import pytest
 from lorajax import process_memory
 from lorajax import step_profile
 from lorajax import sweep_report
+from lorajax import sweep_runner
 from lorajax import sweeps
 
 # ml_collections loads config files with the deprecated load_module().
@@ -76,7 +77,7 @@ class FakeTrainer:
         'test': {'accuracy': acc}, 'tokens_per_sec': 300.0,
         'train_time_s': 10.0, 'adapter_bytes': 4 * n if lora else 8 * n,
         'wall_time_s': 20.0, 'peak_rss_bytes': 2**30}
-    with open(os.path.join(run.workdir, sweeps.SUMMARY), 'w') as f:
+    with open(os.path.join(run.workdir, sweep_runner.SUMMARY), 'w') as f:
       json.dump(summary, f)
     return 0
 
@@ -115,7 +116,8 @@ def test_misspelled_key_is_an_error_before_any_run(tmp_path):
       add(**{'lora.rank': 2})
       add(**{'lora.rnak': 4})
       ''')
-  with pytest.raises(ValueError, match=r"'lora.rnak'.*did you mean 'lora.rank'"):
+  with pytest.raises(ValueError,
+                     match=r"'lora.rnak'.*did you mean 'lora.rank'"):
     sweeps.expand(path, str(tmp_path / 'sweep'))
   assert not (tmp_path / 'sweep').exists()
 
@@ -155,14 +157,14 @@ def test_skips_finished_and_resumes_interrupted(tmp_path):
   runs = sweeps.expand(SMOKE, str(tmp_path))
   killed = runs[1].name
   trainer = FakeTrainer(die=[killed])
-  out = sweeps.run_sweep(runs, str(tmp_path), launcher=trainer,
+  out = sweep_runner.run_sweep(runs, str(tmp_path), launcher=trainer,
                          echo=lambda s: None)
   assert out[killed] == 'failed'
   assert sum(v == 'done' for v in out.values()) == len(runs) - 1
-  assert sweeps.run_status(runs[1].workdir) == 'unfinished'
+  assert sweep_runner.run_status(runs[1].workdir) == 'unfinished'
 
   lines, trainer = [], FakeTrainer()
-  out = sweeps.run_sweep(runs, str(tmp_path), launcher=trainer,
+  out = sweep_runner.run_sweep(runs, str(tmp_path), launcher=trainer,
                          echo=lines.append)
   assert trainer.calls == [killed]
   assert out[killed] == 'done'
@@ -175,27 +177,27 @@ def test_skips_finished_and_resumes_interrupted(tmp_path):
 
 def test_changed_config_is_an_error_before_any_run(tmp_path):
   runs = sweeps.expand(SMOKE, str(tmp_path))
-  sweeps.run_sweep(runs[:1], str(tmp_path), launcher=FakeTrainer(),
+  sweep_runner.run_sweep(runs[:1], str(tmp_path), launcher=FakeTrainer(),
                    echo=lambda s: None)
   changed = sweeps.expand(SMOKE, str(tmp_path), {'num_train_steps': 9})
   trainer = FakeTrainer()
   with pytest.raises(ValueError, match='num_train_steps: 6 -> 9'):
-    sweeps.run_sweep(changed, str(tmp_path), launcher=trainer)
+    sweep_runner.run_sweep(changed, str(tmp_path), launcher=trainer)
   assert not trainer.calls
 
 
 def test_fields_added_to_the_config_since_do_not_block(tmp_path):
   runs = sweeps.expand(SMOKE, str(tmp_path))
-  sweeps.run_sweep(runs[:1], str(tmp_path), launcher=FakeTrainer(),
+  sweep_runner.run_sweep(runs[:1], str(tmp_path), launcher=FakeTrainer(),
                    echo=lambda s: None)
-  path = os.path.join(runs[0].workdir, sweeps.RUN_FILE)
+  path = os.path.join(runs[0].workdir, sweep_runner.RUN_FILE)
   with open(path) as f:
     record = json.load(f)
   del record['config']['lora.dropout']  # As if written before it existed.
   with open(path, 'w') as f:
     json.dump(record, f)
   lines, trainer = [], FakeTrainer()
-  assert sweeps.run_sweep(runs[:1], str(tmp_path), launcher=trainer,
+  assert sweep_runner.run_sweep(runs[:1], str(tmp_path), launcher=trainer,
                           echo=lines.append) == {runs[0].name: 'skipped'}
   assert 'fields added since 1 run(s) were made' in lines[0]
   assert lines[0].endswith(': lora.dropout; removed: none')
@@ -207,11 +209,11 @@ def test_one_sweep_process_per_folder(tmp_path):
 
   def launcher(run):
     with pytest.raises(RuntimeError, match='another sweep is running'):
-      sweeps.run_sweep(runs, str(tmp_path), launcher=FakeTrainer())
+      sweep_runner.run_sweep(runs, str(tmp_path), launcher=FakeTrainer())
     inner.append(run.name)
     return FakeTrainer()(run)
 
-  sweeps.run_sweep(runs[:1], str(tmp_path), launcher=launcher,
+  sweep_runner.run_sweep(runs[:1], str(tmp_path), launcher=launcher,
                    echo=lambda s: None)
   assert inner == [runs[0].name]
 
@@ -227,17 +229,17 @@ def test_subprocess_launcher_runs_the_command(tmp_path, monkeypatch):
   monkeypatch.setenv('PYTHONPATH', str(tmp_path))
   monkeypatch.setattr(sweeps, 'TRAIN_MODULE', 'fake_train')
   run = sweeps.expand(SMOKE, str(tmp_path / 'sweep'))[0]
-  assert sweeps.run_sweep([run], str(tmp_path / 'sweep'),
+  assert sweep_runner.run_sweep([run], str(tmp_path / 'sweep'),
                           echo=lambda s: None) == {run.name: 'done'}
-  with open(os.path.join(run.workdir, sweeps.SUMMARY)) as f:
+  with open(os.path.join(run.workdir, sweep_runner.SUMMARY)) as f:
     assert json.load(f)['argv'] == list(run.argv)
-  with open(os.path.join(run.workdir, sweeps.LOG_FILE)) as f:
+  with open(os.path.join(run.workdir, sweep_runner.LOG_FILE)) as f:
     assert f.read().startswith(f'$ {run.command()}\n')
 
 
 def test_report_from_a_fake_sweep(tmp_path):
   runs = sweeps.expand(SMOKE, str(tmp_path))
-  sweeps.run_sweep(runs, str(tmp_path), launcher=FakeTrainer(
+  sweep_runner.run_sweep(runs, str(tmp_path), launcher=FakeTrainer(
       die=[runs[0].name]), echo=lambda s: None)
   paths = sweep_report.write_report(str(tmp_path))
   with open(paths['csv'], newline='') as f:
