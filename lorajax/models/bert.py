@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax.models import ops
+
 Dtype = Any
 
 
@@ -70,6 +72,14 @@ class BertConfig:
       ``nn.Dense(dtype=...)`` does). Softmax and LayerNorm statistics stay in
       float32, and ``logits`` are returned in float32.
     param_dtype: dtype of freshly initialized parameters.
+    lean_backward: compute attention and GELU with ``lorajax.models.ops``:
+      the same values, with custom derivatives that keep only what the
+      backward pass needs (on a MiniLM LoRA step, 0.93 GB of XLA temporaries
+      instead of 1.46 GB). False differentiates the plain formulas.
+    save_attention_probs: with ``lean_backward``, keep the attention
+      probabilities for the backward pass instead of recomputing them from
+      ``q`` and ``k`` (one more ``q·kᵀ`` per layer, about 1.4% of a step's
+      FLOPs, for ``[B, heads, T, T]`` less memory per layer).
   """
   vocab_size: int = 30522
   hidden_size: int = 768
@@ -86,6 +96,8 @@ class BertConfig:
   initializer_range: float = 0.02
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lean_backward: bool = True
+  save_attention_probs: bool = False
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -210,16 +222,25 @@ class BertSelfAttention(nn.Module):
                 for p in (prefix[0], prefix[1]))
       k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
       mask = jnp.concatenate([jnp.ones((batch, n), bool), mask], 1)
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
-                        preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(cfg.head_dim).astype(np.float32)
-    # A fully masked row becomes uniform rather than NaN.
-    scores = jnp.where(mask[:, None, None, :], scores,
-                       jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    probs = nn.Dropout(cfg.attention_dropout)(
-        probs, deterministic=deterministic)
-    context = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    if cfg.lean_backward:
+      rng = None
+      if not deterministic and cfg.attention_dropout > 0.0:
+        rng = self.make_rng('dropout')
+      context = ops.attention(q, k, v, mask,
+                              dropout_rate=cfg.attention_dropout,
+                              dropout_rng=rng,
+                              save_probs=cfg.save_attention_probs)
+    else:
+      scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                          preferred_element_type=jnp.float32)
+      scores = scores / np.sqrt(cfg.head_dim).astype(np.float32)
+      # A fully masked row becomes uniform rather than NaN.
+      scores = jnp.where(mask[:, None, None, :], scores,
+                         jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+      probs = nn.Dropout(cfg.attention_dropout)(
+          probs, deterministic=deterministic)
+      context = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     context = context.reshape(batch, length, cfg.hidden_size)
     y = _dense(cfg, cfg.hidden_size, 'output')(context)
     y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
@@ -238,7 +259,7 @@ class BertLayer(nn.Module):
     x = BertSelfAttention(cfg, name='attention')(
         x, mask, deterministic=deterministic, prefix=prefix)
     h = _dense(cfg, cfg.intermediate_size, 'intermediate')(x)
-    h = nn.gelu(h, approximate=False)
+    h = ops.gelu(h) if cfg.lean_backward else nn.gelu(h, approximate=False)
     h = _dense(cfg, cfg.hidden_size, 'output')(h)
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     return _layer_norm(cfg, 'output_ln')(h + x)
