@@ -115,7 +115,9 @@ def make_setup(variant: str, config: bert_lib.BertConfig, batch: dict[str, Any],
     return (optax.apply_updates(t, updates), opt_state), value
 
   state = (trainable, tx.init(trainable))
-  return Setup(jax.jit(step, donate_argnums=0), state, frozen,
+  step = jax.jit(step, donate_argnums=0,
+                 compiler_options=lorajax.compiler_options())
+  return Setup(step, state, frozen,
                lorajax.count(trainable))
 
 

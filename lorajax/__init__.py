@@ -28,5 +28,6 @@ from lorajax.spec import FREEZE
 from lorajax.spec import LoraSpec
 from lorajax.spec import resolve
 from lorajax.spec import TRAIN
+from lorajax.xla_options import compiler_options
 
 __version__ = '0.1.0'

@@ -1,0 +1,49 @@
+"""XLA compiler options for a lorajax train step, per backend.
+
+Pass them to ``jax.jit(step, compiler_options=lorajax.compiler_options())``
+(or ``.lower(...).compile(compiler_options=...)``). They change how XLA
+schedules and fuses the step, never what it computes: losses are identical.
+
+On CPU (jaxlib 0.10.2), measured on a MiniLM LoRA step (rank 8 on query and
+value, batch 32 × 128, float32, AdamW, 2 cores):
+
+- ``xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``: orders the
+  program to keep fewer buffers alive; the default, concurrency-optimized
+  order hoists backward work into the forward pass.
+- ``xla_cpu_experimental_ynn_fusion_type=`` (none): YNNPACK fusions
+  materialize broadcast constants at full activation size (e.g. 24 MiB
+  ``[32, 128, 1536]`` arrays kept for the whole step) and extend live
+  ranges; without them dots run through XLA's own (Eigen) runtime.
+
+Together: XLA temporaries 927 MB → 545 MB and step time 1096 → 903 ms.
+
+Example:
+
+  >>> step = jax.jit(train_step, compiler_options=compiler_options())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+_CPU = {
+    'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED',
+    'xla_cpu_experimental_ynn_fusion_type': '',
+}
+
+
+def compiler_options(backend: str | None = None) -> dict[str, Any]:
+  """The XLA options lorajax recommends for a train step on ``backend``.
+
+  Args:
+    backend: ``'cpu'``, ``'gpu'``, ``'tpu'``; ``None`` means
+      ``jax.default_backend()``.
+
+  Returns:
+    A new dict for ``jax.jit(..., compiler_options=...)``; empty where the
+    defaults are best.
+  """
+  backend = jax.default_backend() if backend is None else backend
+  return dict(_CPU) if backend == 'cpu' else {}
