@@ -132,8 +132,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     b, t, h, _ = q.shape
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
                                 (b, h, t, k.shape[1]))
-  return _attention(q, k, v, mask.astype(bool), keep, float(dropout_rate),
-                    bool(save_probs))
+  out_dtype = v.dtype
+  if out_dtype != jnp.float32:
+    # The products ask for float32 results; XLA's CPU runtime has no
+    # bf16 x bf16 -> f32 dot, so lower-precision inputs are widened here.
+    q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+  out = _attention(q, k, v, mask.astype(bool), keep, float(dropout_rate),
+                   bool(save_probs))
+  return out.astype(out_dtype)
 
 
 def _gelu(x32: jax.Array) -> jax.Array:
