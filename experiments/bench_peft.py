@@ -20,6 +20,28 @@ LoRA rank 8, alpha 16, classifier trained, on query/value (``qv``) or on all
 six dense kernels of every block (``all``). Both frameworks see the same
 losses step after step (reported as ``max_loss_diff``): they compute the
 same thing.
+
+Timings need a quiet machine: under load, PyTorch's OpenMP barriers lose far
+more than XLA's thread pool (at load average 4 on 2 cores PEFT's MiniLM step
+went from 1.2 s to 5.3 s, lorajax's from 0.86 s to 1.5 s). Each row records
+the load average; compare runs near 1 (the benchmark itself).
+
+Result on the 2-core AMD EPYC dev machine (jax 0.10.2, torch 2.13.0+cpu,
+transformers 5.23.0, peft 0.21.2; 10 repetitions; load average 1.4-1.7):
+
+  | variant   | lorajax ms | PEFT ms | step ratio | lorajax MB | PEFT MB | RSS ratio |
+  |-----------|-----------:|--------:|-----------:|-----------:|--------:|----------:|
+  | minilm/qv |        862 |    1217 |      0.708 |       1018 |    1305 |     0.780 |
+  | minilm/all|       1128 |    1518 |      0.743 |       1429 |    1895 |     0.754 |
+  | base/qv   |       1288 |    2090 |      0.616 |       1362 |    1607 |     0.848 |
+  | base/all  |       1543 |    2462 |      0.627 |       1825 |    2140 |     0.853 |
+
+Three quiet runs of minilm/qv gave step ratios 0.708, 0.778, 0.761 and RSS
+ratios 0.780, 0.776, 0.765: lorajax's step varies more between runs (XLA CPU
+allocates its 0.55 GB of temporaries afresh each step, so every step pays
+its page faults; transparent huge pages through
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` made single steps faster, 787 ms,
+but the median slower, 1339 ms, so the harness sets nothing).
 """
 
 from __future__ import annotations
