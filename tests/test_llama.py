@@ -14,6 +14,7 @@ import safetensors.numpy
 from lorajax import assets
 from lorajax.models import bpe_tokenizer
 from lorajax.models import llama
+from lorajax.models import llama_layout
 from lorajax.models import llama_loading
 from lorajax.models import lm
 
@@ -163,7 +164,7 @@ def test_scanned_and_unscanned_layouts_agree(remat):
   params, apply = _tiny(config, tokens)
   scan_config = config.replace(scan_layers=True)
   scan_init, scan_apply = _tiny(scan_config, tokens)
-  scanned = llama.scan_params(params)
+  scanned = llama_layout.scan_params(params)
   assert scanned['layers']['attn']['q_proj']['kernel'].shape == (2, 32, 32)
   assert jax.tree.map(jnp.shape, scanned) == jax.tree.map(jnp.shape, scan_init)
   want = apply({'params': params}, tokens)
@@ -175,7 +176,7 @@ def test_scanned_and_unscanned_layouts_agree(remat):
   step, cache = scan_apply({'params': scanned}, tokens[:, 4:], cache=cache)
   np.testing.assert_allclose(step, want[:, 4:], atol=1e-5)
   assert int(cache.index) == 6 and bool(cache.valid.all())
-  back = llama.unscan_params(scanned)
+  back = llama_layout.unscan_params(scanned)
   assert jax.tree.all(jax.tree.map(jnp.array_equal, back, params))
 
 
@@ -203,9 +204,9 @@ def test_generate_second_call_does_not_recompile():
 
 def test_scan_params_bad_structure_raises():
   with pytest.raises(ValueError, match='layers_0'):
-    llama.scan_params({'embed': {}, 'layers_1': {}})
+    llama_layout.scan_params({'embed': {}, 'layers_1': {}})
   with pytest.raises(ValueError, match='layers'):
-    llama.unscan_params({'embed': {}})
+    llama_layout.unscan_params({'embed': {}})
 
 
 def test_untied_head_and_bf16():
@@ -216,7 +217,7 @@ def test_untied_head_and_bf16():
   assert params['lm_head']['kernel'].dtype == jnp.float32
   logits = apply({'params': params}, tokens)
   assert logits.dtype == jnp.float32 and logits.shape == (1, 5, 256)
-  assert set(llama.expected_shapes(config)) == {
+  assert set(llama_layout.expected_shapes(config)) == {
       '/'.join(k.key for k in path)
       for path, _ in jax.tree_util.tree_leaves_with_path(params)}
 
@@ -288,7 +289,7 @@ def test_hf_checkpoint_round_trip(tmp_path):
                                                       scan_layers=True)
   assert loaded_config == config.replace(scan_layers=True)
   np.testing.assert_allclose(
-      llama.unscan_params(loaded)['layers_1']['attn']['q_proj']['kernel'],
+      llama_layout.unscan_params(loaded)['layers_1']['attn']['q_proj']['kernel'],
       params['layers_1']['attn']['q_proj']['kernel'])
   _, loaded_apply = _tiny(loaded_config, tokens)
   np.testing.assert_allclose(loaded_apply({'params': loaded}, tokens),

@@ -10,6 +10,7 @@ from lorajax import Lora, LoraSpec
 from lorajax.methods import prompts
 from lorajax.models import bert
 from lorajax.models import llama
+from lorajax.models import llama_layout
 
 KEY = jax.random.key(0)
 BERT = bert.BertConfig(vocab_size=40, hidden_size=16, num_layers=2,
@@ -110,7 +111,7 @@ def test_llama_prompt_and_prefix_with_padding_scan_and_cache():
          full, 1e-4)
   # Scanned layers take the stacked prefix.
   scanned = llama.Llama(LLAMA.replace(scan_layers=True))
-  _close(_jit(scanned)({'params': llama.scan_params(variables['params'])},
+  _close(_jit(scanned)({'params': llama_layout.scan_params(variables['params'])},
                        tokens, **kw), full, 1e-5)
   # Prefill with the prompt, then decode with the prefix: as one pass.
   logits, cache = apply(variables, tokens[:, :5], cache_len=10, **kw)

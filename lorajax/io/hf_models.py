@@ -30,6 +30,7 @@ from lorajax import spec as spec_lib
 from lorajax.models import bert
 from lorajax.models import bert_loading
 from lorajax.models import llama
+from lorajax.models import llama_layout
 
 PyTree = Any
 
@@ -88,14 +89,14 @@ class HfModel:
   def unscan(self, tree: PyTree) -> PyTree:
     """Scanned-layer trees (``layers/...``) to ``layers_{i}/...``."""
     if self.scanned and isinstance(tree, dict) and 'layers' in tree:
-      return llama.unscan_params(tree)
+      return llama_layout.unscan_params(tree)
     return tree
 
   def rescan(self, tree: PyTree) -> PyTree:
     """Inverse of ``unscan`` when the config scans its layers."""
     if self.scanned and isinstance(tree, dict) and any(
         re.fullmatch(r'layers_\d+', k) for k in tree):
-      return llama.scan_params(tree)
+      return llama_layout.scan_params(tree)
     return tree
 
   def state_dict(self, params: PyTree) -> dict[str, np.ndarray]:

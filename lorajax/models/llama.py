@@ -16,8 +16,8 @@ collection)::
 
 With ``scan_layers=True`` the layers are one ``nn.scan`` named ``layers`` and
 every layer leaf gains a leading axis of length ``num_layers``
-(``layers/attn/q_proj/kernel`` is ``[L, d, h*hd]``); ``scan_params`` and
-``unscan_params`` convert between the two layouts.
+(``layers/attn/q_proj/kernel`` is ``[L, d, h*hd]``); ``llama_layout.scan_params``
+and ``unscan_params`` convert between the two layouts.
 
 RoPE is the "rotate half" form of Hugging Face transformers: weights are kept
 in the Hugging Face row order (the GGUF loader un-permutes Q and K).
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -54,7 +53,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,82 +407,3 @@ def _check_prompts(cfg: LlamaConfig, prompt: jax.Array | None,
         f'prefix has shape {prefix.shape}; expected [{want[0]}, 2, n, '
         f'{want[2]}, {want[3]}] (layers, keys/values, length, kv_heads, '
         f'head_dim)')
-
-
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-  """Returns ``{'/'-joined path: shape}`` of the params of ``Llama(config)``.
-
-  Paths are relative to the ``'params'`` collection; with ``scan_layers`` the
-  layer shapes have a leading ``num_layers`` axis.
-  """
-  d, hd = config.hidden_size, config.head_dim
-  q, kv = config.num_heads * hd, config.num_kv_heads * hd
-  f = config.intermediate_size
-  layer = {'attn_norm/scale': (d,), 'attn/q_proj/kernel': (d, q),
-           'attn/k_proj/kernel': (d, kv), 'attn/v_proj/kernel': (d, kv),
-           'attn/o_proj/kernel': (q, d), 'mlp_norm/scale': (d,),
-           'mlp/gate_proj/kernel': (d, f), 'mlp/up_proj/kernel': (d, f),
-           'mlp/down_proj/kernel': (f, d)}
-  out = {'embed/embedding': (config.vocab_size, d), 'final_norm/scale': (d,)}
-  if not config.tie_embeddings:
-    out['lm_head/kernel'] = (d, config.vocab_size)
-  if config.scan_layers:
-    out.update({f'layers/{k}': (config.num_layers, *v)
-                for k, v in layer.items()})
-  else:
-    for i in range(config.num_layers):
-      out.update({f'layers_{i}/{k}': v for k, v in layer.items()})
-  return out
-
-
-_LAYER_KEY = re.compile(r'layers_(\d+)')
-
-
-def _split_variables(tree: PyTree) -> tuple[PyTree, bool]:
-  if isinstance(tree, dict) and set(tree) == {'params'}:
-    return tree['params'], True
-  return tree, False
-
-
-def scan_params(params: PyTree) -> PyTree:
-  """Converts ``layers_{i}/...`` params to the scanned ``layers/...`` layout.
-
-  Args:
-    params: a variables dict ``{'params': ...}`` or the bare params tree of an
-      unscanned ``Llama``.
-
-  Returns:
-    The same structure with the layer subtrees stacked along a new axis 0.
-  """
-  tree, wrapped = _split_variables(params)
-  indices = sorted(int(m.group(1)) for k in tree
-                   if (m := _LAYER_KEY.fullmatch(k)))
-  if not indices or indices != list(range(len(indices))):
-    raise ValueError(f'expected keys layers_0..layers_{{L-1}}, got '
-                     f'{sorted(tree)}')
-  out = {k: v for k, v in tree.items() if not _LAYER_KEY.fullmatch(k)}
-  out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs),
-                               *[tree[f'layers_{i}'] for i in indices])
-  return {'params': out} if wrapped else out
-
-
-def unscan_params(params: PyTree) -> PyTree:
-  """Converts the scanned ``layers/...`` layout to ``layers_{i}/...``.
-
-  Args:
-    params: a variables dict ``{'params': ...}`` or the bare params tree of a
-      scanned ``Llama``.
-
-  Returns:
-    The same structure with ``layers`` split into ``layers_0`` ..
-    ``layers_{L-1}``.
-  """
-  tree, wrapped = _split_variables(params)
-  if 'layers' not in tree:
-    raise ValueError(f'expected a "layers" key, got {sorted(tree)}')
-  stacked = tree['layers']
-  num_layers = jax.tree.leaves(stacked)[0].shape[0]
-  out = {k: v for k, v in tree.items() if k != 'layers'}
-  for i in range(num_layers):
-    out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
-  return {'params': out} if wrapped else out

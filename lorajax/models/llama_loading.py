@@ -38,6 +38,7 @@ from safetensors import safe_open
 
 from lorajax import assets
 from lorajax.models import llama
+from lorajax.models import llama_layout
 
 PyTree = Any
 
@@ -86,7 +87,7 @@ def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
 def _finish(config: llama.LlamaConfig, params: dict, overrides: dict
             ) -> tuple[llama.LlamaConfig, PyTree]:
   """Checks shapes, converts to jnp, applies overrides, scans if asked."""
-  expected = llama.expected_shapes(config.replace(scan_layers=False))
+  expected = llama_layout.expected_shapes(config.replace(scan_layers=False))
   got = {'/'.join(k): v.shape for k, v in _flatten(params).items()}
   for path, shape in expected.items():
     if path not in got:
@@ -323,7 +324,7 @@ def hf_shapes(config: llama.LlamaConfig) -> dict[str, tuple[int, ...]]:
          'model.norm.weight': (config.hidden_size,)}
   if not config.tie_embeddings:
     out['lm_head.weight'] = (config.vocab_size, config.hidden_size)
-  ours = llama.expected_shapes(config.replace(scan_layers=False))
+  ours = llama_layout.expected_shapes(config.replace(scan_layers=False))
   for i in range(config.num_layers):
     for path, (_, hf_name) in _LAYER_TENSORS.items():
       shape = ours[f'layers_{i}/' + '/'.join(path)]
@@ -347,7 +348,7 @@ def hf_state_dict(config: llama.LlamaConfig, params: PyTree
   if set(params) == {'params'}:
     params = params['params']
   if 'layers' in params:
-    params = llama.unscan_params(params)
+    params = llama_layout.unscan_params(params)
   out = {'model.embed_tokens.weight': params['embed']['embedding'],
          'model.norm.weight': params['final_norm']['scale']}
   if not config.tie_embeddings:
