@@ -1,6 +1,5 @@
 """Training: spec from config, optimizer, steps, end-to-end smoke runs, bad input."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,25 +19,13 @@ from lorajax.training import optim
 from lorajax.training import step as step_lib
 from lorajax.training import train
 
+from toy_models import load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ('rt_minilm_lora', 'rt_minilm_full', 'rt_minilm_head',
            'shakespeare_smollm2_lora')
 
 
-def load_config(name, arg='smoke', **overrides):
-  path = os.path.join(ROOT, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  with config.unlocked():
-    for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split('.')
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
 
 
 # ---- config -> spec, optimizer, step --------------------------------------

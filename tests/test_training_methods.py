@@ -1,6 +1,5 @@
 """Training with each PEFT method: config -> spec, smoke runs, qlora, resume."""
 
-import importlib.util
 import os
 import shutil
 
@@ -16,6 +15,8 @@ from lorajax.training import config as config_lib
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import train
 
+from toy_models import load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS_CONFIG = 'rt_minilm_methods'
 # Shorter than the smoke default (6 steps): checkpoints at 2 and 4.
@@ -29,20 +30,6 @@ PARAMS = {'encoder': {'layer_0': {
           'classifier': {'kernel': np.ones((4, 2))}}
 
 
-def load_config(name, arg='smoke', **overrides):
-  path = os.path.join(ROOT, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  with config.unlocked():
-    for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split('.')
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
 
 
 def _config(method, **fields):

@@ -1,5 +1,8 @@
 """Tiny models and helpers shared by the method tests (DoRA, QLoRA, ...)."""
 
+import importlib.util
+import os
+
 from flax import linen as nn
 import jax
 from jax import lax
@@ -70,3 +73,23 @@ def assert_close(got, want, tol=1e-5):
   scale = float(np.abs(np.asarray(want)).max()) or 1.0
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol,
                              atol=tol * scale)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg='smoke', **overrides):
+  """``configs/<name>.py``'s ``get_config(arg)`` with dotted overrides."""
+  path = os.path.join(ROOT, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split('.')
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
