@@ -84,12 +84,15 @@ class FakeTrainer:
 
 def test_expands_the_shipped_sweep():
   runs = sweeps.expand('configs/rt_minilm_sweep.py', '/tmp/sw')
-  assert len(runs) == 6 * 3 + 3
+  assert len(runs) == 6 * 3 + 4
   assert runs[0].name == 'lora.rank=1,lora.alpha=1'
   assert runs[0].workdir == '/tmp/sw/lora.rank=1,lora.alpha=1'
   assert len({r.name for r in runs}) == len(runs)
   assert [r.config.method for r in runs[-2:]] == ['full', 'head']
-  assert runs[-3].config.lora.targets == 'encoder/.*/kernel'
+  assert runs[-4].config.lora.targets == 'encoder/.*/kernel'
+  assert runs[-3].config.optim.lr_factors.endswith('adapters/.*/b=16')
+  assert "'--config.optim.lr_factors=params/classifier/.*=10," in (
+      runs[-3].command())
   assert (runs[5].config.lora.rank, runs[5].config.lora.alpha) == (2, 32.0)
   assert runs[5].command() == (
       'python -m experiments.train --config=configs/rt_minilm_sweep.py '

@@ -73,6 +73,44 @@ def test_weight_decay_skips_vectors():
   assert mask == {'a': {'kernel': True, 'bias': False}}
 
 
+def test_lr_factors_act_as_a_per_leaf_learning_rate():
+  params = {'adapters': {'q': {'a': jnp.ones((2, 2)), 'b': jnp.ones((2, 2))}},
+            'params': {'head': {'kernel': jnp.ones((2, 2))}}}
+  grads = jax.tree.map(lambda x: x * jnp.array([[0.3, -1.0], [2.0, 0.5]]),
+                       params)
+  kw = dict(num_steps=10, weight_decay=0.1)
+
+  def first_update(tx):
+    return tx.update(grads, tx.init(params), params)[0]
+
+  base = first_update(optim.make_optimizer(learning_rate=0.1, **kw)[0])
+  tenx = first_update(optim.make_optimizer(learning_rate=1.0, **kw)[0])
+  both = first_update(optim.make_optimizer(
+      learning_rate=0.1, lr_factors='params/head/.*=10, adapters/.*/b=0',
+      **kw)[0])
+  np.testing.assert_allclose(both['params']['head']['kernel'],
+                             tenx['params']['head']['kernel'], rtol=1e-6)
+  np.testing.assert_array_equal(both['adapters']['q']['a'],
+                                base['adapters']['q']['a'])
+  np.testing.assert_array_equal(both['adapters']['q']['b'], 0.0)
+  assert np.abs(base['adapters']['q']['b']).min() > 0
+
+
+def test_lr_factors_bad_rules_are_clear_errors():
+  params = {'params': {'head': {'kernel': jnp.ones((2, 2))}}}
+  tx, _ = optim.make_optimizer(learning_rate=0.1, num_steps=2,
+                               lr_factors='params/classifer/.*=10')
+  with pytest.raises(ValueError, match='matches no trainable leaf.*'
+                     'params/head/kernel'):
+    tx.init(params)
+  for text, msg in (('params/head', 'not "regex=factor"'),
+                    ('params/head=ten', 'not a number'),
+                    ('params/(head=2', 'not a regex'),
+                    ('params/head=-1', '>= 0')):
+    with pytest.raises(ValueError, match=msg):
+      optim.parse_lr_factors(text)
+
+
 def _quadratic_loss(trainable, frozen, batch, rng):
   del rng
   pred = batch['x'] @ trainable['params']['w'] + frozen['b']

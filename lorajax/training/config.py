@@ -191,6 +191,10 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.optim.eps = 1e-8
   # Clip gradients to this global norm; 0 turns clipping off.
   c.optim.clip_norm = 1.0
+  # Per-path learning-rate factors, 'regex=factor,...' over the trainable
+  # paths ('params/classifier/.*=10', or LoRA+: 'adapters/.*/b=16');
+  # the first matching rule wins, unmatched leaves keep factor 1.
+  c.optim.lr_factors = ''
   # Split each batch into this many micro-batches and average their
   # gradients (same update, less memory).
   c.optim.accum_steps = 1
