@@ -68,10 +68,10 @@ def get_config(arg=None):
   # the head-only reference), so the grid measures the adapters, not how
   # fast a fresh head catches up.
   c.optim.lr_factors = HEAD_10X
-  c.num_train_steps = 60
-  c.optim.warmup_steps = 6
-  c.eval_every = 60
-  c.checkpoint_every = 30
+  c.num_train_steps = 150
+  c.optim.warmup_steps = 15
+  c.eval_every = 150
+  c.checkpoint_every = 50
   c.max_to_keep = 1
   c.log_every = 10
   c.progress_bar = False

@@ -16,6 +16,7 @@ from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import optim
+from lorajax.training import parallel
 from lorajax.training import step as step_lib
 from lorajax.training import train
 
@@ -137,6 +138,24 @@ def test_accumulated_step_equals_one_big_step():
   np.testing.assert_allclose(s1.trainable['params']['w'],
                              s4.trainable['params']['w'], rtol=1e-5)
   assert int(s4.step) == 1
+
+
+def test_compiler_options_change_speed_not_results():
+  x = jax.random.normal(jax.random.key(0), (8, 3))
+  batch = {'x': x, 'y': x @ jnp.array([1.0, -2.0, 0.5])}
+  trainable = {'adapters': {}, 'params': {'w': jnp.zeros(3)}}
+  frozen = {'b': jnp.float32(0.1)}
+  tx, _ = optim.make_optimizer(learning_rate=0.1, num_steps=4)
+  out = []
+  for options in ({}, lorajax.compiler_options('cpu')):
+    runner = parallel.jit_runner(loss_fn=_quadratic_loss, eval_fn=None, tx=tx,
+                                 compiler_options=options)
+    state, fr = runner.place(step_lib.create_state(trainable, tx, 0), frozen)
+    for _ in range(3):
+      state, _ = runner.train_step(state, fr, runner.put_batch(batch))
+    out.append(np.asarray(state.trainable['params']['w']))
+  np.testing.assert_array_equal(out[0], out[1])
+  assert not np.array_equal(out[0], 0.0)
 
 
 def test_train_step_does_not_recompile():

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from lorajax import spec as spec_lib
+from lorajax import xla_options
 from lorajax.training import config as config_lib
 from lorajax.training import sharding as sharding_lib
 from lorajax.training import step as step_lib
@@ -89,12 +90,14 @@ def _steps(loss_fn, eval_fn, tx, accum_steps, axis_name=None):
 
 
 def jit_runner(*, loss_fn: step_lib.LossFn, eval_fn: step_lib.EvalFn,
-               tx: optax.GradientTransformation, accum_steps: int = 1
-               ) -> Runner:
-  """``jax.jit`` on the default device."""
+               tx: optax.GradientTransformation, accum_steps: int = 1,
+               compiler_options: dict[str, Any] | None = None) -> Runner:
+  """``jax.jit`` on the default device (train step compiled with
+  ``compiler_options``, e.g. ``lorajax.compiler_options()``)."""
   train, evaluate = _steps(loss_fn, eval_fn, tx, accum_steps)
+  train = jax.jit(train, compiler_options=compiler_options or None)
   return Runner(place=lambda state, frozen: jax.device_put((state, frozen)),
-                train_step=jax.jit(train), eval_step=jax.jit(evaluate),
+                train_step=train, eval_step=jax.jit(evaluate),
                 put_batch=jax.device_put, to_checkpoint=lambda s: s,
                 mode='jit')
 
@@ -151,7 +154,8 @@ def pmap_runner(*, loss_fn: step_lib.LossFn, eval_fn: step_lib.EvalFn,
 def mesh_runner(*, loss_fn: step_lib.LossFn, eval_fn: step_lib.EvalFn,
                 tx: optax.GradientTransformation, spec: spec_lib.LoraSpec,
                 trainable: PyTree, frozen: PyTree, mesh: Mesh | None = None,
-                accum_steps: int = 1) -> Runner:
+                accum_steps: int = 1,
+                compiler_options: dict[str, Any] | None = None) -> Runner:
   """``jax.jit`` with ``NamedSharding``s over a ``('data', 'model')`` mesh.
 
   Args:
@@ -161,6 +165,7 @@ def mesh_runner(*, loss_fn: step_lib.LossFn, eval_fn: step_lib.EvalFn,
       shapes set the shardings.
     frozen: the frozen base (arrays or shapes).
     mesh: default ``sharding.make_mesh()`` (all devices on ``'data'``).
+    compiler_options: XLA options for the train step.
 
   Returns:
     The runner; ``runner.shardings`` holds the ``TrainState``, frozen and
@@ -185,7 +190,8 @@ def mesh_runner(*, loss_fn: step_lib.LossFn, eval_fn: step_lib.EvalFn,
                  len(sharded), sharding_lib.MODEL)
   train, evaluate = _steps(loss_fn, eval_fn, tx, accum_steps)
   train = jax.jit(train, in_shardings=(state_sh, frozen_sh, batch_sh),
-                  out_shardings=(state_sh, replicated))
+                  out_shardings=(state_sh, replicated),
+                  compiler_options=compiler_options or None)
   evaluate = jax.jit(evaluate,
                      in_shardings=(state_sh.trainable, frozen_sh, batch_sh),
                      out_shardings=replicated)
@@ -237,7 +243,8 @@ def runner_from_config(config, task, tx: optax.GradientTransformation
   """The runner ``config.mode`` asks for (``config.mesh`` sizes the mesh).
 
   Args:
-    config: a run config (``mode``, ``optim.accum_steps``, ``batch_size``,
+    config: a run config (``mode``, ``xla_options``, ``optim.accum_steps``,
+      ``batch_size``,
       ``eval_batch_size``, and ``mesh.data`` / ``mesh.model`` for 'mesh').
     task: a ``lorajax.training.tasks.Task``.
     tx: the optimizer.
@@ -249,6 +256,8 @@ def runner_from_config(config, task, tx: optax.GradientTransformation
   mode = config.mode
   kwargs = dict(loss_fn=task.loss_fn, eval_fn=task.eval_fn, tx=tx,
                 accum_steps=int(config.optim.accum_steps))
+  if mode != 'pmap' and config.get('xla_options', True):
+    kwargs['compiler_options'] = xla_options.compiler_options()
   if mode == 'pmap':
     _check_divisible(config, jax.local_device_count(), 'local devices')
   elif mode == 'mesh':
