@@ -4,7 +4,7 @@ Three plots, drawn with matplotlib's object API (``Figure``, Agg canvas; no
 pyplot state, no display needed), of the test metric:
 
 - ``metric_vs_rank.png``: one line per alpha over rank (log2 axis); other
-  LoRA runs as labelled stars; full fine-tuning and head-only as reference
+  LoRA runs as labelled black markers; full fine-tuning and head-only as reference
   lines.
 - ``rank_alpha_heatmap.png``: rank × alpha, each cell annotated.
 - ``metric_vs_params.png``: the metric against trainable parameters (log
@@ -52,12 +52,44 @@ def grid(keys: Sequence[str], rows: Sequence[Row]) -> list[Row]:
   return max(groups.values(), key=len, default=[])
 
 
-def _label(row: Row) -> str:
-  """``targets=encoder/.*/kernel, rank=8, alpha=8`` from a run's overrides."""
-  text = ', '.join(f'{k.split(".")[-1]}={v}'
-                   for k, v in row.get('_overrides', {}).items())
-  text = text or row['name']
-  return text if len(text) <= 48 else text[:45] + '...'
+_MARKERS = ('*', 'P', 'X', 'D', 'v', '^', 's', 'h')
+
+
+def _short(value: Any, width: int = 42) -> str:
+  text = f'{value:g}' if isinstance(value, float) else str(value)
+  return text if len(text) <= width else '…' + text[-(width - 1):]
+
+
+def _label(row: Row, runs: Sequence[Row]) -> str:
+  """What sets an off-grid LoRA run apart: its rank and alpha, then each
+  override whose value the rank × alpha runs do not share (long values
+  keep their end, where the difference usually is)."""
+  config = row['_config']
+  parts = [f'r={config.get(RANK)}', f'alpha={_short(config.get(ALPHA))}']
+  for key, value in row.get('_overrides', {}).items():
+    if key in (RANK, ALPHA):
+      continue
+    if runs and all(r['_config'].get(key) == value for r in runs):
+      continue
+    parts.append(f'{key.split(".")[-1]}={_short(value)}')
+  return ', '.join(parts)
+
+
+def _extras(rows: Sequence[Row], runs: Sequence[Row]
+            ) -> list[tuple[Row, str, str]]:
+  """``(row, marker, label)`` for each finished LoRA run off the grid."""
+  in_grid = {id(r) for r in runs}
+  extra = [r for r in _done(rows) if _is_lora(r) and id(r) not in in_grid
+           and RANK in r['_config']]
+  return [(r, _MARKERS[i % len(_MARKERS)], _label(r, runs))
+          for i, r in enumerate(extra)]
+
+
+def _legend(fig: figure.Figure, ax) -> None:
+  """The legend right of the axes, where it covers no point."""
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0),
+            borderaxespad=0.0)
+  fig.set_size_inches(10, 4.5)
 
 
 def _references(ax, rows: Sequence[Row], *, with_points: bool = False
@@ -97,11 +129,9 @@ def plot_metric_vs_rank(keys: Sequence[str], rows: Sequence[Row], path: str
     pts = sorted((r['_config'][RANK], r['test']) for r in runs
                  if r['_config'][ALPHA] == alpha)
     ax.plot(*zip(*pts), 'o-', color=color, label=f'alpha {alpha:g}')
-  in_grid = {id(r) for r in runs}
-  for row in _done(rows):
-    if _is_lora(row) and id(row) not in in_grid and RANK in row['_config']:
-      ax.plot([row['_config'][RANK]], [row['test']], '*', markersize=12,
-              color='black', label=_label(row))
+  for row, marker, label in _extras(rows, runs):
+    ax.plot([row['_config'][RANK]], [row['test']], marker, markersize=10,
+            color='black', linestyle='none', label=label)
   _references(ax, rows)
   ranks = sorted({r['_config'][RANK] for r in _done(rows) if _is_lora(r)
                   and RANK in r['_config']})
@@ -111,7 +141,7 @@ def plot_metric_vs_rank(keys: Sequence[str], rows: Sequence[Row], path: str
   ax.set_ylabel(f'test {_metric(rows)}')
   ax.set_title(f'test {_metric(rows)} vs LoRA rank')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  _legend(fig, ax)
   return _save(fig, path)
 
 
@@ -155,23 +185,21 @@ def plot_metric_vs_params(keys: Sequence[str], rows: Sequence[Row],
   fig = figure.Figure(figsize=(7, 4.5))
   ax = fig.add_subplot()
   runs = grid(keys, rows)
-  in_grid = {id(r) for r in runs}
   alphas = sorted({r['_config'][ALPHA] for r in runs})
   for i, alpha in enumerate(alphas):
     pts = sorted((r['trainable_params'], r['test']) for r in runs
                  if r['_config'][ALPHA] == alpha)
     ax.plot(*zip(*pts), 'o-', color=f'C{i % 10}', label=f'LoRA alpha {alpha:g}')
-  for row in done:
-    if _is_lora(row) and id(row) not in in_grid:
-      ax.plot([row['trainable_params']], [row['test']], '*', markersize=12,
-              color='black', label=_label(row))
+  for row, marker, label in _extras(rows, runs):
+    ax.plot([row['trainable_params']], [row['test']], marker, markersize=10,
+            color='black', linestyle='none', label=label)
   _references(ax, rows, with_points=True)
   ax.set_xscale('log')
   ax.set_xlabel('trainable parameters')
   ax.set_ylabel(f'test {_metric(rows)}')
   ax.set_title(f'test {_metric(rows)} vs trainable parameters')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  _legend(fig, ax)
   return _save(fig, path)
 
 
