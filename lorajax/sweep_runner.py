@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 from lorajax import sweeps
@@ -158,7 +159,8 @@ def _lock(sweep_dir: str):
 
 def run_sweep(runs: Sequence[Run], sweep_dir: str, *,
               launcher: Launcher = subprocess_launcher,
-              echo: Callable[[str], None] = print) -> dict[str, str]:
+              echo: Callable[[str], None] = print,
+              clock: Callable[[], float] = time.monotonic) -> dict[str, str]:
   """Runs every unfinished run, one after another.
 
   Finished runs are skipped, interrupted ones resumed (the training system
@@ -170,7 +172,10 @@ def run_sweep(runs: Sequence[Run], sweep_dir: str, *,
     sweep_dir: the folder of the run workdirs; ``sweep.json`` lists the runs.
     launcher: ``run -> exit status``; it must leave ``summary.json`` in
       ``run.workdir`` when the run completes.
-    echo: where progress lines go.
+    echo: where progress lines go: each run's start, command and end, with
+      its wall time and an estimate of the time the sweep has left (the
+      mean of the runs launched so far, times the runs still to launch).
+    clock: seconds, for those times.
 
   Returns:
     ``{name: 'skipped' | 'done' | 'failed'}``.
@@ -185,12 +190,26 @@ def run_sweep(runs: Sequence[Run], sweep_dir: str, *,
   with _lock(sweep_dir):
     with open(os.path.join(sweep_dir, SWEEP_FILE), 'w', encoding='utf-8') as f:
       json.dump({'runs': [_record(r) for r in runs]}, f, indent=2)
-    return _run_all(runs, launcher, echo)
+    return _run_all(runs, launcher, echo, clock)
+
+
+def _duration(seconds: float) -> str:
+  """``42s``, ``3m05s``, ``1h02m``."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
 
 
 def _run_all(runs: Sequence[Run], launcher: Launcher,
-             echo: Callable[[str], None]) -> dict[str, str]:
+             echo: Callable[[str], None],
+             clock: Callable[[], float]) -> dict[str, str]:
   outcome = {}
+  todo = [r for r in runs if run_status(r.workdir) != 'finished']
+  spent = []
+  sweep_start = clock()
   for i, run in enumerate(runs, 1):
     status = run_status(run.workdir)
     head = f'[{i}/{len(runs)}] {run.name}'
@@ -204,13 +223,24 @@ def _run_all(runs: Sequence[Run], launcher: Launcher,
     os.makedirs(run.workdir, exist_ok=True)
     with open(os.path.join(run.workdir, RUN_FILE), 'w', encoding='utf-8') as f:
       json.dump(_record(run), f, indent=2)
+    start = clock()
     code = launcher(run)
+    spent.append(clock() - start)
+    left = len(todo) - len(spent)
+    took = f'in {_duration(spent[-1])}' + (
+        f'; about {_duration(left * sum(spent) / len(spent))} left for '
+        f'{left} more run{"s" if left > 1 else ""}' if left > 0 else '')
     if code == 0 and run_status(run.workdir) == 'finished':
       outcome[run.name] = 'done'
-      echo(f'{head}: done')
+      echo(f'{head}: done {took}')
     else:
       outcome[run.name] = 'failed'
-      echo(f'{head}: FAILED (exit status {code}); last lines of '
+      echo(f'{head}: FAILED (exit status {code}) {took}; last lines of '
            f'{os.path.join(run.workdir, LOG_FILE)}:\n'
            + _tail(os.path.join(run.workdir, LOG_FILE)))
+  counts = {k: list(outcome.values()).count(k)
+            for k in ('done', 'skipped', 'failed')}
+  echo(f'{len(runs)} runs, {counts["done"]} done, {counts["skipped"]} '
+       f'skipped, {counts["failed"]} failed, in '
+       f'{_duration(clock() - sweep_start)}')
   return outcome

@@ -178,6 +178,20 @@ def test_skips_finished_and_resumes_interrupted(tmp_path):
     assert run.command() in text
 
 
+def test_progress_lines_time_each_run_and_estimate_the_rest(tmp_path):
+  runs = sweeps.expand(SMOKE, str(tmp_path))[:3]
+  ticks = iter(range(0, 1000, 50))  # Each clock() call is 50 s later.
+  lines = []
+  out = sweep_runner.run_sweep(runs, str(tmp_path), launcher=FakeTrainer(),
+                               echo=lines.append, clock=lambda: next(ticks))
+  assert list(out.values()) == ['done'] * 3
+  ends = [l for l in lines if ': done' in l]
+  assert ends[0].endswith('done in 50s; about 1m40s left for 2 more runs')
+  assert ends[1].endswith('done in 50s; about 50s left for 1 more run')
+  assert ends[2].endswith('done in 50s')
+  assert lines[-1] == '3 runs, 3 done, 0 skipped, 0 failed, in 5m50s'
+
+
 def test_changed_config_is_an_error_before_any_run(tmp_path):
   runs = sweeps.expand(SMOKE, str(tmp_path))
   sweep_runner.run_sweep(runs[:1], str(tmp_path), launcher=FakeTrainer(),
