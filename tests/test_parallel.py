@@ -236,17 +236,43 @@ def test_unknown_mode_raises():
 # ---- end to end --------------------------------------------------------------
 
 
-@pytest.mark.parametrize('mode', ['pmap', 'mesh'])
-def test_train_command_runs_in_mode(tmp_path, mode):
+def _train(workdir, mode, *flags):
   env = _env(FAST_XLA + ' --xla_force_host_platform_device_count=8')
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.train',
        '--config=configs/rt_minilm_lora.py:smoke', f'--config.mode={mode}',
-       '--config.mesh.model=2', '--config.num_train_steps=2',
-       '--config.eval_every=2', f'--workdir={tmp_path}'],
+       '--config.mesh.model=2', '--config.eval_every=2',
+       f'--workdir={workdir}', *flags],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT,
       check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  summary = json.loads((tmp_path / 'summary.json').read_text())
+  rows = [json.loads(line) for line in
+          (workdir / 'metrics.jsonl').read_text().splitlines()]
+  summary = json.loads((workdir / 'summary.json').read_text())
+  return rows, summary
+
+
+@pytest.mark.parametrize('mode', ['pmap', 'mesh'])
+def test_train_command_runs_in_mode(tmp_path, mode):
+  _, summary = _train(tmp_path, mode, '--config.num_train_steps=2')
   assert summary['checkpoint_step'] == 2
   assert np.isfinite(summary['test']['loss'])
+
+
+@pytest.mark.parametrize('mode, method', [('mesh', 'prefix'),
+                                          ('pmap', 'prompt')])
+def test_prompt_methods_train_alike_in_every_mode(tmp_path, mode, method):
+  """The 'prompts' part of the trainable tree (virtual tokens, prefix
+  keys/values) is placed, stepped and saved under pmap and on a mesh as under
+  jit: same losses (dropout off, so every mode draws nothing)."""
+  flags = (f'--config.method={method}', '--config.num_train_steps=3',
+           '--config.model.dropout=0.0')
+  runs = {m: _train(tmp_path / m, m, *flags) for m in ('jit', mode)}
+  losses = {m: [(r['step'], r['split'], r['loss']) for r in rows]
+            for m, (rows, _) in runs.items()}
+  assert [k[:2] for k in losses['jit']] == [k[:2] for k in losses[mode]]
+  np.testing.assert_allclose([k[2] for k in losses[mode]],
+                             [k[2] for k in losses['jit']], rtol=2e-5)
+  assert len({k[2] for k in losses['jit'] if k[1] == 'train'}) == 3
+  assert all((tmp_path / m / 'prompts.npz').stat().st_size > 0
+             for m in runs)
