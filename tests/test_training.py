@@ -256,6 +256,15 @@ def test_unknown_config_field_names_it(tmp_path):
   assert not (tmp_path / 'checkpoints').exists()
 
 
+def test_lr_factor_rule_matching_nothing_stops_before_training(tmp_path):
+  config = load_config('rt_minilm_lora',
+                       **{'optim.lr_factors': 'params/classifer/.*=10'})
+  with pytest.raises(ValueError, match=r"'params/classifer/\.\*' matches "
+                     'no trainable leaf.*params/classifier/kernel'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
+
+
 def test_unknown_config_argument_names_it():
   with pytest.raises(ValueError, match='smok'):
     load_config('rt_minilm_lora', arg='smok')

@@ -142,7 +142,8 @@ def scale_by_path(rules: tuple[tuple[str, float], ...]
     names = [spec_lib.path_str(p) for p, _ in flat]
     for rx, pattern, _ in compiled:
       if not any(rx.fullmatch(n) for n in names):
-        shown = ', '.join(names[:12]) + (' ...' if len(names) > 12 else '')
+        kinds = list(dict.fromkeys(re.sub(r'\d+', '<n>', n) for n in names))
+        shown = ', '.join(kinds[:20]) + (' ...' if len(kinds) > 20 else '')
         raise ValueError(f'lr_factors rule {pattern!r} matches no trainable '
                          f'leaf; the trainable paths are: {shown}')
     return _NoState()
