@@ -27,7 +27,9 @@ _BATCH_SIZES = flags.DEFINE_list('batch_sizes', '1,2,4,8,16,32,64',
                                  'Batch sizes to measure.')
 _OUT = flags.DEFINE_string('out', None, 'Folder for profile.md/.json/.png; '
                            'default workdirs/profile_<config name>.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per batch size.')
+_STEPS = flags.DEFINE_integer(
+    'steps', 20, 'Timed steps per batch size (5 left small-batch medians '
+    'noisy on a 2-core CPU).')
 _REPORT_ONLY = flags.DEFINE_bool('report-only', False, 'Only rewrite '
                                   'profile.md/.png from --out/profile.json.')
 _CHILD = flags.DEFINE_integer('child_batch_size', None, 'Internal: measure '
