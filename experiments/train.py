@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 import jax
 
+from lorajax import sweep_runner
 from lorajax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,6 +52,7 @@ def default_workdir(config_path: str) -> str:
 
 
 def main(argv):
+  sweep_runner.die_with_parent_from_env()  # A sweep's run dies with it.
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   workdir = _WORKDIR.value or default_workdir(

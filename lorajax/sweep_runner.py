@@ -108,17 +108,34 @@ def check_existing(runs: Sequence[Run]) -> list[str]:
 Launcher = Callable[[Run], int]
 
 
-def _die_with_parent() -> None:
-  """In the child: SIGKILL when the sweep process dies (Linux prctl)."""
+PARENT_ENV = 'LORAJAX_SWEEP_PARENT'
+
+
+def die_with_parent_from_env() -> None:
+  """In a run launched by a sweep: die when the sweep process dies.
+
+  The launcher names its pid in ``$LORAJAX_SWEEP_PARENT``; this asks Linux
+  for SIGKILL when the parent goes (``prctl(PR_SET_PDEATHSIG)``), and exits
+  at once if it is already gone. Called at the start of
+  ``experiments.train`` (after ``exec``: a ``preexec_fn`` would have to run
+  Python in a forked copy of the multithreaded JAX process). A no-op
+  outside a sweep or off Linux.
+  """
+  parent = os.environ.get(PARENT_ENV)
+  if not parent or sys.platform != 'linux':
+    return
   with contextlib.suppress(OSError, AttributeError):
     ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+  if os.getppid() != int(parent):
+    sys.exit(f'the sweep process {parent} that launched this run is gone')
 
 
 def subprocess_launcher(run: Run) -> int:
   """Runs ``python -m experiments.train`` for ``run``; output to train.log.
 
-  The child is killed if the sweep process dies, so that a restarted sweep
-  never finds an orphan still training in the same workdir.
+  The child is killed if the sweep process dies (``die_with_parent_from_env``),
+  so that a restarted sweep never finds an orphan still training in the same
+  workdir.
 
   Returns:
     The exit status of the subprocess.
@@ -131,7 +148,7 @@ def subprocess_launcher(run: Run) -> int:
     proc = subprocess.run(
         [sys.executable, '-m', sweeps.TRAIN_MODULE, *run.argv], stdout=f,
         stderr=subprocess.STDOUT, check=False,
-        preexec_fn=_die_with_parent if sys.platform == 'linux' else None)
+        env=dict(os.environ, **{PARENT_ENV: str(os.getpid())}))
   return proc.returncode
 
 

@@ -4,9 +4,11 @@ import csv
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 from absl import flags
 import jax
@@ -21,9 +23,6 @@ from lorajax import sweep_report
 from lorajax import sweep_runner
 from lorajax import sweeps
 
-# ml_collections loads config files with the deprecated load_module().
-pytestmark = pytest.mark.filterwarnings(
-    'ignore:the load_module:DeprecationWarning')
 SMOKE = 'configs/rt_minilm_sweep.py:smoke'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -252,6 +251,61 @@ def test_subprocess_launcher_runs_the_command(tmp_path, monkeypatch):
     assert json.load(f)['argv'] == list(run.argv)
   with open(os.path.join(run.workdir, sweep_runner.LOG_FILE)) as f:
     assert f.read().startswith(f'$ {run.command()}\n')
+
+
+def test_a_run_dies_with_its_sweep_process(tmp_path):
+  """SIGKILL the sweep process mid-run: its training child goes too, so a
+  restarted sweep never races an orphan for the same workdir."""
+  (tmp_path / 'slow_train.py').write_text(textwrap.dedent('''
+      import os, sys, time
+      from lorajax import sweep_runner
+      sweep_runner.die_with_parent_from_env()
+      workdir = [a for a in sys.argv if a.startswith('--workdir=')][0][10:]
+      with open(os.path.join(workdir, 'pid'), 'w') as f:
+        f.write(str(os.getpid()))
+      time.sleep(120)
+      '''))
+  sweep_dir = tmp_path / 'sweep'
+  script = textwrap.dedent(f'''
+      from lorajax import sweeps, sweep_runner
+      sweeps.TRAIN_MODULE = 'slow_train'
+      runs = sweeps.expand({SMOKE!r}, {str(sweep_dir)!r})[:1]
+      sweep_runner.run_sweep(runs, {str(sweep_dir)!r})
+      ''')
+  env = dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}{ROOT}')
+  parent = subprocess.Popen([sys.executable, '-c', script], env=env,
+                            stdout=subprocess.DEVNULL, cwd=ROOT)
+  pid_files = []
+  deadline = time.monotonic() + 120
+  while not pid_files and time.monotonic() < deadline:
+    time.sleep(0.2)
+    pid_files = list(sweep_dir.glob('*/pid'))
+  assert pid_files, 'the run never started'
+  time.sleep(0.5)
+  child = int(pid_files[0].read_text())
+  os.kill(child, 0)  # Alive while its sweep is.
+  parent.kill()
+  parent.wait()
+  deadline = time.monotonic() + 30
+  while time.monotonic() < deadline:
+    try:
+      os.kill(child, 0)
+    except ProcessLookupError:
+      break
+    if _is_zombie(child):
+      break
+    time.sleep(0.2)
+  else:
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError('the run outlived its sweep process')
+
+
+def _is_zombie(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().split(')')[-1].split()[0] == 'Z'
+  except OSError:
+    return True
 
 
 def test_report_from_a_fake_sweep(tmp_path):
