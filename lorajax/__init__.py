@@ -3,6 +3,7 @@
 from lorajax.adapters import init
 from lorajax.adapters import merge
 from lorajax.adapters import unmerge
+from lorajax.methods import pissa
 from lorajax.methods import prompts
 from lorajax.methods.bottleneck import Bottleneck
 from lorajax.methods.bottleneck import houlsby_rules

@@ -173,3 +173,61 @@ def test_providers_round_trip_through_spec_json():
                    ('d', bottleneck.Bottleneck(8, 'gelu')),
                    ('.*', 'freeze')])
   assert spec_json.spec_from_json(spec_json.spec_to_json(spec)) == spec
+
+
+# ---- PiSSA -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', sorted(MODELS))
+def test_pissa_starts_at_the_principal_part_and_equals_base(name):
+  provider = Lora(rank=2, alpha=4, init='pissa')
+  model, params, spec = _setup(name, provider)
+  adapters = _init(spec, params, model)
+  base = lorajax.pissa.residual_base(spec, params, adapters)
+  # Adapted function on the residual == the pretrained function.
+  got = jax.jit(lorajax.lora(model.apply, spec))(base, adapters, X)
+  _close(got, model.apply(params, X), 1e-5)
+  # s·a·b is the best rank-2 approximation of each kernel (Eckart-Young):
+  # the residual's spectrum is the kernel's with the top 2 values removed.
+  for path, leaf in lorajax.spec.flatten_paths(params):
+    if not path.endswith('kernel'):
+      continue
+    factors = lorajax.spec.get_by_path(adapters, path)
+    layout = provider.infer_layout(leaf.shape, factors)
+    w = np.asarray(lorajax.methods.lora.kernel_matrix(leaf, layout))
+    r = np.asarray(lorajax.methods.lora.kernel_matrix(
+        lorajax.spec.get_by_path(base, path), layout))
+    sw = np.linalg.svd(w, compute_uv=False)
+    sr = np.linalg.svd(r, compute_uv=False)
+    np.testing.assert_allclose(sr[..., :sr.shape[-1] - 2], sw[..., 2:],
+                               rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(factors['b'])).max() > 0.1
+
+
+@pytest.mark.parametrize('name', sorted(MODELS))
+def test_pissa_to_lora_fits_the_original_base(name):
+  model, params, spec = _setup(name, Lora(rank=2, alpha=4, init='pissa'))
+  adapters = _init(spec, params, model)
+  base = lorajax.pissa.residual_base(spec, params, adapters)
+  trained = _randomize(adapters)
+  want = model.apply(lorajax.merge(base, trained, spec), X)
+  lora_spec, lora_ad = lorajax.pissa.to_lora(spec, params, trained)
+  provider = lora_spec.rules[0][1]
+  assert (provider.rank, provider.init) == (4, 'kaiming')
+  assert provider.scale == pytest.approx(spec.rules[0][1].scale)
+  _close(model.apply(lorajax.merge(params, lora_ad, lora_spec), X), want,
+         1e-4)
+  got = jax.jit(lorajax.lora(model.apply, lora_spec))(params, lora_ad, X)
+  _close(got, want, 1e-4)
+  assert not np.allclose(want, model.apply(params, X), atol=1e-3)
+
+
+def test_pissa_refuses_what_it_cannot_do():
+  for cls in (dora.Dora, qlora.QLora):
+    with pytest.raises(ValueError, match='pissa'):
+      cls(rank=2, init='pissa')
+  with pytest.raises(ValueError, match='init must be one of'):
+    Lora(rank=2, init='svd')
+  spec = LoraSpec([(TARGET, Lora(rank=2, init='pissa'))])
+  with pytest.raises(ValueError, match='pissa.to_lora'):
+    lorajax.pissa.check_portable(spec, 'save_adapter')

@@ -226,6 +226,21 @@ def test_saved_adapter_evaluates_on_its_base(smoke_run):
   assert got['loss'] == pytest.approx(summary['test']['loss'], rel=1e-5)
 
 
+def test_pissa_run_starts_at_the_base_and_its_adapter_reloads(smoke_run,
+                                                              tmp_path):
+  _, plain, _ = smoke_run('shakespeare_smollm2_lora')
+  config = load_config('shakespeare_smollm2_lora', **{'lora.init': 'pissa'})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  # Residual base + principal factors == the pretrained model at step 0.
+  assert summary['initial_validation']['perplexity'] == pytest.approx(
+      plain['initial_validation']['perplexity'], rel=1e-4)
+  assert summary['final_validation'] != plain['final_validation']
+  # The saved adapter runs on the residual rebuilt from the base.
+  got = train.evaluate_checkpoint(config, str(tmp_path), 'test')
+  assert got['perplexity'] == pytest.approx(summary['test']['perplexity'],
+                                            rel=1e-5)
+
+
 def test_resumed_finished_run_only_evaluates(smoke_run):
   config, summary, workdir = smoke_run('rt_minilm_head')
   again = train.train_and_evaluate(config, str(workdir))

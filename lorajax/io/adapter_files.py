@@ -38,6 +38,7 @@ from lorajax.partition import combine
 from lorajax.partition import partition
 from lorajax import spec as spec_lib
 from lorajax.io import spec_json
+from lorajax.methods import pissa
 
 PyTree = Any
 META_FILE = 'adapter.json'
@@ -206,6 +207,7 @@ def save_adapter(directory: str | pathlib.Path, spec: spec_lib.LoraSpec,
   """
   if format not in FORMATS:
     raise ValueError(f'format={format!r}; expected one of {FORMATS}')
+  pissa.check_portable(spec, 'save_adapter')
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   resolution = spec_lib.resolve(spec, params)

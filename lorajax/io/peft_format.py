@@ -41,6 +41,7 @@ from lorajax.io import adapter_files
 from lorajax.io import hf_models
 from lorajax.methods import dora as dora_lib
 from lorajax.methods import lora as lora_lib
+from lorajax.methods import pissa
 
 PyTree = Any
 CONFIG_FILE = 'adapter_config.json'
@@ -122,6 +123,7 @@ def export_peft(directory: str | pathlib.Path, config: Any,
     PeftFormatError: a provider other than ``Lora``, mixed ``use_rslora``, a
       kernel with no HF module, or a trained leaf in a LoRA-targeted module.
   """
+  pissa.check_portable(spec, 'export_peft')
   hf = hf_models.hf_model(config)
   resolution = spec_lib.resolve(spec, params)
   providers = {}

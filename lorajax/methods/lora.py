@@ -148,6 +148,43 @@ def kernel_dot(x: jax.Array, kernel: Any, dims: spec_lib.DotDims
   return base_dot(x, kernel.astype(dims.kernel_dtype), dims)
 
 
+INITS = ('kaiming', 'gaussian', 'pissa')
+
+
+def kernel_matrix(w: jax.Array, layout: spec_lib.KernelLayout) -> jax.Array:
+  """A (stacked) kernel as float32 matrices ``[*stack, in, out]``: the
+  contracted axes flattened into ``in``, the free ones into ``out``."""
+  s = layout.stack
+  perm = (tuple(range(s)) + tuple(s + i for i in layout.contract)
+          + tuple(s + i for i in layout.free))
+  stack, cshape, fshape = layout.split_shape(w.shape)
+  return jnp.transpose(w.astype(jnp.float32), perm).reshape(
+      *stack, _prod(cshape), _prod(fshape))
+
+
+def principal_factors(kernel: Any, layout: spec_lib.KernelLayout, rank: int,
+                      scale: float) -> dict[str, jax.Array]:
+  """PiSSA's factors: ``s·a·b`` is the best rank-``rank`` approximation of
+  the kernel (its top singular triplets, ``√S`` split between ``a`` and
+  ``b``), in float32, shaped as ``Lora.param_shapes``.
+
+  Raises:
+    ValueError: for a quantized kernel (the residual would have to be
+      re-quantized, and PiSSA's point is to keep it exact).
+  """
+  if isinstance(kernel, spec_lib.FrozenKernel):
+    raise ValueError("Lora(init='pissa') needs a float kernel, not a "
+                     f'quantized {type(kernel).__name__}')
+  stack, cshape, fshape = layout.split_shape(kernel.shape)
+  u, sv, vt = jnp.linalg.svd(kernel_matrix(kernel, layout),
+                             full_matrices=False)
+  root = jnp.sqrt(sv[..., :rank] / scale)                      # [*s, r]
+  a = u[..., :, :rank] * root[..., None, :]
+  b = vt[..., :rank, :] * root[..., :, None]
+  return {'a': a.reshape(*stack, *cshape, rank),
+          'b': b.reshape(*stack, rank, *fshape)}
+
+
 def delta_weight(a: jax.Array, b: jax.Array, layout: spec_lib.KernelLayout,
                  scale: float) -> jax.Array:
   """``s·a·b`` as a float32 tensor laid out like the (stacked) kernel."""
@@ -206,7 +243,11 @@ class Lora(spec_lib.Adapter):
     dropout: dropout rate on the adapter input (applied when the adapted
       function is given an rng).
     init: ``'kaiming'`` (uniform, PEFT's default) or ``'gaussian'``
-      (normal with std 1/r) for ``a``; ``b`` always starts at zero.
+      (normal with std 1/r) for ``a``, with ``b`` at zero; or ``'pissa'``
+      (Meng et al., 2024): ``a``, ``b`` start at the kernel's top-r singular
+      directions, ``s·a·b = U_r·S_r·V_rᵀ``, and the frozen base must become
+      the residual ``W - s·a·b`` (``lorajax.pissa.residual_base``) so that
+      the adapted function still equals the base at initialization.
   """
   rank: int = 8
   alpha: float | None = None
@@ -220,8 +261,8 @@ class Lora(spec_lib.Adapter):
                        f'{self.rank!r}')
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f'Lora dropout must be in [0, 1), got {self.dropout}')
-    if self.init not in ('kaiming', 'gaussian'):
-      raise ValueError(f"Lora init must be 'kaiming' or 'gaussian', got "
+    if self.init not in INITS:
+      raise ValueError(f'Lora init must be one of {INITS}, got '
                        f'{self.init!r}')
 
   @property
@@ -248,6 +289,8 @@ class Lora(spec_lib.Adapter):
                                np.shape(params['b']))
 
   def init_params(self, key, kernel, layout):
+    if self.init == 'pissa':
+      return principal_factors(kernel, layout, self.rank, self.scale)
     shape = self.kernel_aval(kernel).shape
     stack, cshape, fshape = layout.split_shape(shape)
     fan_in = _prod(cshape)

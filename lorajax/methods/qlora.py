@@ -115,6 +115,9 @@ class QLora(lora_lib.Lora):
   def __post_init__(self):
     super().__post_init__()
     _check_method(self.quant)
+    if self.init == 'pissa':
+      raise ValueError("QLora does not take init='pissa': the residual "
+                       'kernel would have to be re-quantized; use Lora')
 
   def quantize(self, w: jax.Array, layout: spec_lib.KernelLayout
                ) -> quant.QuantizedKernel:

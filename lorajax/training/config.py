@@ -108,6 +108,10 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.lora.rslora = False
   # Dropout on the adapter input.
   c.lora.dropout = 0.0
+  # Start of the factors: 'kaiming' (a uniform, b zero; PEFT's default),
+  # 'gaussian', or 'pissa' (a·b = the kernel's top-r singular part, the
+  # frozen base holds the residual; method 'lora' only).
+  c.lora.init = 'kaiming'
   # Format of the frozen base under method 'qlora': 'nf4' (4-bit NormalFloat,
   # double-quantized block scales) or 'int8' (one scale per output unit).
   c.quant = 'nf4'
@@ -242,7 +246,8 @@ def _low_rank_rules(config: config_dict.ConfigDict) -> list[tuple[str, Any]]:
   """The ``lora``/``dora``/``qlora`` rules of ``config.lora``."""
   kw = dict(rank=int(config.lora.rank), alpha=float(config.lora.alpha),
             use_rslora=bool(config.lora.rslora),
-            dropout=float(config.lora.dropout))
+            dropout=float(config.lora.dropout),
+            init=str(config.lora.get('init', 'kaiming')))
   if config.method == 'lora':
     return [(config.lora.targets, lorajax.Lora(**kw))]
   if config.method == 'dora':

@@ -226,6 +226,18 @@ def _bert(config) -> tuple[bert.Bert, PyTree, dict[str, Any]]:
   return bert.Bert(cfg), params, arch
 
 
+def _pissa_residual(spec, params, adapters):
+  """The frozen base of a PiSSA run is the residual ``W - s·a₀·b₀``
+  (recomputed from the pretrained base, so a resumed run gets it again)."""
+  if not lorajax.pissa.uses_pissa(spec):
+    return params
+  start = time.perf_counter()
+  params = lorajax.pissa.residual_base(spec, params, adapters)
+  logging.info('PiSSA: residual base ready in %.1f s',
+               time.perf_counter() - start)
+  return params
+
+
 def _classification(config) -> Task:
   if config.model.name != 'minilm':
     raise ValueError(f'model.name={config.model.name!r}; classification '
@@ -245,6 +257,7 @@ def _classification(config) -> Task:
   apply_fn = lorajax.lora(classifier_apply(module, config.model.pooling),
                           spec)
   adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1))
+  params = _pissa_residual(spec, params, adapters)
   return Task('classification', spec, params, adapters,
               functools.partial(classification_loss, apply_fn=apply_fn),
               functools.partial(classification_eval, apply_fn=apply_fn),
@@ -329,6 +342,7 @@ def _lm(config) -> Task:
   params = _quantized(config, params, spec)
   apply_fn = lorajax.lora(lm_apply(module), spec)
   adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1))
+  params = _pissa_residual(spec, params, adapters)
   arch = {k: v for k, v in dataclasses.asdict(cfg).items()
           if k not in ('dtype', 'remat')}
   return Task('lm', spec, params, adapters,

@@ -1,0 +1,135 @@
+"""PiSSA: LoRA started from the kernel's principal singular directions.
+
+``Lora(init='pissa')`` makes ``init`` set ``s·a·b`` to the best rank-r
+approximation ``U_r·S_r·V_rᵀ`` of each targeted kernel ``W``. The frozen
+base must then hold the residual ``W - s·a·b`` (``residual_base``), so the
+adapted function equals the pretrained one at step 0 while the trainable
+factors start where the kernel has most of its energy (Meng et al., 2024,
+"PiSSA: Principal Singular Values and Singular Vectors Adaptation").
+
+A trained PiSSA adapter only makes sense on that residual. Because the
+starting factors are a function of the pretrained kernel alone, ``to_lora``
+turns it into an ordinary LoRA of rank 2r on the *original* kernel
+(``ΔW = s·(a·b - a₀·b₀) = s·[a, a₀]·[b; -b₀]``), which merges, ships and
+exports (PEFT format) like any other.
+
+Example:
+
+  >>> spec = lorajax.LoraSpec([(r'.*/kernel', lorajax.Lora(8, init='pissa'))])  # doctest: +SKIP
+  >>> adapters = lorajax.init(spec, params, key)                 # doctest: +SKIP
+  >>> base = pissa.residual_base(spec, params, adapters)         # doctest: +SKIP
+  >>> ... train (base frozen, adapters trainable) ...
+  >>> lora_spec, lora_adapters = pissa.to_lora(spec, params, adapters)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lorajax import spec as spec_lib
+from lorajax.methods import lora as lora_lib
+
+PyTree = Any
+
+
+def is_pissa(provider: Any) -> bool:
+  """True for a provider whose factors start at the principal directions."""
+  return (isinstance(provider, lora_lib.Lora)
+          and getattr(provider, 'init', None) == 'pissa')
+
+
+def uses_pissa(spec: spec_lib.LoraSpec) -> bool:
+  """True if any rule of ``spec`` has a PiSSA provider."""
+  return any(is_pissa(action) for _, action in spec.rules)
+
+
+def _pissa_leaves(spec, params, adapters):
+  """``(path, provider, kernel, factors, layout)`` of every PiSSA kernel."""
+  adapted = spec_lib.resolve(spec, params).adapted
+  leaves = dict(spec_lib.flatten_paths(params))
+  for path, provider in adapted.items():
+    if not is_pissa(provider):
+      continue
+    factors = spec_lib.get_by_path(adapters, path)
+    kernel = leaves[path]
+    layout = provider.infer_layout(tuple(kernel.shape), factors)
+    yield path, provider, kernel, factors, layout
+
+
+def residual_base(spec: spec_lib.LoraSpec, params: PyTree, adapters: PyTree
+                  ) -> PyTree:
+  """``params`` with each PiSSA kernel replaced by ``W - s·a₀·b₀``.
+
+  Args:
+    spec: the rules (PiSSA and any other providers).
+    params: the pretrained base.
+    adapters: the freshly initialized adapters (``lorajax.init``).
+
+  Returns:
+    The base to freeze; other leaves are the same objects as in ``params``.
+  """
+  new = {path: provider.unmerge(kernel, factors, layout)
+         for path, provider, kernel, factors, layout
+         in _pissa_leaves(spec, params, adapters)}
+  return _replace(params, new)
+
+
+def _replace(params: PyTree, new: dict[str, Any]) -> PyTree:
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=spec_lib.is_kernel_node)
+  out = [new.get(spec_lib.path_str(p), leaf) for p, leaf in flat]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def lora_provider(provider: lora_lib.Lora) -> lora_lib.Lora:
+  """The rank-2r ``Lora`` with the same scale ``s`` that ``to_lora`` uses."""
+  rank = 2 * provider.rank
+  return lora_lib.Lora(rank=rank, alpha=provider.scale * rank,
+                       use_rslora=False, dropout=provider.dropout)
+
+
+def to_lora(spec: spec_lib.LoraSpec, params: PyTree, adapters: PyTree
+            ) -> tuple[spec_lib.LoraSpec, PyTree]:
+  """A trained PiSSA adapter as a plain LoRA on the original base.
+
+  Args:
+    spec: the training spec.
+    params: the *original* pretrained base (not the residual): the starting
+      factors ``a₀, b₀`` are recomputed from it.
+    adapters: the trained adapters.
+
+  Returns:
+    ``(spec, adapters)``: PiSSA rules become ``lora_provider`` (rank 2r,
+    ``alpha = s·2r``) with ``a = [a, a₀]``, ``b = [b; -b₀]``; every other
+    rule and adapter is unchanged. ``merge(params, *result)`` equals
+    ``merge(residual_base(...), adapters, spec)`` up to float32 rounding.
+  """
+  new_adapters = jax.tree.map(lambda x: x, adapters)  # A fresh tree.
+  for path, provider, kernel, factors, layout in _pissa_leaves(
+      spec, params, adapters):
+    start = lora_lib.principal_factors(kernel, layout, provider.rank,
+                                       provider.scale)
+    a = jnp.concatenate([factors['a'].astype(jnp.float32), start['a']], -1)
+    b = jnp.concatenate([factors['b'].astype(jnp.float32), -start['b']],
+                        layout.stack)
+    spec_lib.set_by_path(new_adapters, path, {'a': a, 'b': b})
+  rules = [(pattern, lora_provider(action) if is_pissa(action) else action)
+           for pattern, action in spec.rules]
+  return spec_lib.LoraSpec(rules), new_adapters
+
+
+def check_portable(spec: spec_lib.LoraSpec, what: str) -> None:
+  """Raises if ``spec`` has PiSSA rules: their adapter needs the residual
+  base, so files meant for the original base take ``to_lora`` first."""
+  if uses_pissa(spec):
+    raise ValueError(
+        f"{what}: the spec has Lora(init='pissa') rules, whose adapters only "
+        'fit the residual base; convert first with '
+        'lorajax.pissa.to_lora(spec, original_params, adapters)')
+
+
+__all__ = ['is_pissa', 'uses_pissa', 'residual_base', 'to_lora',
+           'lora_provider', 'check_portable']
