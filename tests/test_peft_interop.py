@@ -160,6 +160,31 @@ def test_minilm_export_loads_in_peft(torch_mods, torch_bert, tmp_path):
   _close(ours, theirs, 'MiniLM lorajax->PEFT', _base_logits('minilm'))
 
 
+def test_minilm_pissa_adapter_exports_as_lora(torch_mods, torch_bert,
+                                              tmp_path):
+  """A trained PiSSA adapter runs on the residual base; converted with
+  ``pissa.to_lora`` it is a rank-2r PEFT LoRA of the original model."""
+  torch, _, peft = torch_mods
+  config, params, apply_fn = _minilm()
+  spec = LoraSpec([(r'.*/attention/(query|value)/kernel',
+                    Lora(rank=4, alpha=8, init='pissa')), (r'.*', 'freeze')])
+  start = lorajax.init(spec, params, jax.random.key(1))
+  residual = lorajax.pissa.residual_base(spec, params, start)
+  trained = _randomize(start, 5, 0.05)
+  ours = jax.jit(lorajax.lora(apply_fn, spec))(residual, trained, BERT_IDS,
+                                              BERT_MASK)
+  with pytest.raises(ValueError, match='pissa.to_lora'):
+    peft_format.export_peft(tmp_path, config, spec, trained, params)
+  lora_spec, lora_ad = lorajax.pissa.to_lora(spec, params, trained)
+  peft_format.export_peft(tmp_path, config, lora_spec, lora_ad, params)
+  cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
+  assert (cfg['r'], cfg['lora_alpha']) == (8, 16.0)
+  model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_bert), tmp_path)
+  theirs = _peer_logits(torch, model.eval(), input_ids=BERT_IDS,
+                        attention_mask=BERT_MASK)
+  _close(ours, theirs, 'MiniLM PiSSA->LoRA->PEFT', _base_logits('minilm'))
+
+
 def test_smollm2_export_loads_in_peft(torch_mods, torch_llama, tmp_path):
   torch, _, peft = torch_mods
   config, params, apply_fn = _smollm2()
