@@ -18,6 +18,7 @@ from lorajax.training import metrics as metrics_lib
 from lorajax.training import optim
 from lorajax.training import parallel
 from lorajax.training import step as step_lib
+from lorajax.training import tasks
 from lorajax.training import train
 
 from toy_models import load_config
@@ -239,6 +240,41 @@ def test_pissa_run_starts_at_the_base_and_its_adapter_reloads(smoke_run,
   got = train.evaluate_checkpoint(config, str(tmp_path), 'test')
   assert got['perplexity'] == pytest.approx(summary['test']['perplexity'],
                                             rel=1e-5)
+
+
+@pytest.mark.parametrize('name, init', [('rt_minilm_lora', 'kaiming'),
+                                         ('shakespeare_smollm2_lora', 'pissa')])
+def test_exported_adapter_fits_the_pretrained_base(name, init, smoke_run,
+                                                   tmp_path):
+  """``export_checkpoint`` writes a file that loads onto the pretrained base
+  (fingerprint checked) and computes what the run computed; a PiSSA run is
+  converted to plain LoRA on the way (it trained on the residual)."""
+  if init == 'kaiming':
+    config, _, workdir = smoke_run(name)
+  else:
+    config = load_config(name, **{'lora.init': init})
+    workdir = tmp_path / 'run'
+    train.train_and_evaluate(config, str(workdir))
+  out = train.export_checkpoint(config, str(workdir), str(tmp_path / 'ad'))
+  task = tasks.build_task(config)
+  trainable, frozen = task.split_params()
+  trainable, _ = ckpt_lib.restore_trainable(
+      workdir / 'checkpoints', trainable, train._meta(config, task, trainable))  # pylint: disable=protected-access
+  bundle = lorajax.io.load_adapter(out, task.original_params)
+  assert lorajax.pissa.uses_pissa(task.spec) == (init == 'pissa')
+  assert not lorajax.pissa.uses_pissa(bundle.spec)
+  ran = lorajax.merge(lorajax.combine(trainable['params'], frozen),
+                      trainable['adapters'], task.spec)
+  got = lorajax.merge(bundle.params_for(task.original_params),
+                      bundle.adapters, bundle.spec)
+  moved = 0.0
+  for (path, want), (_, have), (_, base) in zip(
+      lorajax.spec.flatten_paths(ran), lorajax.spec.flatten_paths(got),
+      lorajax.spec.flatten_paths(task.original_params)):
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6,
+                               err_msg=path)
+    moved = max(moved, float(np.abs(np.asarray(want) - base).max()))
+  assert moved > 1e-4   # The run changed the model; the file carries it.
 
 
 def test_resumed_finished_run_only_evaluates(smoke_run):

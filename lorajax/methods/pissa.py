@@ -91,7 +91,8 @@ def lora_provider(provider: lora_lib.Lora) -> lora_lib.Lora:
                        use_rslora=False, dropout=provider.dropout)
 
 
-def to_lora(spec: spec_lib.LoraSpec, params: PyTree, adapters: PyTree
+def to_lora(spec: spec_lib.LoraSpec, params: PyTree, adapters: PyTree, *,
+            start: PyTree | None = None
             ) -> tuple[spec_lib.LoraSpec, PyTree]:
   """A trained PiSSA adapter as a plain LoRA on the original base.
 
@@ -100,6 +101,8 @@ def to_lora(spec: spec_lib.LoraSpec, params: PyTree, adapters: PyTree
     params: the *original* pretrained base (not the residual): the starting
       factors ``a₀, b₀`` are recomputed from it.
     adapters: the trained adapters.
+    start: the starting adapters (``lorajax.init``'s output), if at hand:
+      used instead of recomputing the SVD.
 
   Returns:
     ``(spec, adapters)``: PiSSA rules become ``lora_provider`` (rank 2r,
@@ -110,11 +113,15 @@ def to_lora(spec: spec_lib.LoraSpec, params: PyTree, adapters: PyTree
   new_adapters = jax.tree.map(lambda x: x, adapters)  # A fresh tree.
   for path, provider, kernel, factors, layout in _pissa_leaves(
       spec, params, adapters):
-    start = lora_lib.principal_factors(kernel, layout, provider.rank,
-                                       provider.scale)
-    a = jnp.concatenate([factors['a'].astype(jnp.float32), start['a']], -1)
-    b = jnp.concatenate([factors['b'].astype(jnp.float32), -start['b']],
-                        layout.stack)
+    if start is None:
+      first = lora_lib.principal_factors(kernel, layout, provider.rank,
+                                         provider.scale)
+    else:
+      first = spec_lib.get_by_path(start, path)
+    a = jnp.concatenate([factors['a'].astype(jnp.float32),
+                         jnp.asarray(first['a'], jnp.float32)], -1)
+    b = jnp.concatenate([factors['b'].astype(jnp.float32),
+                         -jnp.asarray(first['b'], jnp.float32)], layout.stack)
     spec_lib.set_by_path(new_adapters, path, {'a': a, 'b': b})
   rules = [(pattern, lora_provider(action) if is_pissa(action) else action)
            for pattern, action in spec.rules]

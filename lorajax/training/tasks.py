@@ -71,6 +71,10 @@ class Task:
     prompts: the learned virtual tokens of ``prompt``/``prefix`` tuning
       (``lorajax.methods.prompts``), trained as ``trainable['prompts']``;
       ``{}`` for other methods.
+    model_config: the ``BertConfig`` / ``LlamaConfig`` (for PEFT and HF
+      exports).
+    pretrained: the base as loaded, where it differs from ``params`` (the
+      PiSSA residual); None otherwise.
   """
   kind: str
   spec: lorajax.LoraSpec
@@ -83,6 +87,13 @@ class Task:
   metric: str
   tokens_key: str
   prompts: PyTree = dataclasses.field(default_factory=dict)
+  model_config: Any = None
+  pretrained: PyTree = None
+
+  @property
+  def original_params(self) -> PyTree:
+    """The pretrained base that exported adapters must fit."""
+    return self.params if self.pretrained is None else self.pretrained
 
   def split_params(self) -> tuple[PyTree, PyTree]:
     """``(trainable, frozen)``: ``{'adapters', 'params'[, 'prompts']}`` and
@@ -257,12 +268,14 @@ def _classification(config) -> Task:
   apply_fn = lorajax.lora(classifier_apply(module, config.model.pooling),
                           spec)
   adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1))
+  pretrained = params
   params = _pissa_residual(spec, params, adapters)
   return Task('classification', spec, params, adapters,
               functools.partial(classification_loss, apply_fn=apply_fn),
               functools.partial(classification_eval, apply_fn=apply_fn),
               data, {'name': 'minilm', 'size': config.model.size, **arch},
-              'accuracy', 'attention_mask', prompts)
+              'accuracy', 'attention_mask', prompts, module.config,
+              None if params is pretrained else pretrained)
 
 
 # ---- causal language modelling ----------------------------------------
@@ -342,6 +355,7 @@ def _lm(config) -> Task:
   params = _quantized(config, params, spec)
   apply_fn = lorajax.lora(lm_apply(module), spec)
   adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1))
+  pretrained = params
   params = _pissa_residual(spec, params, adapters)
   arch = {k: v for k, v in dataclasses.asdict(cfg).items()
           if k not in ('dtype', 'remat')}
@@ -349,7 +363,8 @@ def _lm(config) -> Task:
               functools.partial(lm_loss, apply_fn=apply_fn),
               functools.partial(lm_eval, apply_fn=apply_fn),
               data, {'name': 'smollm2', 'size': m.size, **arch},
-              'perplexity', 'mask', prompts)
+              'perplexity', 'mask', prompts, cfg,
+              None if params is pretrained else pretrained)
 
 
 def build_task(config) -> Task:

@@ -313,3 +313,63 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test',
   return evaluate(runner, state.trainable, frozen, task.data[split],
                   batch_size=config.eval_batch_size,
                   max_batches=config.data.max_eval_batches)
+
+
+EXPORT_FORMATS = ('lorajax', 'peft', 'merged')
+
+
+def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
+                      step: int | None = None) -> str:
+  """Writes a run's saved adapter as a file its users can load elsewhere.
+
+  Formats: ``'lorajax'`` (``io.save_adapter``: safetensors + spec +
+  base fingerprint), ``'peft'`` (``adapter_config.json`` +
+  ``adapter_model.safetensors`` for ``PeftModel.from_pretrained``) and
+  ``'merged'`` (an HF checkpoint with the adapters folded in). A PiSSA run
+  is converted first (``lorajax.pissa.to_lora``), so its file fits the
+  pretrained base, not the residual it trained on.
+
+  Args:
+    config: the run's config.
+    workdir: the run's workdir (``checkpoints/`` inside).
+    out: the directory to write.
+    fmt: one of ``EXPORT_FORMATS``.
+    step: the checkpoint step; None takes the latest complete one.
+
+  Returns:
+    ``out``.
+
+  Raises:
+    ValueError: an unknown format, a prompt-tuning run (its virtual tokens
+      are written as ``prompts.npz`` by training), or a checkpoint of
+      another spec or model.
+  """
+  from lorajax import io as io_lib  # pylint: disable=g-import-not-at-top
+  if fmt not in EXPORT_FORMATS:
+    raise ValueError(f'format {fmt!r}; expected one of {EXPORT_FORMATS}')
+  if config.method in config_lib.PROMPT_METHODS:
+    raise ValueError(f'method {config.method!r} trains virtual tokens, '
+                     'which training writes to <workdir>/prompts.npz; '
+                     'there is no adapter file to export')
+  task = tasks.build_task(config)
+  trainable, frozen = task.split_params()
+  trainable, _ = ckpt_lib.restore_trainable(
+      os.path.join(workdir, 'checkpoints'), trainable,
+      _meta(config, task, trainable), step)
+  trainable = jax.device_get(trainable)
+  spec, adapters = task.spec, trainable['adapters']
+  tuned = lorajax.combine(trainable['params'], frozen)   # what it ran with
+  if fmt == 'merged':
+    io_lib.export_merged(out, task.model_config, tuned, adapters, spec)
+    return out
+  base = lorajax.combine(trainable['params'],
+                         lorajax.partition(task.original_params, spec)[1])
+  if lorajax.pissa.uses_pissa(spec):
+    spec, adapters = lorajax.pissa.to_lora(spec, base, adapters,
+                                           start=task.adapters)
+  if fmt == 'peft':
+    io_lib.export_peft(out, task.model_config, spec, adapters, base)
+  else:
+    io_lib.save_adapter(out, spec, adapters, base,
+                        metadata={'config': config.name, 'workdir': workdir})
+  return out
