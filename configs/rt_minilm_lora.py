@@ -9,8 +9,9 @@ Run (5 CPU-minutes of compute; about 6 minutes on an idle 2-core machine):
   python -m experiments.train --config configs/rt_minilm_lora.py \
       --workdir /tmp/lorajax_main
 
-Expected (measured): validation accuracy 0.838, test accuracy 0.815; the
-adapter checkpoint (trainable/) is 291 KB, 881 KB with the optimizer state.
+Expected (measured on 2026-11-22, 190 s on an idle 2-core CPU): validation
+accuracy 0.842, test accuracy 0.813; the adapter checkpoint (trainable/) is
+291 KB, 881 KB with the optimizer state.
 
 ``--config configs/rt_minilm_lora.py:smoke`` shrinks it to a tiny random
 model and a few steps (seconds; for tests).
