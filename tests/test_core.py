@@ -11,6 +11,8 @@ import pytest
 import lorajax
 from lorajax import Lora, LoraSpec
 
+from toy_models import Block
+
 KEY = jax.random.key(0)
 
 
@@ -63,13 +65,6 @@ class Jitted(nn.Module):
   def __call__(self, x):
     w = self.param('kernel', nn.initializers.lecun_normal(), (8, 6))
     return _helper_matmul(x, w)
-
-
-class Block(nn.Module):
-
-  @nn.compact
-  def __call__(self, x, _):
-    return x + nn.Dense(8, name='dense')(jnp.tanh(x)), None
 
 
 class Scanned(nn.Module):

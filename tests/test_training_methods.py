@@ -16,6 +16,7 @@ from lorajax.training import metrics as metrics_lib
 from lorajax.training import train
 
 from toy_models import load_config
+from toy_models import set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS_CONFIG = 'rt_minilm_methods'
@@ -36,13 +37,7 @@ def _config(method, **fields):
   config = config_lib.base_config('classification')
   config.method = method
   config.frozen_rules = r'pooler/.*'
-  for key, value in fields.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_fields(config, fields)
 
 
 # ---- config -> spec ---------------------------------------------------------

@@ -86,10 +86,16 @@ def load_config(name, arg='smoke', **overrides):
   spec.loader.exec_module(module)
   config = module.get_config(arg)
   with config.unlocked():
-    for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split('.')
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+    set_fields(config, overrides)
+  return config
+
+
+def set_fields(config, fields):
+  """Sets dotted ``{'lora.rank': 4}`` fields of a ConfigDict in place."""
+  for key, value in fields.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
   return config
