@@ -1,70 +1,7 @@
-r"""Trains and evaluates one config: ``python -m experiments.train``.
+"""The old command ``python -m experiments.train``: runs lorajax.cli.train."""
 
-  python -m experiments.train                      # the main job
-  python -m experiments.train --config configs/rt_minilm_full.py \
-      --workdir /tmp/full --config.optim.learning_rate=1e-4
-  python -m experiments.train --config configs/rt_minilm_lora.py:smoke
-
-Without ``--workdir`` the run goes to ``workdirs/<config file name>``. A run
-whose workdir holds checkpoints resumes from the newest one.
-
-On several hosts, start the same command on each with
-``--coordinator=HOST:PORT --num_processes=N --process_id=I`` (and
-``--config.mode=mesh`` or ``pmap``): ``jax.distributed.initialize`` joins them
-before anything else touches the devices. On TPU pods and SLURM clusters JAX
-finds these by itself; pass ``--distributed`` alone.
-"""
-
-import os
-
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
-
-import jax
-
-from lorajax import sweep_runner
-from lorajax.training import train
-
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/rt_minilm_lora.py', 'Training config file (path[:arg]).',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Folder for checkpoints and metrics; default '
-    'workdirs/<config name>.')
-
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() (implied by '
-    '--coordinator).')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator', None, 'HOST:PORT of process 0, for multi-host runs.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'Number of processes in the run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   'Index of this process.')
-
-
-def default_workdir(config_path: str) -> str:
-  """``workdirs/<config file stem>`` for ``configs/x.py:arg``."""
-  name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
-  return os.path.join('workdirs', name)
-
-
-def main(argv):
-  sweep_runner.die_with_parent_from_env()  # A sweep's run dies with it.
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  workdir = _WORKDIR.value or default_workdir(
-      config_flags.get_config_filename(flags.FLAGS['config']))
-  if _DISTRIBUTED.value or _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-    logging.info('process %d of %d', jax.process_index(), jax.process_count())
-  logging.info('config:\n%s', _CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, workdir)
-
+from lorajax.cli.train import main  # pylint: disable=unused-import
+from lorajax.cli.train import run
 
 if __name__ == '__main__':
-  app.run(main)
+  run()

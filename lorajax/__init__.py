@@ -29,6 +29,6 @@ from lorajax.spec import FREEZE
 from lorajax.spec import LoraSpec
 from lorajax.spec import resolve
 from lorajax.spec import TRAIN
-from lorajax.xla_options import compiler_options
+from lorajax.runtime.compiler import compiler_options
 
 __version__ = '0.1.0'

@@ -14,7 +14,7 @@ from lorajax.models import bert_loading
 from lorajax.models import bert
 from lorajax.models import llama
 from lorajax.models import lm
-from lorajax.serving import combine as combine_lib
+from lorajax.serving import weighted
 from lorajax.serving.registry import AdapterRegistry
 
 TOKENS = jnp.array([[5, 9, 13, 2, 7, 1]] * 5, jnp.int32) + jnp.arange(5)[:, None]
@@ -201,7 +201,8 @@ def test_cat_is_the_exact_weighted_sum():
   entries = _four_adapters(params, apply_fn, (TOKENS,),
                            ('.*q_proj/kernel', '.*down_proj/kernel'))[:3]
   w = [0.5, -1.0, 2.0]
-  ad, spec = combine_lib.combine(entries, params, weights=w, method='cat')
+  ad, spec = weighted.weighted_adapter(entries, params, weights=w,
+                                       method='cat')
   want = _weighted(w, _deltas(entries, params))
   got = _deltas([(ad, spec)], params)[0]
   for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -212,8 +213,8 @@ def test_svd_gives_the_best_rank_k_update():
   apply_fn, params = _tiny_llama(False)
   entries = _four_adapters(params, apply_fn, (TOKENS,),
                            ('.*q_proj/kernel', '.*down_proj/kernel'))[:2]
-  ad, spec = combine_lib.combine(entries, params, weights=[1.0, 0.7],
-                                 method='svd', rank=2)
+  ad, spec = weighted.weighted_adapter(entries, params, weights=[1.0, 0.7],
+                                       method='svd', rank=2)
   want = _weighted([1.0, 0.7], _deltas(entries, params))
   got = _deltas([(ad, spec)], params)[0]
   path = 'layers_1/attn/q_proj/kernel'
@@ -231,8 +232,9 @@ def test_linear_is_exact_for_shared_a_and_needs_one_rank():
                                ('.*q_proj/kernel', '.*v_proj/kernel'))[:1]
   other = jax.tree_util.tree_map_with_path(
       lambda p, x: x if p[-1].key == 'a' else -2 * x, ad)
-  got, gspec = combine_lib.combine([(ad, spec), (other, spec)], params,
-                                   weights=[0.5, 0.25], method='linear')
+  got, gspec = weighted.weighted_adapter(
+      [(ad, spec), (other, spec)], params, weights=[0.5, 0.25],
+      method='linear')
   # 0.5·Δ + 0.25·(−2Δ) = 0: the base.
   for g, p in zip(jax.tree.leaves(_merge(params, got, gspec)),
                   jax.tree.leaves(params)):
@@ -240,9 +242,10 @@ def test_linear_is_exact_for_shared_a_and_needs_one_rank():
   entries = _four_adapters(params, apply_fn, (TOKENS,),
                            ('.*q_proj/kernel', '.*v_proj/kernel'))
   with pytest.raises(ValueError, match="'linear' needs one rank"):
-    combine_lib.combine([entries[0], entries[2]], params, method='linear')
+    weighted.weighted_adapter([entries[0], entries[2]], params,
+                              method='linear')
   with pytest.raises(ValueError, match='target rank'):
-    combine_lib.combine(entries[:2], params, method='svd')
+    weighted.weighted_adapter(entries[:2], params, method='svd')
 
 
 # ---- errors ---------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Sweeps: expansion, skip/resume, reproduction commands, the report (no training)."""
 
 import csv
+import importlib.util
 import json
 import os
 import shlex
@@ -17,11 +18,12 @@ from matplotlib import image as mpimg
 from ml_collections import config_flags
 import pytest
 
-from lorajax import process_memory
-from lorajax import step_profile
-from lorajax import sweep_report
-from lorajax import sweep_runner
-from lorajax import sweeps
+import lorajax
+from lorajax.profiling import step_profile
+from lorajax.runtime import memory
+from lorajax.sweeps import grid
+from lorajax.sweeps import report
+from lorajax.sweeps import runner
 
 SMOKE = 'configs/rt_minilm_sweep.py:smoke'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,13 +78,13 @@ class FakeTrainer:
         'test': {'accuracy': acc}, 'tokens_per_sec': 300.0,
         'train_time_s': 10.0, 'adapter_bytes': 4 * n if lora else 8 * n,
         'wall_time_s': 20.0, 'peak_rss_bytes': 2**30}
-    with open(os.path.join(run.workdir, sweep_runner.SUMMARY), 'w') as f:
+    with open(os.path.join(run.workdir, runner.SUMMARY), 'w') as f:
       json.dump(summary, f)
     return 0
 
 
 def test_expands_the_shipped_sweep():
-  runs = sweeps.expand('configs/rt_minilm_sweep.py', '/tmp/sw')
+  runs = grid.expand('configs/rt_minilm_sweep.py', '/tmp/sw')
   assert len(runs) == 6 * 3 + 4
   assert runs[0].name == 'lora.rank=1,lora.alpha=1'
   assert runs[0].workdir == '/tmp/sw/lora.rank=1,lora.alpha=1'
@@ -94,15 +96,15 @@ def test_expands_the_shipped_sweep():
       runs[-3].command())
   assert (runs[5].config.lora.rank, runs[5].config.lora.alpha) == (2, 32.0)
   assert runs[5].command() == (
-      'python -m experiments.train --config=configs/rt_minilm_sweep.py '
+      'python -m lorajax.cli.train --config=configs/rt_minilm_sweep.py '
       '--workdir=/tmp/sw/lora.rank=2,lora.alpha=32 '
       '--config.lora.rank=2 --config.lora.alpha=32')
 
 
 def test_command_reproduces_the_run_config():
-  for run in sweeps.expand(SMOKE, '/tmp/sw', {'num_train_steps': 3}):
+  for run in grid.expand(SMOKE, '/tmp/sw', {'num_train_steps': 3}):
     argv = shlex.split(run.command())
-    assert argv[:3] == ['python', '-m', 'experiments.train']
+    assert argv[:3] == ['python', '-m', 'lorajax.cli.train']
     values = flags.FlagValues()
     holder = config_flags.DEFINE_config_file(
         'config', None, flag_values=values, sys_argv=argv[2:])
@@ -120,7 +122,7 @@ def test_misspelled_key_is_an_error_before_any_run(tmp_path):
       ''')
   with pytest.raises(ValueError,
                      match=r"'lora.rnak'.*did you mean 'lora.rank'"):
-    sweeps.expand(path, str(tmp_path / 'sweep'))
+    grid.expand(path, str(tmp_path / 'sweep'))
   assert not (tmp_path / 'sweep').exists()
 
 
@@ -133,7 +135,7 @@ def test_misspelled_key_is_an_error_before_any_run(tmp_path):
 ])
 def test_bad_sweep_entries_raise(tmp_path, body, message):
   with pytest.raises(ValueError, match=message):
-    sweeps.expand(write_config(tmp_path, body), str(tmp_path / 'sweep'))
+    grid.expand(write_config(tmp_path, body), str(tmp_path / 'sweep'))
 
 
 @pytest.mark.parametrize('overrides, name', [
@@ -143,30 +145,30 @@ def test_bad_sweep_entries_raise(tmp_path, body, message):
     ({}, 'base'),
 ])
 def test_run_names(overrides, name):
-  assert sweeps.run_name(overrides) == name
+  assert grid.run_name(overrides) == name
 
 
 def test_unsafe_names_are_safe_and_distinct():
-  a = sweeps.run_name({'lora.targets': r'.*/(query|value)/kernel'})
-  b = sweeps.run_name({'lora.targets': r'.*/(query/value)/kernel'})
-  long = sweeps.run_name({'x': 'y' * 500})
+  a = grid.run_name({'lora.targets': r'.*/(query|value)/kernel'})
+  b = grid.run_name({'lora.targets': r'.*/(query/value)/kernel'})
+  long = grid.run_name({'x': 'y' * 500})
   for name in (a, b, long):
     assert all(c.isalnum() or c in '._,=+-' for c in name), name
   assert a != b and len(long) <= 120
 
 
 def test_skips_finished_and_resumes_interrupted(tmp_path):
-  runs = sweeps.expand(SMOKE, str(tmp_path))
+  runs = grid.expand(SMOKE, str(tmp_path))
   killed = runs[1].name
   trainer = FakeTrainer(die=[killed])
-  out = sweep_runner.run_sweep(runs, str(tmp_path), launcher=trainer,
+  out = runner.run_sweep(runs, str(tmp_path), launcher=trainer,
                          echo=lambda s: None)
   assert out[killed] == 'failed'
   assert sum(v == 'done' for v in out.values()) == len(runs) - 1
-  assert sweep_runner.run_status(runs[1].workdir) == 'unfinished'
+  assert runner.run_status(runs[1].workdir) == 'unfinished'
 
   lines, trainer = [], FakeTrainer()
-  out = sweep_runner.run_sweep(runs, str(tmp_path), launcher=trainer,
+  out = runner.run_sweep(runs, str(tmp_path), launcher=trainer,
                          echo=lines.append)
   assert trainer.calls == [killed]
   assert out[killed] == 'done'
@@ -178,10 +180,10 @@ def test_skips_finished_and_resumes_interrupted(tmp_path):
 
 
 def test_progress_lines_time_each_run_and_estimate_the_rest(tmp_path):
-  runs = sweeps.expand(SMOKE, str(tmp_path))[:3]
+  runs = grid.expand(SMOKE, str(tmp_path))[:3]
   ticks = iter(range(0, 1000, 50))  # Each clock() call is 50 s later.
   lines = []
-  out = sweep_runner.run_sweep(runs, str(tmp_path), launcher=FakeTrainer(),
+  out = runner.run_sweep(runs, str(tmp_path), launcher=FakeTrainer(),
                                echo=lines.append, clock=lambda: next(ticks))
   assert list(out.values()) == ['done'] * 3
   ends = [l for l in lines if ': done' in l]
@@ -192,46 +194,56 @@ def test_progress_lines_time_each_run_and_estimate_the_rest(tmp_path):
 
 
 def test_changed_config_is_an_error_before_any_run(tmp_path):
-  runs = sweeps.expand(SMOKE, str(tmp_path))
-  sweep_runner.run_sweep(runs[:1], str(tmp_path), launcher=FakeTrainer(),
+  runs = grid.expand(SMOKE, str(tmp_path))
+  runner.run_sweep(runs[:1], str(tmp_path), launcher=FakeTrainer(),
                    echo=lambda s: None)
-  changed = sweeps.expand(SMOKE, str(tmp_path), {'num_train_steps': 9})
+  changed = grid.expand(SMOKE, str(tmp_path), {'num_train_steps': 9})
   trainer = FakeTrainer()
   with pytest.raises(ValueError, match='num_train_steps: 6 -> 9'):
-    sweep_runner.run_sweep(changed, str(tmp_path), launcher=trainer)
+    runner.run_sweep(changed, str(tmp_path), launcher=trainer)
   assert not trainer.calls
 
 
 def test_fields_added_to_the_config_since_do_not_block(tmp_path):
-  runs = sweeps.expand(SMOKE, str(tmp_path))
-  sweep_runner.run_sweep(runs[:1], str(tmp_path), launcher=FakeTrainer(),
+  runs = grid.expand(SMOKE, str(tmp_path))
+  runner.run_sweep(runs[:1], str(tmp_path), launcher=FakeTrainer(),
                    echo=lambda s: None)
-  path = os.path.join(runs[0].workdir, sweep_runner.RUN_FILE)
+  path = os.path.join(runs[0].workdir, runner.RUN_FILE)
   with open(path) as f:
     record = json.load(f)
   del record['config']['lora.dropout']  # As if written before it existed.
   with open(path, 'w') as f:
     json.dump(record, f)
   lines, trainer = [], FakeTrainer()
-  assert sweep_runner.run_sweep(runs[:1], str(tmp_path), launcher=trainer,
+  assert runner.run_sweep(runs[:1], str(tmp_path), launcher=trainer,
                           echo=lines.append) == {runs[0].name: 'skipped'}
   assert 'fields added since 1 run(s) were made' in lines[0]
   assert lines[0].endswith(': lora.dropout; removed: none')
 
 
 def test_one_sweep_process_per_folder(tmp_path):
-  runs = sweeps.expand(SMOKE, str(tmp_path))
+  runs = grid.expand(SMOKE, str(tmp_path))
   inner = []
 
   def launcher(run):
     with pytest.raises(RuntimeError, match='another sweep is running'):
-      sweep_runner.run_sweep(runs, str(tmp_path), launcher=FakeTrainer())
+      runner.run_sweep(runs, str(tmp_path), launcher=FakeTrainer())
     inner.append(run.name)
     return FakeTrainer()(run)
 
-  sweep_runner.run_sweep(runs[:1], str(tmp_path), launcher=launcher,
+  runner.run_sweep(runs[:1], str(tmp_path), launcher=launcher,
                    echo=lambda s: None)
   assert inner == [runs[0].name]
+
+
+@pytest.mark.parametrize('module', [grid.TRAIN_MODULE,
+                                    step_profile.PROFILE_MODULE])
+def test_launched_programs_ship_with_the_package(module):
+  """What a sweep or a profile starts is a module of the installed package."""
+  found = importlib.util.find_spec(module)
+  assert module.startswith('lorajax.cli.') and found is not None
+  package_dir = os.path.dirname(os.path.abspath(lorajax.__file__))
+  assert os.path.abspath(found.origin).startswith(package_dir + os.sep)
 
 
 def test_subprocess_launcher_runs_the_command(tmp_path, monkeypatch):
@@ -243,13 +255,13 @@ def test_subprocess_launcher_runs_the_command(tmp_path, monkeypatch):
         json.dump({'argv': sys.argv[1:]}, f)
       '''))
   monkeypatch.setenv('PYTHONPATH', str(tmp_path))
-  monkeypatch.setattr(sweeps, 'TRAIN_MODULE', 'fake_train')
-  run = sweeps.expand(SMOKE, str(tmp_path / 'sweep'))[0]
-  assert sweep_runner.run_sweep([run], str(tmp_path / 'sweep'),
+  monkeypatch.setattr(grid, 'TRAIN_MODULE', 'fake_train')
+  run = grid.expand(SMOKE, str(tmp_path / 'sweep'))[0]
+  assert runner.run_sweep([run], str(tmp_path / 'sweep'),
                           echo=lambda s: None) == {run.name: 'done'}
-  with open(os.path.join(run.workdir, sweep_runner.SUMMARY)) as f:
+  with open(os.path.join(run.workdir, runner.SUMMARY)) as f:
     assert json.load(f)['argv'] == list(run.argv)
-  with open(os.path.join(run.workdir, sweep_runner.LOG_FILE)) as f:
+  with open(os.path.join(run.workdir, runner.LOG_FILE)) as f:
     assert f.read().startswith(f'$ {run.command()}\n')
 
 
@@ -258,8 +270,8 @@ def test_a_run_dies_with_its_sweep_process(tmp_path):
   restarted sweep never races an orphan for the same workdir."""
   (tmp_path / 'slow_train.py').write_text(textwrap.dedent('''
       import os, sys, time
-      from lorajax import sweep_runner
-      sweep_runner.die_with_parent_from_env()
+      from lorajax.sweeps import runner
+      runner.die_with_parent_from_env()
       workdir = [a for a in sys.argv if a.startswith('--workdir=')][0][10:]
       with open(os.path.join(workdir, 'pid'), 'w') as f:
         f.write(str(os.getpid()))
@@ -267,10 +279,10 @@ def test_a_run_dies_with_its_sweep_process(tmp_path):
       '''))
   sweep_dir = tmp_path / 'sweep'
   script = textwrap.dedent(f'''
-      from lorajax import sweeps, sweep_runner
-      sweeps.TRAIN_MODULE = 'slow_train'
-      runs = sweeps.expand({SMOKE!r}, {str(sweep_dir)!r})[:1]
-      sweep_runner.run_sweep(runs, {str(sweep_dir)!r})
+      from lorajax.sweeps import grid, runner
+      grid.TRAIN_MODULE = 'slow_train'
+      runs = grid.expand({SMOKE!r}, {str(sweep_dir)!r})[:1]
+      runner.run_sweep(runs, {str(sweep_dir)!r})
       ''')
   env = dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}{ROOT}')
   parent = subprocess.Popen([sys.executable, '-c', script], env=env,
@@ -309,10 +321,10 @@ def _is_zombie(pid):
 
 
 def test_report_from_a_fake_sweep(tmp_path):
-  runs = sweeps.expand(SMOKE, str(tmp_path))
-  sweep_runner.run_sweep(runs, str(tmp_path), launcher=FakeTrainer(
+  runs = grid.expand(SMOKE, str(tmp_path))
+  runner.run_sweep(runs, str(tmp_path), launcher=FakeTrainer(
       die=[runs[0].name]), echo=lambda s: None)
-  paths = sweep_report.write_report(str(tmp_path))
+  paths = report.write_report(str(tmp_path))
   with open(paths['csv'], newline='') as f:
     rows = list(csv.DictReader(f))
   assert [r['name'] for r in rows] == [r.name for r in runs]
@@ -343,21 +355,21 @@ def test_report_from_a_fake_sweep(tmp_path):
 
 def test_report_of_an_empty_folder_is_an_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='no sweep runs'):
-    sweep_report.write_report(str(tmp_path))
+    report.write_report(str(tmp_path))
 
 
 def test_peak_rss_is_read_from_proc():
-  peak, now = process_memory.peak_rss_bytes(), process_memory.rss_bytes()
+  peak, now = memory.peak_rss_bytes(), memory.rss_bytes()
   assert peak >= now > 0
 
 
 def test_subprocess_peak_rss_is_its_own():
   """VmHWM starts afresh at exec: a small child reports a small peak."""
-  code = (f'exec(open({process_memory.__file__!r}).read()); '
+  code = (f'exec(open({memory.__file__!r}).read()); '
           'print(peak_rss_bytes())')
   child = int(subprocess.run([sys.executable, '-S', '-c', code], check=True,
                              capture_output=True, text=True).stdout)
-  assert 0 < child < process_memory.peak_rss_bytes() / 2
+  assert 0 < child < memory.peak_rss_bytes() / 2
 
 
 def test_xla_flops_of_a_matmul():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import lorajax
-from lorajax import sweeps
 from lorajax.methods import prompts
+from lorajax.sweeps import grid
 from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
 from lorajax.training import metrics as metrics_lib
@@ -77,8 +77,8 @@ def test_bad_bottleneck_style_raises():
 
 
 def test_methods_sweep_expands_to_one_run_per_method(tmp_path):
-  runs = sweeps.expand(os.path.join(ROOT, 'configs', f'{METHODS_CONFIG}.py'),
-                       str(tmp_path))
+  runs = grid.expand(os.path.join(ROOT, 'configs', f'{METHODS_CONFIG}.py'),
+                     str(tmp_path))
   assert [r.config.method for r in runs] == [
       'lora', 'dora', 'qlora', 'bottleneck', 'prefix', 'prompt', 'full',
       'head']

@@ -1,7 +1,7 @@
 """Serving many adapters over one frozen base.
 
   registry.AdapterRegistry   named adapters: switch, disable, mix per example
-  combine.combine            cat / linear / SVD combination of adapters
+  weighted.weighted_adapter  cat / linear / SVD weighted sum of adapters
 """
 
 from lorajax.serving.registry import AdapterRegistry

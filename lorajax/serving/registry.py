@@ -30,7 +30,7 @@ from lorajax import spec as spec_lib
 from lorajax import spec_paths
 from lorajax.methods import lora as lora_lib
 from lorajax.methods import multi
-from lorajax.serving import combine as combine_lib
+from lorajax.serving import weighted
 
 PyTree = Any
 
@@ -262,14 +262,14 @@ class AdapterRegistry:
   def combine(self, new_name: str, names: Sequence[str], *,
               weights: Sequence[float] | None = None, method: str = 'cat',
               rank: int | None = None) -> None:
-    """Registers a combination of registered adapters (see ``combine``)."""
+    """Registers a weighted sum of registered adapters (``weighted_adapter``)."""
     for n in names:
       if self.entry(n).trained:
         raise ValueError(f'adapter {n!r} trains leaves outright; only '
                          f'low-rank adapters can be combined')
     weights = [1.0] * len(names) if weights is None else list(weights)
-    factors = combine_lib.combine_factors(
+    factors = weighted.weighted_factors(
         [self.entry(n).factors for n in names], weights, method=method,
         rank=rank)
-    adapters, spec = combine_lib.factors_to_adapters(factors, self._params)
+    adapters, spec = weighted.factors_to_adapters(factors, self._params)
     self.add(new_name, adapters, spec)

@@ -61,7 +61,7 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # Compile the train step with lorajax.compiler_options() (jit and mesh;
   # on CPU a memory-minded schedule, same math: ~6% less peak memory for
   # LoRA, but full fine-tuning at small batches can be slower; figures in
-  # lorajax/xla_options.py).
+  # lorajax/runtime/compiler.py).
   c.xla_options = True
   # The device mesh of mode 'mesh'.
   c.mesh = config_dict.ConfigDict()

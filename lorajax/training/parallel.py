@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from lorajax import spec as spec_lib
-from lorajax import xla_options
+from lorajax.runtime import compiler
 from lorajax.training import config as config_lib
 from lorajax.training import sharding as sharding_lib
 from lorajax.training import step as step_lib
@@ -257,7 +257,7 @@ def runner_from_config(config, task, tx: optax.GradientTransformation
   kwargs = dict(loss_fn=task.loss_fn, eval_fn=task.eval_fn, tx=tx,
                 accum_steps=int(config.optim.accum_steps))
   if mode != 'pmap' and config.get('xla_options', True):
-    kwargs['compiler_options'] = xla_options.compiler_options()
+    kwargs['compiler_options'] = compiler.compiler_options()
   if mode == 'pmap':
     _check_divisible(config, jax.local_device_count(), 'local devices')
   elif mode == 'mesh':

@@ -31,8 +31,9 @@ import jax
 import numpy as np
 
 import lorajax
-from lorajax import process_memory
+from lorajax import io as io_lib
 from lorajax.data import loader
+from lorajax.runtime import memory
 from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
 from lorajax.training import metrics as metrics_lib
@@ -279,7 +280,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                               for item in ckpt_lib.ITEMS),
       'workdir': workdir,
       # VmHWM of this process: the run's own peak when it is a subprocess.
-      'peak_rss_bytes': process_memory.peak_rss_bytes(),
+      'peak_rss_bytes': memory.peak_rss_bytes(),
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'summary.json'), 'w',
@@ -344,7 +345,6 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
       are written as ``prompts.npz`` by training), or a checkpoint of
       another spec or model.
   """
-  from lorajax import io as io_lib  # pylint: disable=g-import-not-at-top
   if fmt not in EXPORT_FORMATS:
     raise ValueError(f'format {fmt!r}; expected one of {EXPORT_FORMATS}')
   if config.method in config_lib.PROMPT_METHODS:

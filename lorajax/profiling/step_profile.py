@@ -2,7 +2,7 @@
 
 In the spirit of the LoRA paper's and PEFT's measurements: for batch sizes
 1, 2, 4, 8, ... each measurement runs in a fresh subprocess, so its peak
-resident memory (``VmHWM``, see ``lorajax.process_memory``) is that batch
+resident memory (``VmHWM``, see ``lorajax.runtime.memory``) is that batch
 size's alone. The child builds the run exactly as ``train_and_evaluate``
 does (task, spec, optimizer, ``jax.jit`` step), compiles the step once,
 reads XLA's FLOP count from ``lower(...).compile().cost_analysis()``, times a
@@ -30,16 +30,16 @@ import jax
 from matplotlib import figure
 import numpy as np
 
-from lorajax import process_memory
-from lorajax import sweeps
 from lorajax.data import loader
+from lorajax.runtime import memory
+from lorajax.sweeps import grid
 from lorajax.training import optim
 from lorajax.training import parallel
 from lorajax.training import step as step_lib
 from lorajax.training import tasks
 
 RESULT_PREFIX = 'STEP_PROFILE '
-PROFILE_MODULE = 'experiments.profile'
+PROFILE_MODULE = 'lorajax.cli.profile'
 Row = dict[str, Any]
 
 
@@ -77,7 +77,7 @@ def measure(config, batch_size: int, *, steps: int = 5, warmup: int = 2
       task.data['train'], batch_size=batch_size, seed=config.seed,
       train=True)))
   batch = runner.put_batch(host_batch)
-  setup_rss = process_memory.rss_bytes()
+  setup_rss = memory.rss_bytes()
   compiled = runner.train_step.lower(state, frozen, batch).compile()
   times = []
   for i in range(warmup + steps):
@@ -93,19 +93,19 @@ def measure(config, batch_size: int, *, steps: int = 5, warmup: int = 2
           'trainable_params': int(sum(np.size(x) for x in
                                       jax.tree.leaves(trainable))),
           'setup_rss_bytes': setup_rss,
-          'peak_rss_bytes': process_memory.peak_rss_bytes()}
+          'peak_rss_bytes': memory.peak_rss_bytes()}
 
 
 def measure_in_subprocess(config_file: str, overrides: Mapping[str, Any],
                           batch_size: int, *, timeout: float = 1800.0
                           ) -> Row:
-  """Runs ``python -m experiments.profile --child_batch_size=B`` for one B.
+  """Runs ``python -m lorajax.cli.profile --child_batch_size=B`` for one B.
 
   Raises:
     RuntimeError: the child failed (with the end of its output).
   """
   argv = [sys.executable, '-m', PROFILE_MODULE,
-          *sweeps.config_argv(config_file, overrides),
+          *grid.config_argv(config_file, overrides),
           f'--child_batch_size={batch_size}']
   proc = subprocess.run(argv, capture_output=True, text=True, check=False,
                         timeout=timeout)

@@ -2,7 +2,7 @@ r"""Builds the offline datasets if needed and prints what is in them.
 
 Run:
 
-  python -m experiments.data_report [--data_dir=DIR]
+  python -m experiments.bench.data_report [--data_dir=DIR]
 
 Per dataset and split: examples, label balance (classification), distinct
 movies / plays, and lengths: MiniLM WordPiece tokens (with [CLS] and [SEP])

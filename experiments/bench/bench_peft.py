@@ -7,8 +7,9 @@ size and a set of LoRA targets) the driver
    std 0.02, as BERT initializes), the LoRA ``A`` matrices in PEFT's layout
    (``B`` starts at zero) and the batch, so both frameworks train the same
    model on the same data from the same start;
-2. starts one long-lived worker per framework (``experiments.lorajax_worker``
-   and ``experiments.peft_worker``), each in its own process;
+2. starts one long-lived worker per framework
+   (``experiments.bench.lorajax_worker`` and
+   ``experiments.bench.peft_worker``), each in its own process;
 3. runs warm-up steps, then alternates timed steps between the two workers
    (the order flips every repetition), so they never run at the same time
    and load drifts hit both alike;
@@ -56,14 +57,14 @@ from typing import Any, Callable
 import numpy as np
 from safetensors import numpy as safetensors_numpy
 
-from experiments import worker_protocol
+from experiments.bench import worker_protocol
 
 FRAMEWORKS = ('lorajax', 'peft')
-WORKERS = {'lorajax': 'experiments.lorajax_worker',
-           'peft': 'experiments.peft_worker'}
+WORKERS = {'lorajax': 'experiments.bench.lorajax_worker',
+           'peft': 'experiments.bench.peft_worker'}
 TARGETS = ('qv', 'all')
 RANK, ALPHA = 8, 16
-# Must match the optimizer of ``experiments.bench_core.make_setup``.
+# Must match the optimizer of ``experiments.bench.bench_core.make_setup``.
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.01
 
 

@@ -19,7 +19,7 @@ Together: XLA temporaries 927 MB → 545 MB and step time 1096 → 903 ms.
 
 The training loop uses them by default (``config.xla_options``). At the
 shipped configs' 48 tokens the gain is memory, not speed (2026-11-22,
-``experiments.profile --steps 20``, two alternating runs each): LoRA at batch
+``lorajax.cli.profile --steps 20``, two alternating runs each): LoRA at batch
 32 peaks at 1,024–1,043 MB with them and 1,096–1,108 MB without, at the same
 step time (346–384 ms either way); full fine-tuning is mixed on memory and
 at batch 8 about 20% slower with them (208–215 vs 172–175 ms), so a

@@ -40,7 +40,8 @@ SUBCOMMANDS = ('core', 'peft')
 
 def _peft(log) -> None:
   """``python -m experiments.bench peft``."""
-  from experiments import bench_peft  # pylint: disable=g-import-not-at-top
+  # Imported here: bench_peft needs the bench extra (torch), core does not.
+  from experiments.bench import bench_peft  # pylint: disable=g-import-not-at-top
   for name in _SIZES.value:
     if name not in bench_peft.SIZES:
       raise app.UsageError(f'--sizes: {name!r} is not one of '
@@ -74,7 +75,7 @@ def main(argv):
   if argv[1] == 'peft':
     _peft(log)
     return
-  from experiments import bench_core  # pylint: disable=g-import-not-at-top
+  from experiments.bench import bench_core  # pylint: disable=g-import-not-at-top
   if _VARIANT.value:
     if _VARIANT.value not in bench_core.VARIANTS:
       raise app.UsageError(f'--variant must be one of {bench_core.VARIANTS}')

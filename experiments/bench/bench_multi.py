@@ -1,7 +1,7 @@
 r"""Per-example adapters: a batch mixing 4 adapters vs one merged adapter.
 
-  python -m experiments.bench_multi                      # MiniLM and SmolLM2
-  python -m experiments.bench_multi --models=minilm --reps=9 --json
+  python -m experiments.bench.bench_multi               # MiniLM and SmolLM2
+  python -m experiments.bench.bench_multi --models=minilm --reps=9 --json
 
 For each model, four random LoRA adapters (rank ``--rank``, on ``--targets``)
 are stacked into ``MultiLora`` and one batch whose examples cycle through the

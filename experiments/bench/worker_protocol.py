@@ -16,7 +16,7 @@ Example (worker side):
 
 Example (parent side):
 
-  >>> w = Worker([sys.executable, '-m', 'experiments.peft_worker'], 'peft')  # doctest: +SKIP
+  >>> w = Worker([sys.executable, '-m', 'experiments.bench.peft_worker'], 'peft')  # doctest: +SKIP
   >>> w.call('step')['step_s']  # doctest: +SKIP
 """
 

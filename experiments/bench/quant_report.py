@@ -2,7 +2,8 @@ r"""Bytes and validation perplexity of SmolLM2-135M's frozen base, quantized.
 
 Run (a few minutes on a 2-core CPU):
 
-  python -m experiments.quant_report [--num_sequences=8] [--out=report.json]
+  python -m experiments.bench.quant_report [--num_sequences=8] \
+      [--out=report.json]
 
 The 210 projection kernels of the 30 layers (q, k, v, o, gate, up, down) are
 stored as float32, bfloat16, int8 (absmax per output unit) or NF4 (blocks of

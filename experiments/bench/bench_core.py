@@ -47,7 +47,7 @@ class Setup:
   trainable_params: int
 
 
-def _spec(variant: str) -> lorajax.LoraSpec:
+def lora_spec(variant: str) -> lorajax.LoraSpec:
   if variant == 'full':
     return lorajax.LoraSpec([(r'.*', 'train')])
   target = ALL if variant == 'lora_all' else QV
@@ -77,7 +77,7 @@ def make_setup(variant: str, config: bert_lib.BertConfig, batch: dict[str, Any],
   def apply(p, ids, mask):
     return model.apply({'params': p}, ids, mask).logits
 
-  spec = _spec(variant)
+  spec = lora_spec(variant)
   tx = optax.adamw(1e-4, weight_decay=0.01)
   if variant == 'full':
     trainable, frozen = params, {}

@@ -12,11 +12,11 @@ dotted config fields::
 ``expand`` turns that into ``Run``s. Every swept key must be a field of the
 config (a misspelled key is a ``ValueError`` naming it, raised before any run
 starts), and every run's config is parsed from its own command line exactly as
-``python -m experiments.train`` parses it, so the printed command reproduces
+``python -m lorajax.cli.train`` parses it, so the printed command reproduces
 the run. A run's workdir is ``<sweep_dir>/<name>``, the name made of its
 overrides (``lora.rank=8,lora.alpha=16``; unsafe characters replaced, and then
 a short hash appended so that names stay distinct).
-``lorajax.sweep_runner.run_sweep`` runs them.
+``lorajax.sweeps.runner.run_sweep`` runs them.
 
 Example:
 
@@ -42,7 +42,7 @@ from absl import flags
 from ml_collections import config_dict
 from ml_collections import config_flags
 
-TRAIN_MODULE = 'experiments.train'
+TRAIN_MODULE = 'lorajax.cli.train'
 _MAX_NAME = 120
 _UNSAFE = re.compile(r'[^A-Za-z0-9._,=+-]')
 
@@ -55,7 +55,7 @@ class Run:
     name: the workdir's name, made of the overrides.
     overrides: ``{dotted key: value}`` of this run, in ``add`` order.
     config: the run's locked config, as its command line parses.
-    argv: the flags after ``python -m experiments.train``.
+    argv: the flags after ``python -m lorajax.cli.train``.
     workdir: ``<sweep_dir>/<name>``.
   """
   name: str
@@ -167,7 +167,7 @@ def config_argv(config_file: str, overrides: Mapping[str, Any],
 
 def parse_config(config_file: str, overrides: Mapping[str, Any]
                  ) -> config_dict.ConfigDict:
-  """The locked config that ``experiments.train`` builds from these flags."""
+  """The locked config that ``lorajax.cli.train`` builds from these flags."""
   argv = ['sweep'] + config_argv(config_file, overrides)
   values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file(

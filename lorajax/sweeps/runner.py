@@ -1,7 +1,7 @@
 r"""Runs a sweep's runs one after another: skip, resume, reproduce.
 
-``run_sweep`` launches each run of ``lorajax.sweeps.expand`` (by default as a
-subprocess ``python -m experiments.train --config=... --workdir=...
+``run_sweep`` launches each run of ``lorajax.sweeps.grid.expand`` (by default
+as a subprocess ``python -m lorajax.cli.train --config=... --workdir=...
 --config.k=v``): a subprocess returns all its memory when it ends, has its
 own peak RSS (``VmHWM`` starts afresh at ``exec``), cannot take the sweep
 down when it crashes, and is literally the reproduction command. A run whose
@@ -30,14 +30,14 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from lorajax import sweeps
+from lorajax.sweeps import grid
 
 SUMMARY = 'summary.json'   # The completion marker, from train_and_evaluate.
 RUN_FILE = 'sweep_run.json'
 SWEEP_FILE = 'sweep.json'
 LOG_FILE = 'train.log'
 LOCK_FILE = '.sweep.lock'
-Run = sweeps.Run
+Run = grid.Run
 
 
 def latest_checkpoint(workdir: str) -> int | None:
@@ -63,7 +63,7 @@ def run_status(workdir: str) -> str:
 
 def _record(run: Run) -> dict[str, Any]:
   return {'name': run.name, 'overrides': run.overrides,
-          'command': run.command(), 'config': sweeps.flat_config(run.config)}
+          'command': run.command(), 'config': grid.flat_config(run.config)}
 
 
 def check_existing(runs: Sequence[Run]) -> list[str]:
@@ -88,7 +88,7 @@ def check_existing(runs: Sequence[Run]) -> list[str]:
       continue
     with open(path, encoding='utf-8') as f:
       old = json.load(f)['config']
-    new = sweeps.flat_config(run.config)
+    new = grid.flat_config(run.config)
     diff = sorted(k for k in set(old) & set(new) if old[k] != new[k])
     if diff:
       shown = ', '.join(f'{k}: {old[k]!r} -> {new[k]!r}' for k in diff[:5])
@@ -117,7 +117,7 @@ def die_with_parent_from_env() -> None:
   The launcher names its pid in ``$LORAJAX_SWEEP_PARENT``; this asks Linux
   for SIGKILL when the parent goes (``prctl(PR_SET_PDEATHSIG)``), and exits
   at once if it is already gone. Called at the start of
-  ``experiments.train`` (after ``exec``: a ``preexec_fn`` would have to run
+  ``lorajax.cli.train`` (after ``exec``: a ``preexec_fn`` would have to run
   Python in a forked copy of the multithreaded JAX process). A no-op
   outside a sweep or off Linux.
   """
@@ -131,7 +131,7 @@ def die_with_parent_from_env() -> None:
 
 
 def subprocess_launcher(run: Run) -> int:
-  """Runs ``python -m experiments.train`` for ``run``; output to train.log.
+  """Runs ``python -m lorajax.cli.train`` for ``run``; output to train.log.
 
   The child is killed if the sweep process dies (``die_with_parent_from_env``),
   so that a restarted sweep never finds an orphan still training in the same
@@ -146,7 +146,7 @@ def subprocess_launcher(run: Run) -> int:
     f.write(f'$ {run.command()}\n')
     f.flush()
     proc = subprocess.run(
-        [sys.executable, '-m', sweeps.TRAIN_MODULE, *run.argv], stdout=f,
+        [sys.executable, '-m', grid.TRAIN_MODULE, *run.argv], stdout=f,
         stderr=subprocess.STDOUT, check=False,
         env=dict(os.environ, **{PARENT_ENV: str(os.getpid())}))
   return proc.returncode
@@ -185,7 +185,7 @@ def run_sweep(runs: Sequence[Run], sweep_dir: str, *,
   command is printed, and a failed run does not stop the others.
 
   Args:
-    runs: from ``sweeps.expand``.
+    runs: from ``grid.expand``.
     sweep_dir: the folder of the run workdirs; ``sweep.json`` lists the runs.
     launcher: ``run -> exit status``; it must leave ``summary.json`` in
       ``run.workdir`` when the run completes.

@@ -1,4 +1,4 @@
-"""Combine several LoRA adapters of one base into one.
+"""A weighted sum of several LoRA adapters of one base, as one adapter.
 
 Every method works on the adapters' factors with their scales folded in
 (``delta_i = a_i·b_i``) and returns plain ``Lora`` adapters of scale 1:
@@ -34,7 +34,7 @@ import numpy as np
 
 from lorajax import spec as spec_lib
 from lorajax import spec_paths
-from lorajax.methods import lora as lora_lib
+from lorajax.methods import low_rank as lora_lib
 from lorajax.methods import multi
 
 PyTree = Any
@@ -67,7 +67,7 @@ def _svd_truncate(a: jnp.ndarray, b: jnp.ndarray, rank: int):
   return new_a, new_b
 
 
-def combine_factors(entries: Sequence[dict[str, multi.Factors]],
+def weighted_factors(entries: Sequence[dict[str, multi.Factors]],
                     weights: Sequence[float], *, method: str = 'cat',
                     rank: int | None = None) -> dict[str, multi.Factors]:
   """Combines per-adapter factors (see the module docstring).
@@ -115,13 +115,14 @@ def factors_to_adapters(factors: dict[str, multi.Factors], params: PyTree
   """Plain ``Lora`` adapters (scale 1) and the spec that applies them."""
   adapters, actions = {}, {}
   for path, f in sorted(factors.items()):
-    spec_lib.set_by_path(adapters, path, {'a': f.a, 'b': f.b})
+    spec_lib.set_by_path(adapters, path, spec_lib.AdapterParams(
+        {'a': f.a, 'b': f.b}, layout=f.layout))
     actions[path] = lora_lib.Lora(rank=int(f.a.shape[-1]))
   universe = [p for p, _ in spec_lib.flatten_paths(params)]
   return adapters, spec_paths.spec_from_actions(actions, universe)
 
 
-def combine(entries: Sequence[tuple[PyTree, spec_lib.LoraSpec]],
+def weighted_adapter(entries: Sequence[tuple[PyTree, spec_lib.LoraSpec]],
             params: PyTree, *, weights: Sequence[float] | None = None,
             method: str = 'cat', rank: int | None = None
             ) -> tuple[PyTree, spec_lib.LoraSpec]:
@@ -138,7 +139,7 @@ def combine(entries: Sequence[tuple[PyTree, spec_lib.LoraSpec]],
     ``(adapters, spec)`` with ``Lora`` of scale 1.
 
   Raises:
-    ValueError: see ``combine_factors``; an adapter that also trains
+    ValueError: see ``weighted_factors``; an adapter that also trains
       leaves outright (heads cannot be combined this way).
   """
   factors = []
@@ -150,4 +151,4 @@ def combine(entries: Sequence[tuple[PyTree, spec_lib.LoraSpec]],
     factors.append(multi.lora_factors(adapters, spec, params))
   weights = [1.0] * len(entries) if weights is None else list(weights)
   return factors_to_adapters(
-      combine_factors(factors, weights, method=method, rank=rank), params)
+      weighted_factors(factors, weights, method=method, rank=rank), params)

@@ -12,9 +12,9 @@ Dropout is off everywhere (hidden, attention, LoRA), as in the lorajax step.
 ``torch.set_num_threads`` is the machine's core count. Imports neither JAX
 nor lorajax, so its memory is PyTorch's alone.
 
-Run by ``experiments.bench_peft``; by hand:
+Run by ``experiments.bench.bench_peft``; by hand:
 
-  echo '{"cmd": "stats"}' | python -m experiments.peft_worker
+  echo '{"cmd": "stats"}' | python -m experiments.bench.peft_worker
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from safetensors import safe_open
 import torch
 import transformers
 
-from experiments import worker_protocol
+from experiments.bench import worker_protocol
 
 # The kernels of each ``targets`` choice, as a PEFT user writes them. "all"
 # is every dense layer of the encoder blocks (not the pooler), so a regex.

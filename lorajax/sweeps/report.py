@@ -12,7 +12,7 @@ Step time and tokens/s are steady-state: the median over the logged training
 windows (tokens/s of each ``log_every`` window; the median leaves out the
 window that holds compilation), with tokens/step the run's average of real
 (unpadded) tokens. Peak memory is the run process's ``VmHWM`` (present when
-the run was a subprocess, as ``experiments.sweep`` launches it). A swept
+the run was a subprocess, as ``lorajax.cli.sweep`` launches it). A swept
 value of a method's fields (``lora.*`` for lora/dora/qlora, ``bottleneck.*``,
 ``prompt.*``, ``prefix.*``) is left blank for runs of another method.
 
@@ -31,8 +31,8 @@ import os
 import statistics
 from typing import Any, Sequence
 
-from lorajax import sweep_plots
-from lorajax import sweep_runner
+from lorajax.sweeps import plots
+from lorajax.sweeps import runner
 
 Row = dict[str, Any]
 # Config groups that only some methods read: group -> those methods.
@@ -94,11 +94,11 @@ def read_run(workdir: str, keys: Sequence[str],
   Returns:
     The row; numbers are None where the run has not finished.
   """
-  record = record or _load(os.path.join(workdir, sweep_runner.RUN_FILE))
+  record = record or _load(os.path.join(workdir, runner.RUN_FILE))
   config = record['config']
   method = config.get('method')
   row: Row = {'name': record['name'],
-             'status': sweep_runner.run_status(workdir)}
+             'status': runner.run_status(workdir)}
   for key in keys:
     owners = METHOD_FIELDS.get(key.split('.')[0])
     skip = method is not None and owners is not None and method not in owners
@@ -108,7 +108,7 @@ def read_run(workdir: str, keys: Sequence[str],
   row['command'] = record['command']
   row['_config'] = config
   row['_overrides'] = record['overrides']
-  path = os.path.join(workdir, sweep_runner.SUMMARY)
+  path = os.path.join(workdir, runner.SUMMARY)
   if not os.path.isfile(path):
     return row
   s = _load(path)
@@ -138,18 +138,18 @@ def collect(sweep_dir: str) -> tuple[list[str], list[Row]]:
     FileNotFoundError: the folder holds no run.
   """
   records = {}
-  listing = os.path.join(sweep_dir, sweep_runner.SWEEP_FILE)
+  listing = os.path.join(sweep_dir, runner.SWEEP_FILE)
   if os.path.isfile(listing):
     records = {r['name']: r for r in _load(listing)['runs']}
   for name in sorted(os.listdir(sweep_dir) if os.path.isdir(sweep_dir)
                      else []):
-    path = os.path.join(sweep_dir, name, sweep_runner.RUN_FILE)
+    path = os.path.join(sweep_dir, name, runner.RUN_FILE)
     if name not in records and os.path.isfile(path):
       records[name] = _load(path)
   if not records:
     raise FileNotFoundError(
-        f'no sweep runs in {sweep_dir} (no {sweep_runner.SWEEP_FILE}, no '
-        f'*/{sweep_runner.RUN_FILE})')
+        f'no sweep runs in {sweep_dir} (no {runner.SWEEP_FILE}, no '
+        f'*/{runner.RUN_FILE})')
   keys = []
   for record in records.values():
     keys += [k for k in record['overrides'] if k not in keys]
@@ -215,7 +215,7 @@ def findings(keys: Sequence[str], rows: Sequence[Row]) -> list[str]:
     return ['No run has finished yet.']
   metric = best['metric']
   out.append(f'Best LoRA run by validation {metric}: {_describe(best)}.')
-  in_grid = _best(sweep_plots.grid(keys, rows), 'best_validation')
+  in_grid = _best(plots.grid(keys, rows), 'best_validation')
   if in_grid is not None and in_grid is not best:
     out.append(f'Best of the rank × alpha grid by validation {metric}: '
                f'{_describe(in_grid)}.')
@@ -267,7 +267,7 @@ def write_report(sweep_dir: str, out_dir: str | None = None
   """Writes ``results.csv``, ``results.md`` and the PNG plots.
 
   Args:
-    sweep_dir: the folder ``experiments.sweep`` ran in.
+    sweep_dir: the folder ``lorajax.cli.sweep`` ran in.
     out_dir: where to write; ``sweep_dir`` by default.
 
   Returns:
@@ -282,5 +282,5 @@ def write_report(sweep_dir: str, out_dir: str | None = None
   title = f'Sweep {os.path.basename(os.path.abspath(sweep_dir))}'
   with open(paths['md'], 'w', encoding='utf-8') as f:
     f.write(markdown(keys, rows, title))
-  paths.update(sweep_plots.plot_all(keys, rows, out_dir))
+  paths.update(plots.plot_all(keys, rows, out_dir))
   return paths

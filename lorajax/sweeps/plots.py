@@ -1,4 +1,4 @@
-"""PNG plots of a sweep's rows (from ``sweep_report.collect``).
+"""PNG plots of a sweep's rows (from ``report.collect``).
 
 Three plots, drawn with matplotlib's object API (``Figure``, Agg canvas; no
 pyplot state, no display needed), of the test metric:

@@ -1,13 +1,14 @@
 """The lorajax side of ``python -m experiments.bench peft``: one process.
 
-Serves ``setup`` (build the LoRA train step of ``experiments.bench_core`` on
-the weights, adapters and batch that the driver wrote to a safetensors file)
-and ``step`` (run one step, report its wall time, measured around the step
-and ``block_until_ready``). See ``experiments.worker_protocol``.
+Serves ``setup`` (build the LoRA train step of
+``experiments.bench.bench_core`` on the weights, adapters and batch that the
+driver wrote to a safetensors file) and ``step`` (run one step, report its
+wall time, measured around the step and ``block_until_ready``). See
+``experiments.bench.worker_protocol``.
 
-Run by ``experiments.bench_peft``; by hand:
+Run by ``experiments.bench.bench_peft``; by hand:
 
-  echo '{"cmd": "stats"}' | python -m experiments.lorajax_worker
+  echo '{"cmd": "stats"}' | python -m experiments.bench.lorajax_worker
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 from safetensors import safe_open
 
 import lorajax
-from experiments import bench_core
-from experiments import worker_protocol
+from experiments.bench import bench_core
+from experiments.bench import worker_protocol
 from lorajax import spec as spec_lib
 from lorajax.models import bert as bert_lib
 from lorajax.models import bert_loading
@@ -92,7 +93,7 @@ class Runner:
       batch = {k: jnp.asarray(f.get_tensor(f'batch.{k}'))
                for k in ('input_ids', 'attention_mask', 'label')}
     params = load_params(req['weights'], config)
-    spec = bench_core._spec(variant)  # pylint: disable=protected-access
+    spec = bench_core.lora_spec(variant)
     adapters = load_adapters(
         req['weights'], lorajax.init(spec, params, jax.random.key(0)), config)
     self.setup = bench_core.make_setup(variant, config, batch, params=params,

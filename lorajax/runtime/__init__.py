@@ -1,0 +1,5 @@
+"""What the process and XLA give a run: compiler options, resident memory.
+
+  compiler.compiler_options   XLA options for a train step, per backend
+  memory.peak_rss_bytes       this process's peak resident memory (VmHWM)
+"""
