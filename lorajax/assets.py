@@ -10,7 +10,11 @@ The cache lives in ``$LORAJAX_CACHE`` (default ``~/.cache/lorajax``).
 
 Example:
 
-  >>> path = asset_path('minilm', 'model/model.safetensors')  # doctest: +SKIP
+  >>> 'model/vocab.txt' in list_members('minilm')
+  True
+
+``asset_path('minilm', 'model/model.safetensors')`` is that file on disk,
+fetched into the cache the first time.
 """
 
 from __future__ import annotations

@@ -11,10 +11,18 @@ iterator's whole position is the step, stored as the small JSON-able dict
 
 Example:
 
-  >>> it = BatchIterator(arrays, batch_size=32, seed=0)  # doctest: +SKIP
-  >>> batch = next(it)                 # dict of [32, ...] numpy arrays
-  >>> state = it.get_state()           # {'epoch': 0, 'index': 1, 'seed': 0}
-  >>> BatchIterator(arrays, batch_size=32, seed=0).set_state(state)
+  >>> arrays = {'x': np.arange(10), 'y': np.arange(10) % 2}
+  >>> it = BatchIterator(arrays, batch_size=4, seed=0)
+  >>> batch = next(it)                 # dict of [4, ...] numpy arrays
+  >>> batch['x'].shape
+  (4,)
+  >>> state = it.get_state()
+  >>> state
+  {'epoch': 0, 'index': 1, 'seed': 0}
+  >>> again = BatchIterator(arrays, batch_size=4, seed=0)
+  >>> again.set_state(state)
+  >>> bool((next(again)['x'] == next(it)['x']).all())  # The same batch 2.
+  True
 """
 
 from __future__ import annotations

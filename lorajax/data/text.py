@@ -8,9 +8,14 @@ and without its padding; both settings are restored afterwards.
 
 Example:
 
-  >>> arrays = encode_classification(['a fine film'], [1], tok, max_len=16)  # doctest: +SKIP
-  >>> arrays['input_ids'].shape, arrays['input_ids'].dtype  # doctest: +SKIP
+  >>> class Chars:  # Any encode_batch works; here a character tokenizer.
+  ...   def encode_batch(self, texts):
+  ...     return [[ord(c) for c in t] for t in texts]
+  >>> arrays = encode_classification(['a fine film'], [1], Chars(), max_len=16)
+  >>> arrays['input_ids'].shape, arrays['input_ids'].dtype
   ((1, 16), dtype('int32'))
+  >>> arrays['input_ids'][0, :3].tolist(), arrays['label'].tolist()
+  ([97, 32, 102], [1])
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ nested provider, a dtype) passes its own ``to_json`` / ``from_json``.
 
 Example:
 
+  >>> from lorajax import Lora, LoraSpec
   >>> spec = LoraSpec([(r'.*/query/kernel', Lora(rank=4)), (r'.*', 'freeze')])
   >>> spec_from_json(spec_to_json(spec)) == spec
   True

@@ -2,10 +2,12 @@
 
 Example:
 
-  >>> tok = bert_tokenizer()  # doctest: +SKIP
-  >>> batch = encode_batch(tok, ['A guitar.'], max_len=16)  # doctest: +SKIP
-  >>> batch['input_ids'].shape  # doctest: +SKIP
+  >>> tok = bert_tokenizer()
+  >>> batch = encode_batch(tok, ['A guitar.'], max_len=16)
+  >>> batch['input_ids'].shape
   (1, 16)
+  >>> tok.decode(batch['input_ids'][0].tolist())
+  'a guitar.'
 """
 
 from __future__ import annotations

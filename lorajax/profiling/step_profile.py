@@ -13,8 +13,14 @@ memory each extra example adds. FLOPs per token (over padded tokens,
 
 Example:
 
-  >>> rows = profile('configs/x.py', {}, [1, 2, 4])  # doctest: +SKIP
-  >>> print(markdown(rows, fit_memory(rows), title='LoRA'))  # doctest: +SKIP
+  >>> rows = [{'batch_size': b, 'peak_rss_bytes': (500 + 10 * b) * 2**20}
+  ...         for b in (1, 2, 4)]
+  >>> {k: round(v, 3) for k, v in fit_memory(rows).items()}
+  {'slope_mb': 10.0, 'intercept_mb': 500.0, 'r2': 1.0}
+
+``profile('configs/x.py', {}, [1, 2, 4])`` measures such rows (each in a
+``python -m lorajax.cli.profile`` subprocess); ``markdown`` and ``plot``
+show them.
 """
 
 from __future__ import annotations

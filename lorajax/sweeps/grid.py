@@ -20,9 +20,15 @@ a short hash appended so that names stay distinct).
 
 Example:
 
-  >>> runs = expand('configs/x.py', '/tmp/sweep')  # doctest: +SKIP
-  >>> runs[0].name, runs[0].command()  # doctest: +SKIP
-  ('lora.rank=1,lora.alpha=1', 'python -m experiments.train --config=...')
+  >>> overrides = {'lora.rank': 8, 'lora.alpha': 16.0}
+  >>> run_name(overrides)
+  'lora.rank=8,lora.alpha=16.0'
+  >>> config_argv('configs/x.py', overrides, '/tmp/sweep/lora.rank=8')
+  ['--config=configs/x.py', '--workdir=/tmp/sweep/lora.rank=8', '--config.lora.rank=8', '--config.lora.alpha=16.0']
+
+``expand('configs/x.py', '/tmp/sweep')`` gives one ``Run`` a call of
+``add``, whose ``command()`` is ``python -m lorajax.cli.train`` and the flags
+above.
 """
 
 from __future__ import annotations

@@ -12,9 +12,20 @@ process holds a folder at a time, and its runs die with it.
 
 Example:
 
-  >>> runs = sweeps.expand('configs/x.py', '/tmp/sweep')  # doctest: +SKIP
-  >>> run_sweep(runs, '/tmp/sweep')  # doctest: +SKIP
-  {'lora.rank=1,lora.alpha=1': 'done', ...}
+  >>> import tempfile
+  >>> from ml_collections import config_dict
+  >>> sweep_dir = tempfile.mkdtemp()
+  >>> run = grid.Run(name='a=1', overrides={'a': 1},
+  ...                config=config_dict.ConfigDict({'a': 1}),
+  ...                argv=('--config.a=1',), workdir=f'{sweep_dir}/a=1')
+  >>> def fake_train(run):  # The default launches python -m lorajax.cli.train.
+  ...   with open(os.path.join(run.workdir, SUMMARY), 'w') as f:
+  ...     f.write('{}')
+  ...   return 0
+  >>> run_sweep([run], sweep_dir, launcher=fake_train, echo=lambda s: None)
+  {'a=1': 'done'}
+  >>> run_sweep([run], sweep_dir, launcher=fake_train, echo=lambda s: None)
+  {'a=1': 'skipped'}
 """
 
 from __future__ import annotations

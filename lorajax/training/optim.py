@@ -7,9 +7,10 @@ under ``lax.scan``), so one step is always one update.
 
 Example:
 
-  >>> tx, schedule = make_optimizer(learning_rate=1e-3, num_steps=100)
-  >>> float(schedule(0))
-  0.0
+  >>> tx, schedule = make_optimizer(learning_rate=1e-3, num_steps=100,
+  ...                               warmup_steps=10)
+  >>> float(schedule(0)), round(float(schedule(10)), 6)
+  (0.0, 0.001)
 """
 
 from __future__ import annotations

@@ -19,8 +19,18 @@ Runners bind the keyword-only arguments with ``functools.partial``:
 
 Example:
 
-  >>> state = create_state(trainable, tx, seed=0)  # doctest: +SKIP
-  >>> state, metrics = train_step(state, frozen, batch, loss_fn=f, tx=tx)  # doctest: +SKIP
+  >>> import optax
+  >>> def loss_fn(trainable, frozen, batch, rng):
+  ...   err = batch['x'] * (frozen['w'] + trainable['b']) - batch['y']
+  ...   return (err ** 2).mean(), {'loss_sum': (err ** 2).sum(),
+  ...                              'count': jnp.float32(err.size)}
+  >>> tx = optax.sgd(0.1)
+  >>> state = create_state({'b': jnp.zeros(())}, tx, seed=0)
+  >>> batch = {'x': jnp.ones(4), 'y': 3 * jnp.ones(4)}
+  >>> state, stats = train_step(state, {'w': jnp.ones(())}, batch,
+  ...                           loss_fn=loss_fn, tx=tx)
+  >>> float(stats['loss_sum']), round(float(state.trainable['b']), 3)
+  (16.0, 0.4)
 """
 
 from __future__ import annotations
