@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from lorajax.io import spec_json
 from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
 from lorajax.training import metrics as metrics_lib
@@ -167,6 +168,9 @@ def test_checkpoint_holds_no_frozen_base(reference):
   _, meta = ckpt_lib.read_meta(os.path.join(workdir, 'checkpoints'))
   assert all(p.startswith(('adapters/', 'params/classifier/'))
              for p in meta['shapes'])
-  assert meta['spec'] == config_lib.spec_to_json(
+  # The spec is real JSON, the one adapter files carry.
+  assert meta['spec'] == spec_json.spec_to_json(
       config_lib.make_spec(load_config()))
+  assert spec_json.spec_from_json(meta['spec']) == config_lib.make_spec(
+      load_config())
   assert set(meta['data_state']) == {'epoch', 'index', 'seed'}

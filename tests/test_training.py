@@ -259,7 +259,8 @@ def test_exported_adapter_fits_the_pretrained_base(name, init, smoke_run,
   task = tasks.build_task(config)
   trainable, frozen = task.split_params()
   trainable, _ = ckpt_lib.restore_trainable(
-      workdir / 'checkpoints', trainable, train._meta(config, task, trainable))  # pylint: disable=protected-access
+      workdir / 'checkpoints', trainable,
+      ckpt_lib.make_meta(task.spec, task.model_info, trainable))
   bundle = lorajax.io.load_adapter(out, task.original_params)
   assert lorajax.pissa.uses_pissa(task.spec) == (init == 'pissa')
   assert not lorajax.pissa.uses_pissa(bundle.spec)
@@ -356,6 +357,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
       train.tasks.build_task(config).split_params()[0],
       {'shapes': ckpt_lib.read_meta(tmp_path / 'checkpoints')[1]['shapes'],
        'model': ckpt_lib.read_meta(tmp_path / 'checkpoints')[1]['model'],
-       'spec': config_lib.spec_to_json(config_lib.make_spec(config))})
+       'spec': lorajax.io.spec_to_json(config_lib.make_spec(config))})
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(trainable))
   assert optax.tree.norm(trainable) > 0

@@ -134,8 +134,9 @@ def test_method_trains_end_to_end(name, method_run):
 def test_qlora_checkpoint_holds_no_base_kernel(name, method_run):
   config, summary, workdir = method_run(name, **RUNS[name])
   _, meta = ckpt_lib.read_meta(workdir / 'checkpoints')
-  spec = ' '.join(action for _, action in meta['spec'])
-  assert f"quant='{config.quant}'" in spec and 'Quantized(' in spec
+  actions = [a for _, a in meta['spec']['rules'] if isinstance(a, dict)]
+  assert [a['method'] for a in actions] == ['QLora', 'Quantized']
+  assert {a['quant'] for a in actions} == {config.quant}
   saved = list(meta['shapes'])
   assert all(p.startswith('adapters/') or p.startswith('params/classifier/')
              for p in saved), saved

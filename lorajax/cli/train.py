@@ -65,7 +65,6 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
     logging.info('process %d of %d', jax.process_index(), jax.process_count())
-  logging.info('config:\n%s', _CONFIG.value)
   train.train_and_evaluate(_CONFIG.value, workdir)
 
 

@@ -8,6 +8,9 @@ step, written with ``ocp.args.Composite``)::
   meta/       JsonSave      {'step', 'data_state', 'spec', 'model', 'shapes',
                              'config', 'lorajax_version'}
 
+``meta['spec']`` is the spec as ``lorajax.io.spec_json`` writes it (the same
+JSON adapter files carry), built by ``make_meta``.
+
 ``trainable/`` alone is what ships: ``restore_trainable`` puts it back onto a
 base for evaluation. A save killed half-way leaves a
 ``<step>.orbax-checkpoint-tmp`` folder that the manager neither lists nor
@@ -22,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -30,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lorajax import spec as spec_lib
+from lorajax.io import spec_json
 from lorajax.training import step as step_lib
 
 PyTree = Any
@@ -50,6 +55,34 @@ def tree_shapes(tree: PyTree) -> dict[str, list[Any]]:
   """``{path: [shape, dtype]}`` of every leaf, JSON-able."""
   return {path: [list(np.shape(x)), str(x.dtype)]
           for path, x in spec_lib.flatten_paths(tree)}
+
+
+def make_meta(spec: spec_lib.LoraSpec, model_info: dict[str, Any],
+              trainable: PyTree, **extra: Any) -> dict[str, Any]:
+  """The ``meta`` a checkpoint is written with and checked against.
+
+  Args:
+    spec: the run's spec, stored as ``spec_json.spec_to_json`` writes it.
+    model_info: JSON-able description of the base model.
+    trainable: the trainable tree (arrays or ``ShapeDtypeStruct``s).
+    **extra: more JSON-able fields (the config, the version).
+  """
+  return {'spec': spec_json.spec_to_json(spec),
+          'model': json.loads(json.dumps(model_info, default=str)),
+          'shapes': tree_shapes(trainable), **extra}
+
+
+def _spec_difference(have: Any, want: Any) -> str:
+  """Says which rule of two spec JSONs differs first."""
+  if not isinstance(have, dict) or 'rules' not in have:
+    return (f'{str(have)[:200]}, which is not spec JSON (an older lorajax '
+            'wrote it)')
+  rules_have = have['rules']
+  rules_want = want.get('rules', []) if isinstance(want, dict) else want
+  for i, (a, b) in enumerate(zip(rules_have, rules_want)):
+    if a != b:
+      return f'rule {i} is {a} (this run: {b})'
+  return f'{len(rules_have)} rules (this run: {len(rules_want)})'
 
 
 def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
@@ -110,8 +143,9 @@ def check_compatible(stored: dict[str, Any], expected: dict[str, Any],
             f'{k}={model_have.get(k)!r} (this run: {model_want.get(k)!r})'
             for k in diff[:8]))
   if stored.get('spec') != expected['spec']:
-    raise ValueError(f'checkpoint {where} was written with spec '
-                     f'{stored.get("spec")}; this run has {expected["spec"]}')
+    raise ValueError(f'checkpoint {where} was written with another spec: '
+                     f'{_spec_difference(stored.get("spec"), expected["spec"])}'
+                     '. Use a fresh --workdir or the config that wrote it')
 
 
 def restore_latest(manager: ocp.CheckpointManager,

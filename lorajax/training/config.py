@@ -179,7 +179,8 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.max_to_keep = 2
   # Write checkpoints in a background thread.
   c.async_checkpoint = True
-  # Show a tqdm progress bar.
+  # Show progress: a tqdm bar when stdout is a terminal, else a plain line
+  # every ~10% of the run (lorajax.training.console.Progress).
   c.progress_bar = True
 
   # The optimizer: AdamW with warmup, decay, clipping and accumulation.
@@ -272,11 +273,6 @@ def _bottleneck_rules(config: config_dict.ConfigDict
                      f'bottleneck paths; known: {sorted(_ARCH)}')
   return styles[b.style](int(b.size), b.act,
                          model=_ARCH[config.model.name])
-
-
-def spec_to_json(spec: lorajax.LoraSpec) -> list[list[str]]:
-  """``[[regex, repr(action)], ...]``: the spec as stored with checkpoints."""
-  return [[pattern, repr(action)] for pattern, action in spec.rules]
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> config_dict.ConfigDict:

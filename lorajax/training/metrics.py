@@ -1,4 +1,4 @@
-"""Where a run's numbers go: JSON lines, TensorBoard, a progress bar, a summary.
+"""Where a run's numbers go: JSON lines, TensorBoard, a summary.
 
 ``metrics.jsonl`` gets one object a line: ``{"step": 10, "split": "train",
 "loss": 0.52, ...}``. TensorBoard event files (``tensorboardX``, no
@@ -20,7 +20,6 @@ import os
 from typing import Any, Mapping
 
 import jax
-import tqdm
 
 JSONL = 'metrics.jsonl'
 
@@ -84,19 +83,11 @@ def read_jsonl(path: str, split: str = 'train') -> dict[int, dict[str, Any]]:
   return dict(sorted(out.items()))
 
 
-def progress_bar(total: int, initial: int, *, enabled: bool = True
-                 ) -> tqdm.tqdm:
-  """A tqdm bar over steps; ``update_bar`` sets loss and tokens/s."""
-  return tqdm.tqdm(total=total, initial=initial, unit='step',
-                   disable=not enabled or jax.process_index() != 0,
-                   dynamic_ncols=True, smoothing=0.1)
-
-
-def update_bar(bar: tqdm.tqdm, steps: int, loss: float,
-               tokens_per_sec: float) -> None:
-  bar.set_postfix_str(f'loss={loss:.4f} tok/s={tokens_per_sec:,.0f}',
-                      refresh=False)
-  bar.update(steps)
+def format_metrics(metrics: Mapping[str, float] | None) -> str:
+  """``'loss 0.4123, accuracy 0.8420'``; ``'n/a'`` for none."""
+  if not metrics:
+    return 'n/a'
+  return ', '.join(f'{k} {v:.4f}' for k, v in metrics.items())
 
 
 def human_bytes(n: float) -> str:
@@ -110,12 +101,7 @@ def human_bytes(n: float) -> str:
 def format_summary(s: Mapping[str, Any]) -> str:
   """The end-of-run summary a person reads (from ``train_and_evaluate``)."""
   metric = s['metric']
-
-  def fmt(m):
-    if not m:
-      return 'n/a'
-    return ', '.join(f'{k} {v:.4f}' for k, v in m.items())
-
+  fmt = format_metrics
   lines = [
       '=' * 64,
       f'run          {s["config_name"]}  (method {s["method"]}, '

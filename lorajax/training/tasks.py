@@ -1,12 +1,20 @@
-"""Tasks: a model, its frozen base, the spec, the data, the loss and metrics.
+"""Tasks: a model, an attached method, data, and the loss and metrics.
 
-``build_task(config)`` loads everything a run needs:
+A task is three separate steps put together, each usable alone:
 
-- ``classification``: a BERT encoder (pretrained all-MiniLM-L6-v2, or a random
-  one) with a new 2-way classifier on the mean-pooled tokens (or on the
-  ``[CLS]`` pooler); cross entropy; accuracy.
-- ``lm``: a Llama decoder (pretrained SmolLM2-135M, or a random one) on
-  packed windows of text; next-token cross entropy; perplexity.
+1. ``model_loading.load_model(config)``: module, pretrained parameters,
+   tokenizer;
+2. ``attach.attach_method(config, model)``: spec, quantized base, adapters,
+   PiSSA residual, prompts;
+3. ``input_pipeline.load_splits(config, model, splits)``: only the splits
+   asked for.
+
+``build_task(config, splits=...)`` adds what the kind of task defines:
+
+- ``classification``: a 2-way classifier on the mean-pooled tokens (or on
+  the ``[CLS]`` pooler) of a BERT encoder; cross entropy; accuracy.
+- ``lm``: next-token cross entropy of a Llama decoder on packed windows of
+  text; perplexity.
 
 Parameter paths are those of the inner ``'params'`` dict
 (``encoder/layer_0/attention/query/kernel``, ``classifier/kernel``,
@@ -17,6 +25,7 @@ Example:
 
   >>> task = build_task(config)  # doctest: +SKIP
   >>> loss, stats = task.loss_fn(trainable, task.frozen, batch, key)  # doctest: +SKIP
+  >>> scorer = build_task(config, splits=('test',))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,85 +33,84 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import lorajax
-from lorajax import assets
-from lorajax.data import sources
-from lorajax.data import text
 from lorajax.methods import prompts as prompts_lib
 from lorajax.models import bert
-from lorajax.models import bert_loading
-from lorajax.models import bert_tokenizer
-from lorajax.models import bpe_tokenizer
 from lorajax.models import llama
-from lorajax.models import llama_loading
-from lorajax.training import config as config_lib
+from lorajax.training import attach
+from lorajax.training import input_pipeline
+from lorajax.training import model_loading
 
 PyTree = Any
 Arrays = dict[str, np.ndarray]
-SPLITS = ('train', 'validation', 'test')
+SPLITS = input_pipeline.SPLITS
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """What ``train_and_evaluate`` needs from a task.
+  """What ``train_and_evaluate`` and the runners need from a task.
 
   Attributes:
     kind: ``'classification'`` or ``'lm'``.
-    spec: the rules (from ``config.method``).
-    params: the whole base parameter tree (inner ``'params'`` dict).
-    adapters: freshly initialized adapters (``{}`` without adapter rules).
+    model: the loaded base model (``model_loading.Model``).
+    method: the method attached to it (``attach.Method``).
     loss_fn: ``(trainable, frozen, batch, rng) -> (mean loss, stats)``.
     eval_fn: ``(trainable, frozen, batch) -> stats``.
-    data: split name -> dict of ``[N, ...]`` arrays.
-    model_info: JSON-able description of the architecture (checked when a
-      checkpoint is restored).
+    data: split name -> dict of ``[N, ...]`` arrays; only the splits
+      ``build_task`` was asked for.
     metric: the headline metric: ``'accuracy'`` (higher is better) or
       ``'perplexity'`` (lower is better).
     tokens_key: the batch entry whose sum counts real tokens.
-    prompts: the learned virtual tokens of ``prompt``/``prefix`` tuning
-      (``lorajax.methods.prompts``), trained as ``trainable['prompts']``;
-      ``{}`` for other methods.
-    model_config: the ``BertConfig`` / ``LlamaConfig`` (for PEFT and HF
-      exports).
-    pretrained: the base as loaded, where it differs from ``params`` (the
-      PiSSA residual); None otherwise.
   """
   kind: str
-  spec: lorajax.LoraSpec
-  params: PyTree
-  adapters: PyTree
+  model: model_loading.Model
+  method: attach.Method
   loss_fn: Callable[..., Any]
   eval_fn: Callable[..., Any]
   data: dict[str, Arrays]
-  model_info: dict[str, Any]
   metric: str
   tokens_key: str
-  prompts: PyTree = dataclasses.field(default_factory=dict)
-  model_config: Any = None
-  pretrained: PyTree = None
+
+  @property
+  def spec(self) -> lorajax.LoraSpec:
+    return self.method.spec
+
+  @property
+  def params(self) -> PyTree:
+    """The frozen base the adapters run on (quantized, PiSSA residual)."""
+    return self.method.params
+
+  @property
+  def adapters(self) -> PyTree:
+    return self.method.adapters
+
+  @property
+  def prompts(self) -> PyTree:
+    return self.method.prompts
 
   @property
   def original_params(self) -> PyTree:
     """The pretrained base that exported adapters must fit."""
-    return self.params if self.pretrained is None else self.pretrained
+    return self.method.original_params
+
+  @property
+  def model_info(self) -> dict[str, Any]:
+    return self.model.info
+
+  @property
+  def model_config(self) -> Any:
+    return self.model.config
 
   def split_params(self) -> tuple[PyTree, PyTree]:
-    """``(trainable, frozen)``: ``{'adapters', 'params'[, 'prompts']}`` and
-    the base (quantized kernels stay in the frozen base)."""
-    train, frozen = lorajax.partition(self.params, self.spec)
-    trainable = {'adapters': self.adapters, 'params': train}
-    if self.prompts:
-      trainable['prompts'] = self.prompts
-    return trainable, frozen
+    """``(trainable, frozen)``; see ``attach.Method.split_params``."""
+    return self.method.split_params()
 
   @property
   def higher_is_better(self) -> bool:
@@ -123,39 +131,6 @@ def summarize(stats: dict[str, float]) -> dict[str, float]:
 def _prompt_inputs(trainable: PyTree) -> dict[str, jax.Array]:
   """``prompt=``/``prefix=`` model arguments of ``trainable['prompts']``."""
   return prompts_lib.model_inputs(trainable.get('prompts'))
-
-
-def init_prompts(config, model_config: Any, embedding: jax.Array
-                 ) -> PyTree:
-  """The ``prompts`` tree of ``config.method`` (``{}`` for other methods).
-
-  Args:
-    config: the run config (``prompt.*``, ``prefix.*``, ``seed``).
-    model_config: a ``BertConfig`` or ``LlamaConfig``.
-    embedding: the word embedding table ``[vocab, hidden]``, to start the
-      prompt from (``prompt.init_from_vocab``).
-  """
-  key = jax.random.key(config.seed + 2)
-  make = (prompts_lib.for_bert if config.task == 'classification'
-          else prompts_lib.for_llama)
-  if config.method == 'prompt':
-    return make(model_config, key, n_prompt=int(config.prompt.num_tokens),
-                embedding=(embedding if config.prompt.init_from_vocab
-                           else None))
-  if config.method == 'prefix':
-    return make(model_config, key, n_prefix=int(config.prefix.num_tokens),
-                mlp_hidden=int(config.prefix.mlp_hidden) or None)
-  return {}
-
-
-def _quantized(config, params: PyTree, spec: lorajax.LoraSpec) -> PyTree:
-  """``params`` with the kernels of a ``qlora`` spec quantized."""
-  if config.method != 'qlora':
-    return params
-  params = lorajax.quantize_params(params, spec)
-  logging.info('qlora: frozen base %d bytes with %s kernels',
-               lorajax.quantized_nbytes(params), config.quant)
-  return params
 
 
 # ---- classification ---------------------------------------------------
@@ -212,72 +187,6 @@ def classification_eval(trainable, frozen, batch, *, apply_fn):
           'correct': jnp.sum(correct * w)}
 
 
-def _bert(config) -> tuple[bert.Bert, PyTree, dict[str, Any]]:
-  m = config.model
-  overrides = dict(dtype=jnp.dtype(m.dtype), hidden_dropout=m.dropout,
-                   attention_dropout=m.dropout)
-  key = jax.random.key(config.seed)
-  if m.pretrained:
-    if m.size != 'base':
-      raise ValueError(f'model.size={m.size!r}: pretrained weights exist for '
-                       "'base' only")
-    cfg, params = bert_loading.load_minilm(2, key=key, **overrides)
-  else:
-    if m.size == 'tiny':
-      cfg = bert.BertConfig(hidden_size=32, num_layers=2, num_heads=4,
-                            intermediate_size=64, num_labels=2, **overrides)
-    elif m.size == 'base':
-      cfg = bert.BertConfig.minilm_l6(num_labels=2, **overrides)
-    else:
-      raise ValueError(f"model.size={m.size!r}; expected 'base' or 'tiny'")
-    ids = jnp.ones((1, 8), jnp.int32)
-    params = bert.Bert(cfg).init(key, ids)['params']
-  arch = {k: v for k, v in dataclasses.asdict(cfg).items()
-          if k not in ('dtype', 'param_dtype') and 'dropout' not in k}
-  return bert.Bert(cfg), params, arch
-
-
-def _pissa_residual(spec, params, adapters):
-  """The frozen base of a PiSSA run is the residual ``W - s·a₀·b₀``
-  (recomputed from the pretrained base, so a resumed run gets it again)."""
-  if not lorajax.pissa.uses_pissa(spec):
-    return params
-  start = time.perf_counter()
-  params = lorajax.pissa.residual_base(spec, params, adapters)
-  logging.info('PiSSA: residual base ready in %.1f s',
-               time.perf_counter() - start)
-  return params
-
-
-def _classification(config) -> Task:
-  if config.model.name != 'minilm':
-    raise ValueError(f'model.name={config.model.name!r}; classification '
-                     "supports 'minilm'")
-  module, params, arch = _bert(config)
-  tok = bert_tokenizer.bert_tokenizer()
-  data = {}
-  for split in SPLITS:
-    src = sources.get_source(config.data.name, getattr(
-        config.data, f'{split}_split'), config.data.dir)
-    data[split] = text.encode_source(src, tok, max_len=config.data.max_len)
-  spec = config_lib.make_spec(config)
-  prompts = init_prompts(
-      config, module.config,
-      params['embeddings']['word_embeddings']['embedding'])
-  params = _quantized(config, params, spec)
-  apply_fn = lorajax.lora(classifier_apply(module, config.model.pooling),
-                          spec)
-  adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1))
-  pretrained = params
-  params = _pissa_residual(spec, params, adapters)
-  return Task('classification', spec, params, adapters,
-              functools.partial(classification_loss, apply_fn=apply_fn),
-              functools.partial(classification_eval, apply_fn=apply_fn),
-              data, {'name': 'minilm', 'size': config.model.size, **arch},
-              'accuracy', 'attention_mask', prompts, module.config,
-              None if params is pretrained else pretrained)
-
-
 # ---- causal language modelling ----------------------------------------
 
 
@@ -314,64 +223,30 @@ def lm_eval(trainable, frozen, batch, *, apply_fn):
   return {'loss_sum': jnp.sum(nll * mask), 'count': jnp.sum(mask)}
 
 
-def _lm(config) -> Task:
-  m = config.model
-  if m.name != 'smollm2':
-    raise ValueError(f"model.name={m.name!r}; lm supports 'smollm2'")
-  start = time.perf_counter()
-  reader = llama_loading.as_reader(
-      assets.asset_path('smollm2', llama_loading.SMOLLM2_GGUF))
-  tok = bpe_tokenizer.gguf_tokenizer(reader)
-  eos = bpe_tokenizer.gguf_special_ids(reader)['eos']
-  dtype = jnp.dtype(m.dtype)
-  if m.pretrained:
-    if m.size != 'base':
-      raise ValueError(f'model.size={m.size!r}: pretrained weights exist for '
-                       "'base' only")
-    cfg, params = llama_loading.load_gguf_llama(reader, dtype=dtype)
-  else:
-    if m.size == 'tiny':
-      cfg = llama.LlamaConfig.tiny(vocab_size=tok.get_vocab_size(),
-                                   dtype=dtype)
-    elif m.size == 'base':
-      cfg = llama.LlamaConfig.smollm2_135m(dtype=dtype)
-    else:
-      raise ValueError(f"model.size={m.size!r}; expected 'base' or 'tiny'")
-    params = llama.Llama(cfg).init(jax.random.key(config.seed),
-                                   jnp.ones((1, 8), jnp.int32))['params']
-  module = llama.Llama(cfg)
-  data = {}
-  for split in SPLITS:
-    src = sources.get_source(config.data.name, getattr(
-        config.data, f'{split}_split'), config.data.dir)
-    texts = [src[i]['text'] for i in range(len(src))]
-    data[split] = text.pack_lm(texts, tok, seq_len=config.data.max_len,
-                               eos_id=eos)
-  logging.info('lm task: model and %s windows ready in %.1f s',
-               {s: len(d['inputs']) for s, d in data.items()},
-               time.perf_counter() - start)
-  spec = config_lib.make_spec(config)
-  prompts = init_prompts(config, cfg, params['embed']['embedding'])
-  params = _quantized(config, params, spec)
-  apply_fn = lorajax.lora(lm_apply(module), spec)
-  adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1))
-  pretrained = params
-  params = _pissa_residual(spec, params, adapters)
-  arch = {k: v for k, v in dataclasses.asdict(cfg).items()
-          if k not in ('dtype', 'remat')}
-  return Task('lm', spec, params, adapters,
+def build_task(config, *, splits: Iterable[str] = SPLITS) -> Task:
+  """Loads the model, attaches the method and loads ``splits`` of the data.
+
+  Args:
+    config: the run config.
+    splits: the data splits to tokenize; an evaluation passes the one it
+      scores, ``()`` loads no data.
+
+  Raises:
+    ValueError: an unknown task or model, or a method that does not fit.
+  """
+  model = model_loading.load_model(config)
+  method = attach.attach_method(config, model)
+  data = input_pipeline.load_splits(config, model, splits)
+  if config.task == 'classification':
+    apply_fn = lorajax.lora(classifier_apply(model.module,
+                                             config.model.pooling),
+                            method.spec)
+    return Task('classification', model, method,
+                functools.partial(classification_loss, apply_fn=apply_fn),
+                functools.partial(classification_eval, apply_fn=apply_fn),
+                data, 'accuracy', 'attention_mask')
+  apply_fn = lorajax.lora(lm_apply(model.module), method.spec)
+  return Task('lm', model, method,
               functools.partial(lm_loss, apply_fn=apply_fn),
               functools.partial(lm_eval, apply_fn=apply_fn),
-              data, {'name': 'smollm2', 'size': m.size, **arch},
-              'perplexity', 'mask', prompts, cfg,
-              None if params is pretrained else pretrained)
-
-
-def build_task(config) -> Task:
-  """Loads the model, the data and the spec a config asks for."""
-  if config.task == 'classification':
-    return _classification(config)
-  if config.task == 'lm':
-    return _lm(config)
-  raise ValueError(f'config.task={config.task!r}; expected one of '
-                   f'{config_lib.TASKS}')
+              data, 'perplexity', 'mask')

@@ -1,9 +1,17 @@
 """``train_and_evaluate(config, workdir)``: a whole run, resumable.
 
-The run builds the task (model, frozen base, spec, data), restores the
+The run builds the task (model, attached method, data), restores the
 newest complete checkpoint in ``<workdir>/checkpoints`` if there is one,
 trains ``config.num_train_steps`` steps with periodic validation and
 checkpoints, evaluates on test, and returns (and prints) a summary.
+
+The terminal shows the setup (the trainable report), one progress display,
+the evaluations and the summary, last; library INFO logging goes to
+``<workdir>/info.log`` (``lorajax.training.console``).
+
+``evaluate_checkpoint`` and ``export_checkpoint`` put a saved adapter back on
+its model without the training data: evaluation loads only the split it
+scores, export none.
 
 A run killed at any point and started again with the same config and
 workdir continues from its last checkpoint: the trainable tree, optimizer
@@ -34,9 +42,12 @@ import lorajax
 from lorajax import io as io_lib
 from lorajax.data import loader
 from lorajax.runtime import memory
+from lorajax.training import attach
 from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
+from lorajax.training import console
 from lorajax.training import metrics as metrics_lib
+from lorajax.training import model_loading
 from lorajax.training import optim
 from lorajax.training import parallel
 from lorajax.training import step as step_lib
@@ -68,19 +79,23 @@ def check_workdir(workdir: str) -> str:
   return workdir
 
 
-def _meta(config, task: tasks.Task, trainable: PyTree) -> dict[str, Any]:
-  return {'spec': config_lib.spec_to_json(task.spec),
-          'model': json.loads(json.dumps(task.model_info, default=str)),
-          'shapes': ckpt_lib.tree_shapes(trainable),
-          'config': json.loads(config.to_json_best_effort()),
-          'lorajax_version': lorajax.__version__}
+def _meta(config, spec: lorajax.LoraSpec, model_info: dict[str, Any],
+          trainable: PyTree) -> dict[str, Any]:
+  return ckpt_lib.make_meta(
+      spec, model_info, trainable,
+      config=json.loads(config.to_json_best_effort()),
+      lorajax_version=lorajax.__version__)
+
+
+def _rows(arrays: dict[str, np.ndarray]) -> int:
+  return len(next(iter(arrays.values())))
 
 
 def evaluate(runner: Runner, trainable: PyTree, frozen: PyTree,
              arrays: dict[str, np.ndarray], *, batch_size: int,
              max_batches: int | None = None) -> dict[str, float]:
   """Metrics of ``trainable`` over one split (padded last batch, no drops)."""
-  n = len(next(iter(arrays.values())))
+  n = _rows(arrays)
   if max_batches is not None:
     n = min(n, max_batches * batch_size)
     arrays = {k: v[:n] for k, v in arrays.items()}
@@ -151,9 +166,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if config.mode not in parallel.MODES:
     raise ValueError(f'config.mode={config.mode!r}; available: '
                      f'{parallel.MODES}')
+  with console.capture_logs(workdir) as log_file:
+    logging.info('config:\n%s', config)
+    return _train(config, workdir, log_file, wall_start)
+
+
+def _train(config, workdir: str, log_file: str, wall_start: float
+           ) -> dict[str, Any]:
+  """The body of ``train_and_evaluate``, with logging captured."""
   task = tasks.build_task(config)
   trainable, frozen = task.split_params()
-  lorajax.trainable_report(task.spec, task.params, task.adapters)  # Logs.
+  report = lorajax.trainable_report(task.spec, task.params, task.adapters)
+  logging.info('%s', report)
   n_train = lorajax.count(trainable)
   n_all = (lorajax.count(task.params) + lorajax.count(task.adapters)
            + lorajax.count(task.prompts))
@@ -169,12 +193,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   manager = ckpt_lib.make_manager(ckpt_dir, max_to_keep=config.max_to_keep,
                                   async_save=config.async_checkpoint)
-  meta = _meta(config, task, trainable)
+  meta = _meta(config, task.spec, task.model_info, trainable)
   restored, stored = ckpt_lib.restore_latest(
       manager, runner.to_checkpoint(state), meta)
   train_it = loader.BatchIterator(task.data['train'],
                                   batch_size=config.batch_size,
                                   seed=config.seed, train=True)
+  # The report's counts per rule; the paths each matched (indented lines,
+  # up to hundreds on a deep model) are in the log file.
+  console.say('\n'.join([
+      f'{config.name}: {config.method} on {task.model.name}, '
+      f'{_rows(task.data["train"]):,d} training rows, {num_steps} steps of '
+      f'{config.batch_size}; matched paths and library logs in {log_file}',
+      *(line for line in report.splitlines() if not line.startswith(' '))]))
   best, best_step, initial = None, None, None
   if restored is not None:
     state, _ = runner.place(restored, frozen)
@@ -182,7 +213,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     best, best_step = stored.get('best'), stored.get('best_step')
     initial = stored.get('initial_validation')
     logging.info('resumed from %s at step %d', ckpt_dir, stored['step'])
+    console.say(f'resumed at step {stored["step"]} from {ckpt_dir}')
   start_step = int(jax.device_get(runner.to_checkpoint(state).step))
+  progress = console.Progress(num_steps, start_step,
+                              enabled=config.progress_bar)
 
   writer = metrics_lib.MetricWriter(workdir)
   eval_kw = dict(batch_size=config.eval_batch_size,
@@ -195,6 +229,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if m:
       writer.write(step, 'validation', m)
     logging.info('step %d validation %s', step, m)
+    progress.write(f'step {step} validation: '
+                   f'{metrics_lib.format_metrics(m)}')
     if m and _better(task, m, best):
       best, best_step = m, step
     return m
@@ -208,8 +244,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     initial = validate(0)
   final_val = None
   tokens, train_time, window = 0, 0.0, []
-  bar = metrics_lib.progress_bar(num_steps, start_step,
-                                 enabled=config.progress_bar)
   try:
     for step in range(start_step + 1, num_steps + 1):
       batch = next(train_it)
@@ -231,7 +265,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       state = state_new
       tokens, train_time = tokens + n_tokens, train_time + dt
       window.append((m, n_tokens, dt))
-      metrics_lib.update_bar(bar, 1, m['loss'], n_tokens / max(dt, 1e-9))
+      progress.update(step, loss=m['loss'], tokens=n_tokens, seconds=dt)
       if step % config.log_every == 0 or step == num_steps:
         row = {k: float(np.mean([w[0][k] for w in window]))
                for k in ('loss', 'grad_norm', 'param_norm')}
@@ -247,16 +281,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         final_val = validate(step)
       if step % config.checkpoint_every == 0 or step == num_steps:
         save(step)
-    bar.close()
+    progress.close()
     if final_val is None:  # Resumed after the last step.
       final_val = validate(num_steps)
     test = evaluate(runner, state.trainable, frozen, task.data['test'],
                     **eval_kw)
     writer.write(num_steps, 'test', test)
+    console.say(f'test: {metrics_lib.format_metrics(test)}')
     prompts_file, prompts_params = export_prompts(
         workdir, runner.to_host(runner.to_checkpoint(state).trainable))
   finally:
-    bar.close()
+    progress.close()
     manager.wait_until_finished()
     writer.close()
   last = manager.latest_step()
@@ -286,8 +321,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, 'summary.json'), 'w',
               encoding='utf-8') as f:
       json.dump(summary, f, indent=2)
-    text = metrics_lib.format_summary(summary)
-    print(text, flush=True)
+  console.say(metrics_lib.format_summary(summary))
   return summary
 
 
@@ -295,18 +329,19 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test',
                         step: int | None = None) -> dict[str, float]:
   """Puts a run's saved adapter (``trainable/``) onto its base; evaluates.
 
-  No optimizer state is read. The base comes from ``config`` (the pretrained
-  loaders), so the checkpoint holds only what was trained.
+  No optimizer state is read, and only ``split`` of the data is loaded. The
+  base comes from ``config`` (the pretrained loaders), so the checkpoint
+  holds only what was trained.
 
   Raises:
     FileNotFoundError: no complete checkpoint in ``<workdir>/checkpoints``.
     ValueError: the checkpoint belongs to another spec or model.
   """
-  task = tasks.build_task(config)
+  task = tasks.build_task(config, splits=(split,))
   trainable, frozen = task.split_params()
   trainable, _ = ckpt_lib.restore_trainable(
       os.path.join(workdir, 'checkpoints'), trainable,
-      _meta(config, task, trainable), step)
+      _meta(config, task.spec, task.model_info, trainable), step)
   tx, _ = optim.from_config(config.optim, int(config.num_train_steps))
   runner = parallel.runner_from_config(config, task, tx)
   state, frozen = runner.place(
@@ -351,24 +386,25 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
     raise ValueError(f'method {config.method!r} trains virtual tokens, '
                      'which training writes to <workdir>/prompts.npz; '
                      'there is no adapter file to export')
-  task = tasks.build_task(config)
-  trainable, frozen = task.split_params()
+  model = model_loading.load_model(config)   # No data: export scores none.
+  method = attach.attach_method(config, model)
+  trainable, frozen = method.split_params()
   trainable, _ = ckpt_lib.restore_trainable(
       os.path.join(workdir, 'checkpoints'), trainable,
-      _meta(config, task, trainable), step)
+      _meta(config, method.spec, model.info, trainable), step)
   trainable = jax.device_get(trainable)
-  spec, adapters = task.spec, trainable['adapters']
+  spec, adapters = method.spec, trainable['adapters']
   tuned = lorajax.combine(trainable['params'], frozen)   # what it ran with
   if fmt == 'merged':
-    io_lib.export_merged(out, task.model_config, tuned, adapters, spec)
+    io_lib.export_merged(out, model.config, tuned, adapters, spec)
     return out
   base = lorajax.combine(trainable['params'],
-                         lorajax.partition(task.original_params, spec)[1])
+                         lorajax.partition(method.original_params, spec)[1])
   if lorajax.pissa.uses_pissa(spec):
     spec, adapters = lorajax.pissa.to_lora(spec, base, adapters,
-                                           start=task.adapters)
+                                           start=method.adapters)
   if fmt == 'peft':
-    io_lib.export_peft(out, task.model_config, spec, adapters, base)
+    io_lib.export_peft(out, model.config, spec, adapters, base)
   else:
     io_lib.save_adapter(out, spec, adapters, base,
                         metadata={'config': config.name, 'workdir': workdir})

@@ -1,0 +1,134 @@
+"""Attaching a config's method to a loaded model: the one place it happens.
+
+``attach_method(config, model)`` runs the sequence every task, evaluation and
+export shares::
+
+  spec (config.method) -> quantize (qlora) -> init adapters
+      -> PiSSA residual base (lora.init='pissa') -> prompts (prompt/prefix)
+
+It reads no data. What it returns is deterministic in ``config.seed``, so a
+resumed run, an evaluation and an export all rebuild the same frozen base and
+the same initial adapters the training run started from (the PiSSA residual
+and ``pissa.to_lora`` need the latter).
+
+Example:
+
+  >>> method = attach_method(config, model_loading.load_model(config))  # doctest: +SKIP
+  >>> trainable, frozen = method.split_params()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from absl import logging
+import jax
+
+import lorajax
+from lorajax.methods import prompts as prompts_lib
+from lorajax.training import config as config_lib
+from lorajax.training import model_loading
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A method attached to a model: the spec and what it adds and changes.
+
+  Attributes:
+    spec: the rules (``config_lib.make_spec``).
+    params: the frozen base the adapters run on: the loaded parameters, with
+      ``qlora`` kernels quantized and, under PiSSA, the residual.
+    adapters: freshly initialized adapters (``{}`` without adapter rules).
+    prompts: the learned virtual tokens of ``prompt``/``prefix`` tuning
+      (``lorajax.methods.prompts``); ``{}`` for other methods.
+    pretrained: the base before the PiSSA residual was taken, where it
+      differs from ``params``; None otherwise.
+  """
+  spec: lorajax.LoraSpec
+  params: PyTree
+  adapters: PyTree
+  prompts: PyTree = dataclasses.field(default_factory=dict)
+  pretrained: PyTree = None
+
+  @property
+  def original_params(self) -> PyTree:
+    """The pretrained base that exported adapters must fit."""
+    return self.params if self.pretrained is None else self.pretrained
+
+  def split_params(self) -> tuple[PyTree, PyTree]:
+    """``(trainable, frozen)``: ``{'adapters', 'params'[, 'prompts']}`` and
+    the base (quantized kernels stay in the frozen base)."""
+    train, frozen = lorajax.partition(self.params, self.spec)
+    trainable = {'adapters': self.adapters, 'params': train}
+    if self.prompts:
+      trainable['prompts'] = self.prompts
+    return trainable, frozen
+
+
+def init_prompts(config, model: model_loading.Model) -> PyTree:
+  """The ``prompts`` tree of ``config.method`` (``{}`` for other methods).
+
+  Prompt tokens start as embeddings of random vocabulary tokens of
+  ``model.embedding`` when ``config.prompt.init_from_vocab``.
+  """
+  key = jax.random.key(config.seed + 2)
+  make = (prompts_lib.for_bert if config.task == 'classification'
+          else prompts_lib.for_llama)
+  if config.method == 'prompt':
+    return make(model.config, key, n_prompt=int(config.prompt.num_tokens),
+                embedding=(model.embedding if config.prompt.init_from_vocab
+                           else None))
+  if config.method == 'prefix':
+    return make(model.config, key, n_prefix=int(config.prefix.num_tokens),
+                mlp_hidden=int(config.prefix.mlp_hidden) or None)
+  return {}
+
+
+def _quantized(config, params: PyTree, spec: lorajax.LoraSpec) -> PyTree:
+  """``params`` with the kernels of a ``qlora`` spec quantized."""
+  if config.method != 'qlora':
+    return params
+  params = lorajax.quantize_params(params, spec)
+  logging.info('qlora: frozen base %d bytes with %s kernels',
+               lorajax.quantized_nbytes(params), config.quant)
+  return params
+
+
+def _pissa_residual(spec: lorajax.LoraSpec, params: PyTree,
+                    adapters: PyTree) -> PyTree:
+  """The frozen base of a PiSSA run is the residual ``W - s·a₀·b₀``
+  (recomputed from the pretrained base, so a resumed run gets it again)."""
+  if not lorajax.pissa.uses_pissa(spec):
+    return params
+  start = time.perf_counter()
+  params = lorajax.pissa.residual_base(spec, params, adapters)
+  logging.info('PiSSA: residual base ready in %.1f s',
+               time.perf_counter() - start)
+  return params
+
+
+def attach_method(config, model: model_loading.Model) -> Method:
+  """spec -> quantize -> init -> PiSSA residual -> prompts, for ``model``.
+
+  Args:
+    config: the run config (``method``, ``lora.*``, ``quant*``,
+      ``bottleneck.*``, ``prompt.*``, ``prefix.*``, ``*_rules``, ``seed``).
+    model: from ``model_loading.load_model``.
+
+  Returns:
+    The ``Method``; ``model`` is not changed.
+
+  Raises:
+    ValueError: from ``make_spec`` (unknown method, bad rules) or from the
+      spec not fitting ``model.params``.
+  """
+  spec = config_lib.make_spec(config)
+  params = _quantized(config, model.params, spec)
+  adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1))
+  base = _pissa_residual(spec, params, adapters)
+  return Method(spec, base, adapters, init_prompts(config, model),
+                None if base is params else params)

@@ -1,0 +1,153 @@
+"""The base model a config names: module, pretrained parameters, tokenizer.
+
+``load_model(config)`` is the first of a run's three separate steps (model,
+then ``attach.attach_method``, then ``input_pipeline.load_splits``): it reads
+``config.model`` (and ``config.task``, which picks the family) and nothing
+about the method or the data, so evaluation and export can load a model
+without touching a data set.
+
+- ``classification``: a BERT encoder (pretrained all-MiniLM-L6-v2, or a
+  random one of that shape or a tiny one) with a 2-way classifier;
+- ``lm``: a Llama decoder (pretrained SmolLM2-135M, or random), with the
+  tokenizer of its GGUF file.
+
+Example:
+
+  >>> model = load_model(config)  # doctest: +SKIP
+  >>> model.params['encoder']['layer_0']['attention']['query']['kernel'].shape  # doctest: +SKIP
+  (384, 384)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lorajax import assets
+from lorajax.models import bert
+from lorajax.models import bert_loading
+from lorajax.models import bert_tokenizer
+from lorajax.models import bpe_tokenizer
+from lorajax.models import llama
+from lorajax.models import llama_loading
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A loaded base model, before any method is attached.
+
+  Attributes:
+    name: ``'minilm'`` or ``'smollm2'``.
+    module: the Flax module (``bert.Bert`` or ``llama.Llama``).
+    params: the base parameters as loaded (the inner ``'params'`` dict).
+    config: the ``BertConfig`` / ``LlamaConfig`` (for PEFT and HF exports).
+    info: JSON-able description of the architecture; stored with every
+      checkpoint and checked when one is restored.
+    tokenizer: a ``tokenizers.Tokenizer`` for the data pipeline.
+    embedding: the word embedding table ``[vocab, hidden]`` (prompt tuning
+      starts from it).
+    eos_id: the end-of-sequence token id (decoders; None for encoders).
+  """
+  name: str
+  module: nn.Module
+  params: PyTree
+  config: Any
+  info: dict[str, Any]
+  tokenizer: Any
+  embedding: jax.Array
+  eos_id: int | None = None
+
+
+def _check_size(size: str, pretrained: bool) -> None:
+  if pretrained and size != 'base':
+    raise ValueError(f'model.size={size!r}: pretrained weights exist for '
+                     "'base' only")
+  if size not in ('base', 'tiny'):
+    raise ValueError(f"model.size={size!r}; expected 'base' or 'tiny'")
+
+
+def _arch(cfg: Any, drop: tuple[str, ...]) -> dict[str, Any]:
+  return {k: v for k, v in dataclasses.asdict(cfg).items()
+          if k not in drop and 'dropout' not in k}
+
+
+def load_minilm(config) -> Model:
+  """all-MiniLM-L6-v2 (or a random BERT of ``config.model.size``) with a new
+  2-way classifier."""
+  m = config.model
+  _check_size(m.size, m.pretrained)
+  overrides = dict(dtype=jnp.dtype(m.dtype), hidden_dropout=m.dropout,
+                   attention_dropout=m.dropout)
+  key = jax.random.key(config.seed)
+  if m.pretrained:
+    cfg, params = bert_loading.load_minilm(2, key=key, **overrides)
+  else:
+    if m.size == 'tiny':
+      cfg = bert.BertConfig(hidden_size=32, num_layers=2, num_heads=4,
+                            intermediate_size=64, num_labels=2, **overrides)
+    else:
+      cfg = bert.BertConfig.minilm_l6(num_labels=2, **overrides)
+    params = bert.Bert(cfg).init(key, jnp.ones((1, 8), jnp.int32))['params']
+  info = {'name': 'minilm', 'size': m.size,
+          **_arch(cfg, ('dtype', 'param_dtype'))}
+  return Model('minilm', bert.Bert(cfg), params, cfg, info,
+               bert_tokenizer.bert_tokenizer(),
+               params['embeddings']['word_embeddings']['embedding'])
+
+
+def load_smollm2(config) -> Model:
+  """SmolLM2-135M (or a random Llama of ``config.model.size``) and the
+  tokenizer of its GGUF file."""
+  m = config.model
+  _check_size(m.size, m.pretrained)
+  start = time.perf_counter()
+  reader = llama_loading.as_reader(
+      assets.asset_path('smollm2', llama_loading.SMOLLM2_GGUF))
+  tok = bpe_tokenizer.gguf_tokenizer(reader)
+  eos = bpe_tokenizer.gguf_special_ids(reader)['eos']
+  dtype = jnp.dtype(m.dtype)
+  if m.pretrained:
+    cfg, params = llama_loading.load_gguf_llama(reader, dtype=dtype)
+  else:
+    if m.size == 'tiny':
+      cfg = llama.LlamaConfig.tiny(vocab_size=tok.get_vocab_size(),
+                                   dtype=dtype)
+    else:
+      cfg = llama.LlamaConfig.smollm2_135m(dtype=dtype)
+    params = llama.Llama(cfg).init(jax.random.key(config.seed),
+                                   jnp.ones((1, 8), jnp.int32))['params']
+  logging.info('smollm2 (%s, pretrained=%s) loaded in %.1f s', m.size,
+               m.pretrained, time.perf_counter() - start)
+  info = {'name': 'smollm2', 'size': m.size, **_arch(cfg, ('dtype', 'remat'))}
+  return Model('smollm2', llama.Llama(cfg), params, cfg, info, tok,
+               params['embed']['embedding'], eos)
+
+
+# The model each task trains, by config.task.
+_LOADERS = {'classification': ('minilm', load_minilm),
+            'lm': ('smollm2', load_smollm2)}
+
+
+def load_model(config) -> Model:
+  """The base model of ``config.task`` / ``config.model``.
+
+  Raises:
+    ValueError: an unknown task, a model the task does not support, or a
+      size without pretrained weights.
+  """
+  if config.task not in _LOADERS:
+    raise ValueError(f'config.task={config.task!r}; expected one of '
+                     f'{sorted(_LOADERS)}')
+  name, load = _LOADERS[config.task]
+  if config.model.name != name:
+    raise ValueError(f'model.name={config.model.name!r}; {config.task} '
+                     f'supports {name!r}')
+  return load(config)
