@@ -34,9 +34,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import numpy as st_numpy
 
+from lorajax import rewrite
+from lorajax import spec as spec_lib
 from lorajax.partition import combine
 from lorajax.partition import partition
-from lorajax import spec as spec_lib
 from lorajax.io import spec_json
 from lorajax.methods import pissa
 
@@ -211,7 +212,6 @@ def save_adapter(directory: str | pathlib.Path, spec: spec_lib.LoraSpec,
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   resolution = spec_lib.resolve(spec, params)
-  from lorajax import rewrite  # pylint: disable=g-import-not-at-top
   rewrite._check_adapter_paths(  # pylint: disable=protected-access
       adapters, resolution.adapted)
   trained, _ = partition(params, spec)
