@@ -21,8 +21,9 @@ that do.
 
 Example:
 
-  >>> adapters, spec = combine([(ad1, spec1), (ad2, spec2)], params,
-  ...                          weights=[0.7, 0.3], method='svd', rank=8)  # doctest: +SKIP
+  >>> adapters, spec = weighted_adapter(  # doctest: +SKIP
+  ...     [(ad1, spec1), (ad2, spec2)], params, weights=[0.7, 0.3],
+  ...     method='svd', rank=8)
 """
 
 from __future__ import annotations
