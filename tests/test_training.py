@@ -14,6 +14,7 @@ import pytest
 import lorajax
 from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
+from lorajax.training import input_pipeline
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import optim
 from lorajax.training import parallel
@@ -225,6 +226,23 @@ def test_saved_adapter_evaluates_on_its_base(smoke_run):
   got = train.evaluate_checkpoint(config, str(workdir), 'test')
   assert got['accuracy'] == pytest.approx(summary['test']['accuracy'])
   assert got['loss'] == pytest.approx(summary['test']['loss'], rel=1e-5)
+
+
+def test_evaluation_loads_its_split_and_export_no_data(smoke_run, tmp_path,
+                                                      monkeypatch):
+  config, _, workdir = smoke_run('rt_minilm_lora')
+  loaded = []
+  real = input_pipeline.load_split
+
+  def spy(config, model, split):
+    loaded.append(split)
+    return real(config, model, split)
+
+  monkeypatch.setattr(input_pipeline, 'load_split', spy)
+  train.evaluate_checkpoint(config, str(workdir), 'validation')
+  assert loaded == ['validation']
+  train.export_checkpoint(config, str(workdir), str(tmp_path / 'ad'))
+  assert loaded == ['validation']
 
 
 def test_pissa_run_starts_at_the_base_and_its_adapter_reloads(smoke_run,
