@@ -1,7 +1,10 @@
 """lorajax: LoRA and parameter-efficient fine-tuning for JAX and Flax."""
 
 from lorajax.adapters import init
+from lorajax.adapters import layouts
+from lorajax.adapters import with_layouts
 from lorajax.adapters import merge
+from lorajax.adapters import merge_quantized
 from lorajax.adapters import unmerge
 from lorajax.methods import pissa
 from lorajax.methods import prompts
@@ -9,8 +12,7 @@ from lorajax.methods.bottleneck import Bottleneck
 from lorajax.methods.bottleneck import houlsby_rules
 from lorajax.methods.bottleneck import pfeiffer_rules
 from lorajax.methods.dora import Dora
-from lorajax.methods.lora import Lora
-from lorajax.methods.qlora import merge_quantized
+from lorajax.methods.low_rank import Lora
 from lorajax.methods.qlora import QLora
 from lorajax.methods.qlora import Quantized
 from lorajax.methods.qlora import quantize_params
@@ -25,6 +27,8 @@ from lorajax.partition import trainable_report
 from lorajax.rewrite import discover_layouts
 from lorajax.rewrite import lora
 from lorajax.rewrite import RewriteError
+from lorajax.kernels import AdapterParams
+from lorajax.kernels import KernelLayout
 from lorajax.spec import FREEZE
 from lorajax.spec import LoraSpec
 from lorajax.spec import resolve

@@ -12,9 +12,12 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
+import numpy as np
 
+from lorajax import kernels
 from lorajax import rewrite
 from lorajax import spec as spec_lib
+from lorajax.methods import quant
 
 PyTree = Any
 
@@ -24,11 +27,13 @@ def init(spec: spec_lib.LoraSpec, params: PyTree, key: jax.Array, *,
          kwargs: dict[str, Any] | None = None) -> PyTree:
   """Creates the adapter pytree for every kernel ``spec`` targets.
 
-  Two-dimensional kernels are taken as Flax ``[in, out]``. For kernels of
-  more dimensions (DenseGeneral, Einsum, layers stacked by ``nn.scan``), pass
-  the function that uses them and example arguments: the layout (which axes
-  are stacked and which are contracted) is read from how ``fn`` contracts
-  each kernel.
+  Pass the function that uses the kernels and example arguments: the layout
+  of every kernel (which axes are stacked, contracted, batch or output axes,
+  and any transpose on the way) is read from how ``fn`` multiplies it, and
+  kept with its adapter (``AdapterParams.layout``). Without ``fn``,
+  two-dimensional kernels are taken as Flax ``[in, out]``; the adapted
+  function checks that assumption at every call and refuses a kernel the
+  function uses otherwise (e.g. ``x·Wᵀ``).
 
   Args:
     spec: the rules.
@@ -38,9 +43,20 @@ def init(spec: spec_lib.LoraSpec, params: PyTree, key: jax.Array, *,
     args, kwargs: example inputs for ``fn`` (only shapes matter).
 
   Returns:
-    Adapters nested like ``params``: ``{'params': {'dense': {'kernel':
-    {'a': [in, r], 'b': [r, out]}}}}``; ``b`` is zero so the adapted function
-    equals the base at initialization.
+    Adapters nested like ``params`` (as dicts keyed by path component):
+    ``{'params': {'dense': {'kernel': AdapterParams({'a': [in, r], 'b':
+    [r, out]})}}}``; ``b`` is zero so the adapted function equals the base
+    at initialization.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, lorajax
+    >>> params = {'w': jnp.ones((5, 4))}                 # stored [out, in]
+    >>> fn = lambda p, x: x @ p['w'].T                   # torch-style
+    >>> spec = lorajax.LoraSpec([('w', lorajax.Lora(rank=2))])
+    >>> ad = init(spec, params, jax.random.key(0), fn=fn, args=(jnp.ones((1, 4)),))
+    >>> ad['w']
+    AdapterParams({'a': (4, 2), 'b': (2, 5)}, layout=[out, in])
 
   Raises:
     ValueError: bad rules (see ``spec.resolve``), a rank larger than the
@@ -74,8 +90,9 @@ def init(spec: spec_lib.LoraSpec, params: PyTree, key: jax.Array, *,
           f'params, key, fn=model.apply, args=(example_input,)) so it is '
           f'read from how the model uses the kernel')
     provider.validate(path, shape, layout)
-    spec_lib.set_by_path(adapters, path,
-                         provider.init_params(keys[i], leaves[path], layout))
+    made = provider.init_params(keys[i], leaves[path], layout)
+    spec_lib.set_by_path(adapters, path, spec_lib.AdapterParams(
+        made, layout=layout) if provider.has_params else made)
     logging.log_first_n(logging.DEBUG, 'adapter %s: %s', 64, path, layout)
   return adapters
 
@@ -83,7 +100,7 @@ def init(spec: spec_lib.LoraSpec, params: PyTree, key: jax.Array, *,
 def _map_adapted(params, adapters, spec, method: str):
   resolution = spec_lib.resolve(spec, params)
   adapted = resolution.adapted
-  rewrite._check_adapter_paths(adapters, adapted)  # pylint: disable=protected-access
+  rewrite.check_adapter_paths(adapters, adapted)
   flat, treedef = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=spec_lib.is_kernel_node)
   out = []
@@ -93,10 +110,11 @@ def _map_adapted(params, adapters, spec, method: str):
     if provider is None:
       out.append(leaf)
       continue
-    ad = (spec_lib.get_by_path(adapters, path) if provider.has_params
-          else {})
-    shape = tuple(provider.kernel_aval(leaf).shape)
-    layout = provider.infer_layout(shape, ad)
+    if provider.has_params:
+      ad = spec_lib.get_by_path(adapters, path)
+      layout = kernels.layout_of(ad, path)
+    else:
+      ad, layout = {}, None
     if method == 'unmerge' and isinstance(leaf, spec_lib.FrozenKernel):
       raise ValueError(f'{path!r}: cannot unmerge from a quantized kernel')
     out.append(getattr(provider, method)(leaf, ad, layout))
@@ -117,3 +135,98 @@ def unmerge(merged: PyTree, adapters: PyTree, spec: spec_lib.LoraSpec
             ) -> PyTree:
   """Subtracts the adapters again (inverse of ``merge`` up to rounding)."""
   return _map_adapted(merged, adapters, spec, 'unmerge')
+
+
+
+def merge_quantized(params: PyTree, adapters: PyTree,
+                    spec: spec_lib.LoraSpec, *, requantize: bool = False
+                    ) -> tuple[PyTree, bool]:
+  """Merges adapters into a (partly) quantized base.
+
+  Every quantized kernel is dequantized and merged in float32. With
+  ``requantize`` the merged kernels are quantized again with their previous
+  format (which adds a new rounding error on top of the adapter's update);
+  otherwise they are returned dense in the original dtype.
+
+  Returns:
+    ``(merged params, whether quantized kernels were re-quantized)``; the
+    outcome is also logged.
+  """
+  before = {p: leaf for p, leaf in spec_lib.flatten_paths(params)
+            if isinstance(leaf, quant.QuantizedKernel)}
+  merged = merge(params, adapters, spec)
+  adapted = set(spec_lib.resolve(spec, params).adapted)
+  touched = sorted(set(before) & adapted)
+  if requantize and touched:
+    def convert(keypath, leaf):
+      path = spec_lib.path_str(keypath)
+      return before[path].quantize_like(leaf) if path in touched else leaf
+    merged = jax.tree_util.tree_map_with_path(convert, merged,
+                                              is_leaf=spec_lib.is_kernel_node)
+  requantized = bool(requantize and touched)
+  logging.info('merged %d quantized kernel(s) in float32; %s', len(touched),
+               're-quantized to their previous format' if requantized else
+               'returned dense (not re-quantized)')
+  return merged, requantized
+
+
+def layouts(adapters: PyTree) -> dict[str, spec_lib.KernelLayout]:
+  """``path -> KernelLayout`` of every adapter that carries one."""
+  out = {}
+  for keypath, node in jax.tree_util.tree_flatten_with_path(
+      adapters, is_leaf=lambda x: isinstance(x, spec_lib.AdapterParams))[0]:
+    if isinstance(node, spec_lib.AdapterParams):
+      out[spec_lib.path_str(keypath)] = node.layout
+  return out
+
+
+def with_layouts(adapters: PyTree, spec: spec_lib.LoraSpec, params: PyTree,
+                 layouts_by_path: dict[str, spec_lib.KernelLayout] | None = None,
+                 *, fn: Callable[..., Any] | None = None,
+                 args: tuple[Any, ...] = (),
+                 kwargs: dict[str, Any] | None = None) -> PyTree:
+  """Adapters (e.g. read from a file or built by hand) with their layouts.
+
+  The layouts come from ``layouts_by_path`` (as written in an adapter file)
+  or are read from ``fn`` as ``init`` does; without either, only
+  two-dimensional kernels are accepted, as Flax ``[in, out]`` (which the
+  adapted function then checks at every call).
+
+  Raises:
+    ValueError: an adapter whose factors do not have the shapes its layout
+      needs, or a kernel whose layout cannot be known.
+  """
+  resolution = spec_lib.resolve(spec, params)
+  rewrite.check_adapter_paths(adapters, resolution.adapted)
+  if layouts_by_path is None and fn is not None:
+    layouts_by_path = rewrite.discover_layouts(fn, spec, params, *args,
+                                               **(kwargs or {}))
+  leaves = dict(spec_lib.flatten_paths(params))
+  out: dict[str, Any] = {}
+  for path, provider in resolution.adapted.items():
+    if not provider.has_params:
+      continue
+    ad = spec_lib.get_by_path(adapters, path)
+    shape = tuple(provider.kernel_aval(leaves[path]).shape)
+    if layouts_by_path is not None:
+      if path not in layouts_by_path:
+        raise ValueError(f'no layout for adapter {path!r}; known: '
+                         f'{sorted(layouts_by_path)[:8]}')
+      layout = layouts_by_path[path]
+    elif len(shape) == 2:
+      layout = spec_lib.KernelLayout.dense()
+    else:
+      raise ValueError(
+          f'{path!r} has shape {shape}: which axes are inputs is not known '
+          f'for a kernel of more than two axes; pass fn= and args= so it is '
+          f'read from the function')
+    want = provider.param_shapes(shape, layout)
+    for name, s in want.items():
+      got = tuple(np.shape(ad[name])) if name in ad else None
+      if got != tuple(s):
+        raise ValueError(f'adapter {path!r}: {name!r} has shape {got}; a '
+                         f'kernel {shape} used as {layout.describe()} needs '
+                         f'{tuple(s)}')
+    spec_lib.set_by_path(out, path, spec_lib.AdapterParams(dict(ad),
+                                                           layout=layout))
+  return out

@@ -20,66 +20,15 @@ from typing import Any, Iterable, Sequence
 import jax
 import numpy as np
 
+from lorajax.kernels import AdapterParams  # pylint: disable=unused-import
+from lorajax.kernels import DotDims
+from lorajax.kernels import FrozenKernel
+from lorajax.kernels import is_kernel_node
+from lorajax.kernels import KernelLayout
+
 PyTree = Any
 TRAIN = 'train'
 FREEZE = 'freeze'
-
-
-class FrozenKernel:
-  """Base class of stored kernels that are not a plain array (e.g. quantized).
-
-  Subclasses are pytree nodes that stand where a kernel array would stand in
-  the parameter tree. The rewrite traces the model with ``aval()`` in their
-  place and hands the node to the kernel's provider at each ``dot_general``.
-  """
-
-  def aval(self) -> jax.ShapeDtypeStruct:
-    """The shape and dtype of the kernel the model sees."""
-    raise NotImplementedError
-
-  def dequantize(self) -> jax.Array:
-    """The kernel as a dense array of ``aval().dtype``."""
-    raise NotImplementedError
-
-  def dot(self, x: jax.Array, dims: 'DotDims') -> jax.Array:
-    """The original ``dot_general`` of ``x`` with this kernel.
-
-    The default dequantizes and multiplies; subclasses override it to avoid
-    keeping a dense copy of the kernel alive (see ``methods/quant.py``).
-    """
-    from lorajax.methods import lora  # pylint: disable=g-import-not-at-top
-    return lora.base_dot(x, self.dequantize().astype(dims.kernel_dtype), dims)
-
-
-def is_kernel_node(x: Any) -> bool:
-  return isinstance(x, FrozenKernel)
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelLayout:
-  """How one adapted kernel is used by the function that consumes it.
-
-  Attributes:
-    stack: number of leading axes that ``scan`` slices off (stacked layers).
-    contract: axes of the per-call kernel that are contracted with the input,
-      in increasing order (Flax: the leading ones).
-    free: the remaining axes of the per-call kernel, in increasing order.
-  """
-  stack: int
-  contract: tuple[int, ...]
-  free: tuple[int, ...]
-
-  def split_shape(self, shape: Sequence[int]):
-    """Returns ``(stack_shape, contract_shape, free_shape)`` of a kernel."""
-    shape = tuple(shape)
-    call = shape[self.stack:]
-    return (shape[:self.stack], tuple(call[i] for i in self.contract),
-            tuple(call[i] for i in self.free))
-
-  @staticmethod
-  def dense(ndim: int = 2) -> 'KernelLayout':
-    del ndim
-    return KernelLayout(0, (0,), (1,))
 
 
 class Adapter:
@@ -87,8 +36,10 @@ class Adapter:
 
   A provider says how ``y = x ⊗ W`` is computed for the kernels its rule
   targets and which parameters it owns. Subclasses are frozen dataclasses and
-  implement ``param_shapes``, ``init_params``, ``dot``, ``merge`` and
-  ``infer_layout``.
+  implement ``param_shapes``, ``init_params``, ``dot`` and ``merge``.
+  Every method that needs the kernel's layout is given it: it was read
+  from the function when the adapter was made and travels with it
+  (``AdapterParams.layout``).
 
   Attributes:
     has_params: False for providers that own no trainable parameters (a
@@ -97,6 +48,12 @@ class Adapter:
   """
 
   has_params = True
+  # Whether the provider adapts kernels with batch axes (one adapter per
+  # index: MoE experts, ensemble members); others are refused by name.
+  supports_batch = False
+  # Kernel axes to treat as batch axes although a product leaves them free
+  # (see ``Lora.batch_axes``); None: only dot_general's batch axes.
+  batch_axes: tuple[int, ...] | None = None
 
   def init_params(self, key: jax.Array, kernel: Any, layout: KernelLayout
            ) -> dict[str, jax.Array]:
@@ -118,11 +75,6 @@ class Adapter:
     """Shapes of the adapter parameters for a kernel used as ``layout``."""
     raise NotImplementedError
 
-  def infer_layout(self, kernel_shape: Sequence[int],
-                   params: dict[str, Any]) -> KernelLayout:
-    """Recovers the layout from a kernel's and its adapter's shapes."""
-    raise NotImplementedError
-
   def kernel_aval(self, stored: Any) -> jax.ShapeDtypeStruct:
     """The kernel the model sees, for a stored leaf (array or FrozenKernel)."""
     if isinstance(stored, FrozenKernel):
@@ -133,27 +85,6 @@ class Adapter:
                layout: KernelLayout) -> None:
     """Raises ValueError when this provider cannot adapt such a kernel."""
     del path, kernel_shape, layout
-
-
-@dataclasses.dataclass(frozen=True)
-class DotDims:
-  """One ``dot_general`` that consumes an adapted kernel.
-
-  Attributes:
-    x_contract: contracting axes of the input ``x``, paired with
-      ``w_contract``.
-    w_contract: contracting axes of the per-call kernel.
-    kernel_is_lhs: whether the kernel is the left operand (output axes of
-      the kernel then come first).
-    kernel_dtype: dtype the function casts the kernel to before the call.
-    precision, preferred_element_type: passed on from the original call.
-  """
-  x_contract: tuple[int, ...]
-  w_contract: tuple[int, ...]
-  kernel_is_lhs: bool
-  kernel_dtype: Any = None
-  precision: Any = None
-  preferred_element_type: Any = None
 
 
 Action = Any  # Adapter | 'train' | 'freeze'

@@ -99,7 +99,12 @@ CASES = {
                      [(r'.*/fc1/kernel', Lora(rank=2, alpha=4))]),
     'dense_general_multi_axis': (Heads(),
                                  [(r'.*/kernel', Lora(rank=2, alpha=2))]),
-    'einsum': (Ein(), [(r'.*/(kernel|mix)', Lora(rank=2, alpha=2))]),
+    # 'mix' [h, d, k] has a free axis on each side of the contracted one:
+    # shared over heads or one adapter per head must be said.
+    'einsum': (Ein(), [(r'.*/mix', Lora(rank=2, alpha=2, batch_axes=())),
+                       (r'.*/kernel', Lora(rank=2, alpha=2))]),
+    'einsum_per_head': (Ein(), [(r'.*/mix', Lora(rank=2, batch_axes=(0,))),
+                                (r'.*/kernel', Lora(rank=2, alpha=2))]),
     'jit_helper': (Jitted(), [(r'.*/kernel', Lora(rank=3))]),
     'scan_remat': (Scanned(), [(r'.*/kernel', Lora(rank=2, alpha=4))]),
     'remat': (Remat(), [(r'.*/fc2/kernel', Lora(rank=2))]),

@@ -193,9 +193,9 @@ def test_pissa_starts_at_the_principal_part_and_equals_base(name):
     if not path.endswith('kernel'):
       continue
     factors = lorajax.spec.get_by_path(adapters, path)
-    layout = provider.infer_layout(leaf.shape, factors)
-    w = np.asarray(lorajax.methods.lora.kernel_matrix(leaf, layout))
-    r = np.asarray(lorajax.methods.lora.kernel_matrix(
+    layout = factors.layout
+    w = np.asarray(lorajax.kernels.kernel_matrix(leaf, layout))
+    r = np.asarray(lorajax.kernels.kernel_matrix(
         lorajax.spec.get_by_path(base, path), layout))
     sw = np.linalg.svd(w, compute_uv=False)
     sr = np.linalg.svd(r, compute_uv=False)

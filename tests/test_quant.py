@@ -196,7 +196,7 @@ def test_merge_into_quantized_base(requantize):
                    (r'.*', 'freeze')])
   qparams = qlora.quantize_params(params, spec)
   adapters = _randomize(lorajax.init(spec, qparams, KEY))
-  merged, did = qlora.merge_quantized(qparams, adapters, spec,
+  merged, did = lorajax.merge_quantized(qparams, adapters, spec,
                                       requantize=requantize)
   assert did == requantize
   kernel = merged['params']['fc1']['kernel']

@@ -34,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import numpy as st_numpy
 
+from lorajax import kernels
 from lorajax import rewrite
 from lorajax import spec as spec_lib
 from lorajax.partition import combine
@@ -210,14 +211,18 @@ def save_adapter(directory: str | pathlib.Path, spec: spec_lib.LoraSpec,
     raise ValueError(f'format={format!r}; expected one of {FORMATS}')
   pissa.check_portable(spec, 'save_adapter')
   directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
   resolution = spec_lib.resolve(spec, params)
-  rewrite._check_adapter_paths(  # pylint: disable=protected-access
-      adapters, resolution.adapted)
+  rewrite.check_adapter_paths(adapters, resolution.adapted)
+  layouts = {}
+  for path, provider in resolution.adapted.items():
+    if provider.has_params:
+      layouts[path] = kernels.layout_of(spec_lib.get_by_path(adapters, path),
+                                        path).to_json()
   trained, _ = partition(params, spec)
   tensors = _tensor_dict(adapters, trained)
+  directory.mkdir(parents=True, exist_ok=True)
   meta = {'lorajax_adapter': 1, 'storage': format,
-          'spec': spec_json.spec_to_json(spec),
+          'spec': spec_json.spec_to_json(spec), 'layouts': layouts,
           'tensors': {k: [list(v.shape), str(v.dtype)]
                       for k, v in tensors.items()},
           'base': fingerprint(params, spec), 'metadata': metadata or {}}
@@ -324,6 +329,14 @@ def load_adapter(directory: str | pathlib.Path, params: PyTree | None = None,
     prefix, path = key.split('/', 1)
     spec_lib.set_by_path(adapters if prefix == 'adapters' else trained, path,
                          value)
+  try:
+    layouts = {p: kernels.KernelLayout.from_json(d)
+               for p, d in meta.get('layouts', {}).items()}
+    for path, layout in layouts.items():
+      spec_lib.set_by_path(adapters, path, spec_lib.AdapterParams(
+          spec_lib.get_by_path(adapters, path), layout=layout))
+  except (KeyError, ValueError, TypeError) as e:
+    raise AdapterFileError(f'{meta_path}: bad kernel layouts: {e}') from None
   if params is not None:
     check_base(meta['base'], params, spec, check_weights=check_weights,
                source=str(directory))

@@ -40,7 +40,7 @@ from lorajax import spec_paths
 from lorajax.io import adapter_files
 from lorajax.io import hf_models
 from lorajax.methods import dora as dora_lib
-from lorajax.methods import lora as lora_lib
+from lorajax.methods import low_rank as lora_lib
 from lorajax.methods import pissa
 
 PyTree = Any
@@ -219,6 +219,20 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
   return default
 
 
+def _with_dense_layouts(adapters: PyTree) -> PyTree:
+  """Marks imported factors with their layout: lorajax's own models keep
+  every Linear as a Flax ``Dense`` kernel ``[in, out]`` (stacked ``[L, in,
+  out]`` when the layers are scanned), and PEFT's factors were transposed
+  into that orientation above."""
+  def wrap(node):
+    if isinstance(node, dict) and 'a' in node and 'b' in node:
+      stack = np.ndim(node['a']) - 2
+      return spec_lib.AdapterParams(
+          node, layout=spec_lib.KernelLayout(stack, (0,), (1,)))
+    return {k: wrap(v) for k, v in node.items()}
+  return wrap(adapters)
+
+
 def _read_config(directory: pathlib.Path) -> dict[str, Any]:
   path = directory / CONFIG_FILE
   if not path.exists():
@@ -342,6 +356,7 @@ def import_peft(directory: str | pathlib.Path, config: Any,
                             f'cannot be stacked for scan_layers=True: {e}'
                             ) from None
     rules = [(p.replace(r'layers_\d+', 'layers'), a) for p, a in rules]
+  adapters = _with_dense_layouts(adapters)
   spec = spec_lib.LoraSpec(rules)
   if params is not None:
     try:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from lorajax import spec as spec_lib
 from lorajax.methods import bottleneck as bottleneck_lib
 from lorajax.methods import dora as dora_lib
-from lorajax.methods import lora as lora_lib
+from lorajax.methods import low_rank as lora_lib
 from lorajax.methods import qlora as qlora_lib
 
 FORMAT_VERSION = 1

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import spec as spec_lib
-from lorajax.methods import lora as lora_lib
+from lorajax import kernels
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'relu': jax.nn.relu,
@@ -81,13 +81,6 @@ class Bottleneck(spec_lib.Adapter):
             'up': (*stack, self.size, *fshape),
             'up_bias': (*stack, *fshape)}
 
-  def infer_layout(self, kernel_shape, params):
-    stack = np.ndim(params['down_bias']) - 1
-    nf = np.ndim(params['down']) - 1 - stack
-    ndim = len(kernel_shape) - stack
-    return spec_lib.KernelLayout(stack, tuple(range(ndim - nf)),
-                                 tuple(range(ndim - nf, ndim)))
-
   def init_params(self, key, kernel, layout):
     shapes = self.param_shapes(self.kernel_aval(kernel).shape, layout)
     _, _, fshape = layout.split_shape(self.kernel_aval(kernel).shape)
@@ -100,7 +93,7 @@ class Bottleneck(spec_lib.Adapter):
 
   def dot(self, x, kernel, params, dims, *, rng, context=None):
     del rng, context
-    y = lora_lib.kernel_dot(x, kernel, dims)
+    y = kernels.kernel_dot(x, kernel, dims)
     nf = np.ndim(params['up_bias'])
     if dims.kernel_is_lhs:  # y is [*free, *x_rest]: adapt with free last.
       y = jnp.moveaxis(y, tuple(range(nf)), tuple(range(y.ndim - nf, y.ndim)))

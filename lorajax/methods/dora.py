@@ -28,23 +28,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorajax import kernels
 from lorajax import spec as spec_lib
-from lorajax.methods import lora as lora_lib
+from lorajax.methods import low_rank
 
 
-def column_norm(w: jax.Array, layout: spec_lib.KernelLayout) -> jax.Array:
-  """L2 norm over the contracted axes: ``[*stack, *free]`` float32.
-
-  Args:
-    w: a (stacked) kernel laid out as ``layout``.
-    layout: which axes are stacked and contracted.
-
-  Returns:
-    One norm per output unit (per stacked layer).
-  """
-  axes = tuple(layout.stack + c for c in layout.contract)
-  w32 = w.astype(jnp.float32)
-  return jnp.sqrt(jnp.sum(w32 * w32, axis=axes))
+column_norm = kernels.column_norm
 
 
 def _expand_contract(v: jax.Array, layout: spec_lib.KernelLayout) -> jax.Array:
@@ -77,9 +66,9 @@ class Dora(spec_lib.Adapter):
   init: str = 'kaiming'
 
   @property
-  def lora(self) -> lora_lib.Lora:
+  def lora(self) -> low_rank.Lora:
     """The LoRA part (validates the shared fields)."""
-    return lora_lib.Lora(rank=self.rank, alpha=self.alpha,
+    return low_rank.Lora(rank=self.rank, alpha=self.alpha,
                          use_rslora=self.use_rslora, dropout=self.dropout,
                          init=self.init)
 
@@ -101,19 +90,16 @@ class Dora(spec_lib.Adapter):
     return {**self.lora.param_shapes(kernel_shape, layout),
             'm': (*stack, *fshape)}
 
-  def infer_layout(self, kernel_shape, params):
-    return self.lora.infer_layout(kernel_shape, params)
-
   def init_params(self, key, kernel, layout):
     params = self.lora.init_params(key, kernel, layout)
-    params['m'] = column_norm(lora_lib.kernel_value(kernel), layout)
+    params['m'] = column_norm(kernels.kernel_value(kernel), layout)
     return params
 
   def _direction_norm(self, kernel: Any, a: jax.Array, b: jax.Array,
                       layout: spec_lib.KernelLayout) -> jax.Array:
     """``||W + s·a·b||_c`` as float32, without gradient."""
-    w = lora_lib.kernel_value(kernel).astype(jnp.float32)
-    v = w + lora_lib.delta_weight(a, b, layout, self.scale)
+    w = kernels.kernel_value(kernel).astype(jnp.float32)
+    v = w + kernels.delta_weight(a, b, layout, self.scale)
     return jax.lax.stop_gradient(column_norm(v, layout))
 
   def dot(self, x, kernel, params, dims, *, rng, context=None):
@@ -125,16 +111,16 @@ class Dora(spec_lib.Adapter):
     a, b = params['a'], params['b']
     norm = self._direction_norm(kernel, a, b, layout)
     factor = params['m'].astype(jnp.float32) / norm   # [*free]
-    y = lora_lib.kernel_dot(x, kernel, dims)
-    xin = lora_lib.dropout(x, self.dropout, rng)
-    y = y + lora_lib.low_rank_dot(xin, a, b, dims, self.scale, y.dtype)
+    y = kernels.kernel_dot(x, kernel, dims)
+    xin = kernels.dropout(x, self.dropout, rng)
+    y = y + kernels.low_rank_dot(xin, a, b, dims, self.scale, y.dtype)
     if dims.kernel_is_lhs:  # y is [*free, *x_rest].
       factor = factor.reshape(factor.shape + (1,) * (y.ndim - factor.ndim))
     return y * factor.astype(y.dtype)
 
   def merge(self, kernel, params, layout):
-    w = lora_lib.kernel_value(kernel)
-    v = w.astype(jnp.float32) + lora_lib.delta_weight(
+    w = kernels.kernel_value(kernel)
+    v = w.astype(jnp.float32) + kernels.delta_weight(
         params['a'], params['b'], layout, self.scale)
     factor = params['m'].astype(jnp.float32) / column_norm(v, layout)
     return (v * _expand_contract(factor, layout)).astype(w.dtype)

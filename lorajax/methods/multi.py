@@ -44,7 +44,8 @@ import numpy as np
 
 from lorajax import spec as spec_lib
 from lorajax import spec_paths
-from lorajax.methods import lora as lora_lib
+from lorajax import kernels
+from lorajax.methods import low_rank
 
 PyTree = Any
 CONTEXT_KEY = 'adapter_index'
@@ -91,15 +92,6 @@ class MultiLora(spec_lib.Adapter):
       return {'a': (*stack, *cshape, n * r), 'b': (*stack, n * r, *fshape)}
     return {'a': (*stack, n, *cshape, r), 'b': (*stack, n, r, *fshape)}
 
-  def infer_layout(self, kernel_shape, params):
-    a, b = np.shape(params['a']), np.shape(params['b'])
-    if self.mode == 'dense':
-      return lora_lib.layout_from_factors(kernel_shape, a, b)
-    # Drop the adapter axis: it sits right after the stack axes.
-    s = len(a) + len(b) - 4 - len(kernel_shape)
-    return lora_lib.layout_from_factors(kernel_shape, a[:s] + a[s + 1:],
-                                        b[:s] + b[s + 1:])
-
   def init_params(self, key, kernel, layout):
     shapes = self.param_shapes(self.kernel_aval(kernel).shape, layout)
     return {k: jnp.zeros(v, jnp.float32) for k, v in shapes.items()}
@@ -110,7 +102,7 @@ class MultiLora(spec_lib.Adapter):
 
   def dot(self, x, kernel, params, dims, *, rng, context=None):
     del rng
-    y = lora_lib.kernel_dot(x, kernel, dims)
+    y = kernels.kernel_dot(x, kernel, dims)
     if dims.kernel_is_lhs or 0 in dims.x_contract:
       raise ValueError(
           'MultiLora needs the input batch on axis 0 of the non-kernel '
@@ -171,15 +163,16 @@ def lora_factors(adapters: PyTree, spec: spec_lib.LoraSpec, params: PyTree
     ValueError: an adapter rule whose provider is not ``Lora``.
   """
   resolution = spec_lib.resolve(spec, params)
-  leaves = dict(spec_lib.flatten_paths(params))
   out = {}
   for path, provider in resolution.adapted.items():
-    if not isinstance(provider, lora_lib.Lora):
+    if not isinstance(provider, low_rank.Lora):
       raise ValueError(f'{path}: {type(provider).__name__} adapters cannot be '
                        f'stacked or combined; only Lora')
     ad = spec_lib.get_by_path(adapters, path)
-    shape = tuple(provider.kernel_aval(leaves[path]).shape)
-    layout = provider.infer_layout(shape, ad)
+    layout = kernels.layout_of(ad, path)
+    if layout.batch:
+      raise ValueError(f'{path}: adapters of kernels with batch axes '
+                       f'{layout.describe()} cannot be stacked yet')
     a = jnp.asarray(ad['a'], jnp.float32)
     b = jnp.asarray(ad['b'], jnp.float32) * provider.scale
     out[path] = Factors(a, b, layout)
@@ -244,8 +237,8 @@ def stack_factors(entries: Sequence[dict[str, Factors]], params: PyTree, *,
     else:
       a = jnp.stack([p[0] for p in pairs], axis=s)
       b = jnp.stack([p[1] for p in pairs], axis=s)
-    spec_lib.set_by_path(stacked, path, {'a': a.astype(dtype),
-                                         'b': b.astype(dtype)})
+    spec_lib.set_by_path(stacked, path, spec_lib.AdapterParams(
+        {'a': a.astype(dtype), 'b': b.astype(dtype)}, layout=ref.layout))
     actions[path] = MultiLora(len(entries), rank, kernel_mode)
   universe = [p for p, _ in spec_lib.flatten_paths(params)]
   return spec_paths.spec_from_actions(actions, universe), stacked
@@ -277,8 +270,7 @@ def select(stacked: PyTree, spec: spec_lib.LoraSpec, params: PyTree, index: int
   out, actions = {}, {}
   for path, provider in resolution.adapted.items():
     ad = spec_lib.get_by_path(stacked, path)
-    layout = provider.infer_layout(
-        tuple(provider.kernel_aval(leaves[path]).shape), ad)
+    layout = kernels.layout_of(ad, path)
     s, r = layout.stack, provider.rank
     if provider.mode == 'dense':
       part = {'a': ad['a'][..., index * r:(index + 1) * r],
@@ -286,7 +278,8 @@ def select(stacked: PyTree, spec: spec_lib.LoraSpec, params: PyTree, index: int
                                     axis=s)}
     else:
       part = {k: jnp.take(v, index, axis=s) for k, v in ad.items()}
-    spec_lib.set_by_path(out, path, part)
-    actions[path] = lora_lib.Lora(rank=provider.rank)
+    spec_lib.set_by_path(out, path,
+                         spec_lib.AdapterParams(part, layout=layout))
+    actions[path] = low_rank.Lora(rank=provider.rank)
   universe = list(leaves)
   return spec_paths.spec_from_actions(actions, universe), out

@@ -29,15 +29,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorajax import kernels
 from lorajax import spec as spec_lib
-from lorajax.methods import lora as lora_lib
+from lorajax.methods import low_rank
 
 PyTree = Any
 
 
 def is_pissa(provider: Any) -> bool:
   """True for a provider whose factors start at the principal directions."""
-  return (isinstance(provider, lora_lib.Lora)
+  return (isinstance(provider, low_rank.Lora)
           and getattr(provider, 'init', None) == 'pissa')
 
 
@@ -55,7 +56,7 @@ def _pissa_leaves(spec, params, adapters):
       continue
     factors = spec_lib.get_by_path(adapters, path)
     kernel = leaves[path]
-    layout = provider.infer_layout(tuple(kernel.shape), factors)
+    layout = kernels.layout_of(factors, path)
     yield path, provider, kernel, factors, layout
 
 
@@ -84,11 +85,12 @@ def _replace(params: PyTree, new: dict[str, Any]) -> PyTree:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def lora_provider(provider: lora_lib.Lora) -> lora_lib.Lora:
+def lora_provider(provider: low_rank.Lora) -> low_rank.Lora:
   """The rank-2r ``Lora`` with the same scale ``s`` that ``to_lora`` uses."""
   rank = 2 * provider.rank
-  return lora_lib.Lora(rank=rank, alpha=provider.scale * rank,
-                       use_rslora=False, dropout=provider.dropout)
+  return low_rank.Lora(rank=rank, alpha=provider.scale * rank,
+                       use_rslora=False, dropout=provider.dropout,
+                       batch_axes=provider.batch_axes)
 
 
 def to_lora(spec: spec_lib.LoraSpec, params: PyTree, adapters: PyTree, *,
@@ -114,15 +116,16 @@ def to_lora(spec: spec_lib.LoraSpec, params: PyTree, adapters: PyTree, *,
   for path, provider, kernel, factors, layout in _pissa_leaves(
       spec, params, adapters):
     if start is None:
-      first = lora_lib.principal_factors(kernel, layout, provider.rank,
-                                         provider.scale)
+      first = kernels.principal_factors(kernel, layout, provider.rank,
+                                        provider.scale)
     else:
       first = spec_lib.get_by_path(start, path)
     a = jnp.concatenate([factors['a'].astype(jnp.float32),
                          jnp.asarray(first['a'], jnp.float32)], -1)
     b = jnp.concatenate([factors['b'].astype(jnp.float32),
-                         -jnp.asarray(first['b'], jnp.float32)], layout.stack)
-    spec_lib.set_by_path(new_adapters, path, {'a': a, 'b': b})
+                         -jnp.asarray(first['b'], jnp.float32)], layout.lead)
+    spec_lib.set_by_path(new_adapters, path,
+                         spec_lib.AdapterParams({'a': a, 'b': b}, layout=layout))
   rules = [(pattern, lora_provider(action) if is_pissa(action) else action)
            for pattern, action in spec.rules]
   return spec_lib.LoraSpec(rules), new_adapters

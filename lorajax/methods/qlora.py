@@ -24,14 +24,13 @@ import dataclasses
 import re
 from typing import Any, Callable
 
-from absl import logging
 import jax
 import numpy as np
 
-from lorajax import adapters as adapters_lib
 from lorajax import rewrite
 from lorajax import spec as spec_lib
-from lorajax.methods import lora as lora_lib
+from lorajax import kernels
+from lorajax.methods import low_rank
 from lorajax.methods import quant
 
 PyTree = Any
@@ -66,6 +65,8 @@ class Quantized(spec_lib.Adapter):
   block_size: int = 64
   double_quant: bool = True
 
+  supports_batch = False
+
   has_params = False
 
   def __post_init__(self):
@@ -84,11 +85,6 @@ class Quantized(spec_lib.Adapter):
     del key, kernel, layout
     return {}
 
-  def infer_layout(self, kernel_shape, params):
-    del params
-    return spec_lib.KernelLayout(0, tuple(range(len(kernel_shape) - 1)),
-                                 (len(kernel_shape) - 1,))
-
   def dot(self, x, kernel, params, dims, *, rng, context=None):
     del params, rng, context
     _need_quantized(kernel, 'Quantized')
@@ -96,11 +92,11 @@ class Quantized(spec_lib.Adapter):
 
   def merge(self, kernel, params, layout):
     del params, layout
-    return lora_lib.kernel_value(kernel)
+    return kernels.kernel_value(kernel)
 
 
 @dataclasses.dataclass(frozen=True)
-class QLora(lora_lib.Lora):
+class QLora(low_rank.Lora):
   """LoRA on a quantized frozen kernel: ``x·dequant(W) + s·(x·a)·b``.
 
   Attributes (besides ``Lora``'s rank, alpha, use_rslora, dropout, init):
@@ -111,6 +107,8 @@ class QLora(lora_lib.Lora):
   quant: str = 'nf4'
   block_size: int = 64
   double_quant: bool = True
+
+  supports_batch = False
 
   def __post_init__(self):
     super().__post_init__()
@@ -218,38 +216,6 @@ def quantize_params(params: PyTree, spec_or_rules: Any,
 
   return jax.tree_util.tree_map_with_path(convert, params,
                                           is_leaf=spec_lib.is_kernel_node)
-
-
-def merge_quantized(params: PyTree, adapters: PyTree,
-                    spec: spec_lib.LoraSpec, *, requantize: bool = False
-                    ) -> tuple[PyTree, bool]:
-  """Merges adapters into a (partly) quantized base.
-
-  Every quantized kernel is dequantized and merged in float32. With
-  ``requantize`` the merged kernels are quantized again with their previous
-  format (which adds a new rounding error on top of the adapter's update);
-  otherwise they are returned dense in the original dtype.
-
-  Returns:
-    ``(merged params, whether quantized kernels were re-quantized)``; the
-    outcome is also logged.
-  """
-  before = {p: leaf for p, leaf in spec_lib.flatten_paths(params)
-            if isinstance(leaf, quant.QuantizedKernel)}
-  merged = adapters_lib.merge(params, adapters, spec)
-  adapted = set(spec_lib.resolve(spec, params).adapted)
-  touched = sorted(set(before) & adapted)
-  if requantize and touched:
-    def convert(keypath, leaf):
-      path = spec_lib.path_str(keypath)
-      return before[path].quantize_like(leaf) if path in touched else leaf
-    merged = jax.tree_util.tree_map_with_path(convert, merged,
-                                              is_leaf=spec_lib.is_kernel_node)
-  requantized = bool(requantize and touched)
-  logging.info('merged %d quantized kernel(s) in float32; %s', len(touched),
-               're-quantized to their previous format' if requantized else
-               'returned dense (not re-quantized)')
-  return merged, requantized
 
 
 def quantized_paths(params: PyTree) -> list[str]:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import spec as spec_lib
-from lorajax.methods import lora as lora_lib
+from lorajax import kernels
 
 # The 16 NF4 levels of QLoRA (Dettmers et al., 2023): quantiles of N(0, 1),
 # 8 positive and 7 negative, with an exact zero, normalized to [-1, 1].
@@ -96,7 +96,7 @@ def _tied(node: QuantizedKernel, like: jax.Array) -> QuantizedKernel:
 
 def _product(x, node, static):
   dims, dtype, _, _ = static
-  return lora_lib.base_dot(x, _tied(node, x).dequantize(dtype), dims)
+  return kernels.base_dot(x, _tied(node, x).dequantize(dtype), dims)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -113,7 +113,7 @@ def _quantized_dot_bwd(static, node, g):
   dims, dtype, x_shape, x_dtype = static
   w = _tied(node, g).dequantize(dtype)
   transpose = jax.linear_transpose(
-      lambda x: lora_lib.base_dot(x, w, dims),
+      lambda x: kernels.base_dot(x, w, dims),
       jax.ShapeDtypeStruct(x_shape, x_dtype))
   (dx,) = transpose(g)
   return dx, None

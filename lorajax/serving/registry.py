@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from lorajax import rewrite
 from lorajax import spec as spec_lib
 from lorajax import spec_paths
-from lorajax.methods import lora as lora_lib
+from lorajax.methods import low_rank as lora_lib
 from lorajax.methods import multi
 from lorajax.serving import weighted
 
@@ -127,8 +127,7 @@ class AdapterRegistry:
     if name in self._entries:
       raise ValueError(f'an adapter named {name!r} is registered already')
     resolution = spec_lib.resolve(spec, self._params)
-    rewrite._check_adapter_paths(  # pylint: disable=protected-access
-        adapters, resolution.adapted)
+    rewrite.check_adapter_paths(adapters, resolution.adapted)
     factors = multi.lora_factors(adapters, spec, self._params)
     leaves = dict(spec_lib.flatten_paths(self._params))
     for path, f in factors.items():
@@ -150,7 +149,8 @@ class AdapterRegistry:
     canonical = spec_paths.spec_from_actions(actions, self._universe)
     canon_adapters = {}
     for path, f in factors.items():
-      spec_lib.set_by_path(canon_adapters, path, {'a': f.a, 'b': f.b})
+      spec_lib.set_by_path(canon_adapters, path, spec_lib.AdapterParams(
+          {'a': f.a, 'b': f.b}, layout=f.layout))
     self._entries[name] = Entry(canonical, canon_adapters, params, factors,
                                 trained_paths)
     self._stack = None

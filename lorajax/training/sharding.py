@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from absl import logging
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -40,6 +39,7 @@ import numpy as np
 import optax
 
 import lorajax
+from lorajax import kernels as kernel_lib
 from lorajax import spec as spec_lib
 from lorajax.training import step as step_lib
 
@@ -131,7 +131,8 @@ def adapter_specs(kernel_spec: P, kernel_ndim: int,
     anything else ``P()``.
   """
   k = tuple(kernel_spec) + (None,) * (kernel_ndim - len(kernel_spec))
-  stack, call = k[:layout.stack], k[layout.stack:]
+  call = k[layout.stack:]
+  stack = k[:layout.stack] + tuple(call[i] for i in layout.batch)
   ins = tuple(call[i] for i in layout.contract)
   outs = tuple(call[i] for i in layout.free)
   out = {}
@@ -159,13 +160,7 @@ def _kernel_and_adapter_specs(params: PyTree, adapters: PyTree,
     if not provider.has_params:
       continue  # A quantized base with no adapter: the frozen rule applies.
     ad = spec_lib.get_by_path(adapters, path)
-    try:
-      layout = provider.infer_layout(shape, ad)
-    except (NotImplementedError, ValueError) as e:
-      logging.warning('%s: no layout (%s); its adapter is replicated', path, e)
-      kernels[path] = fsdp_spec(shape, model_size)
-      adapter[path] = {name: P() for name in ad}
-      continue
+    layout = kernel_lib.layout_of(ad, path)
     quantized = spec_lib.is_kernel_node(kernel)
     kernels[path] = P() if quantized else fsdp_spec(shape, model_size,
                                                     skip=layout.stack)
