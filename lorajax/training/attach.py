@@ -13,8 +13,14 @@ and ``pissa.to_lora`` need the latter).
 
 Example:
 
-  >>> method = attach_method(config, model_loading.load_model(config))  # doctest: +SKIP
-  >>> trainable, frozen = method.split_params()  # doctest: +SKIP
+  >>> config = config_lib.base_config('classification')
+  >>> config.model.pretrained, config.model.size = False, 'tiny'
+  >>> method = attach_method(config, model_loading.load_model(config))
+  >>> trainable, frozen = method.split_params()
+  >>> sorted(trainable['adapters']['encoder']['layer_0']['attention'])
+  ['query', 'value']
+  >>> sorted(trainable['params'])
+  ['classifier']
 """
 
 from __future__ import annotations

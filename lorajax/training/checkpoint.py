@@ -18,9 +18,16 @@ restores (and removes when it next opens the folder).
 
 Example:
 
-  >>> manager = make_manager(workdir + '/checkpoints', max_to_keep=2)  # doctest: +SKIP
-  >>> save(manager, state, meta)  # doctest: +SKIP
-  >>> state, meta = restore_latest(manager, state, expected_meta)  # doctest: +SKIP
+  >>> import tempfile, optax
+  >>> trainable = {'adapters': {}, 'params': {'w': np.ones(3, np.float32)}}
+  >>> state = step_lib.create_state(trainable, optax.adam(1e-3), seed=0)
+  >>> meta = {'shapes': tree_shapes(trainable), 'model': {}, 'spec': {}}
+  >>> manager = make_manager(tempfile.mkdtemp(), async_save=False)
+  >>> save(manager, state, meta)
+  >>> restored, stored = restore_latest(manager, state, meta)
+  >>> restored.trainable['params']['w'].tolist(), stored['step']
+  ([1.0, 1.0, 1.0], 0)
+  >>> manager.close()
 """
 
 from __future__ import annotations

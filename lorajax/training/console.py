@@ -15,12 +15,13 @@ run or every ``every_s`` seconds instead::
 
 Only process 0 prints.
 
-Example:
+Example (stdout is not a terminal here):
 
-  >>> with capture_logs(workdir):  # doctest: +SKIP
-  ...   progress = Progress(400, 0)
-  ...   progress.update(1, loss=0.7, tokens=1500, seconds=0.8)
-  ...   progress.close()
+  >>> progress = Progress(20, 0, tty=False, lines=2)
+  >>> for step in range(1, 21):
+  ...   progress.update(step, loss=0.5, tokens=1000, seconds=0.5)
+  step 10/20 ( 50%)  loss 0.5000  2,000 tokens/s  elapsed 0:00  ETA 0:00
+  step 20/20 (100%)  loss 0.5000  2,000 tokens/s  elapsed 0:00  ETA 0:00
 """
 
 from __future__ import annotations

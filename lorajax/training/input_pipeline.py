@@ -8,9 +8,14 @@ becomes packed ``inputs``/``targets``/``mask`` windows of
 
 Example:
 
-  >>> data = load_splits(config, model, ('validation',))  # doctest: +SKIP
-  >>> sorted(data['validation'])  # doctest: +SKIP
-  ['attention_mask', 'input_ids', 'label', 'token_type_ids']
+  >>> from lorajax.training import config as config_lib
+  >>> config = config_lib.base_config('classification')
+  >>> config.model.pretrained, config.model.size = False, 'tiny'
+  >>> config.data.validation_split = 'validation[:8]'
+  >>> model = model_loading.load_model(config)
+  >>> data = load_splits(config, model, ('validation',))
+  >>> sorted(data), data['validation']['input_ids'].shape
+  (['validation'], (8, 64))
 """
 
 from __future__ import annotations

@@ -8,8 +8,13 @@ writes. A resumed run appends; ``read_jsonl`` keeps the last line of each
 
 Example:
 
-  >>> writer = MetricWriter(workdir)  # doctest: +SKIP
-  >>> writer.write(10, 'train', {'loss': 0.5})  # doctest: +SKIP
+  >>> import tempfile
+  >>> workdir = tempfile.mkdtemp()
+  >>> writer = MetricWriter(workdir, tensorboard=False)
+  >>> writer.write(10, 'train', {'loss': 0.5})
+  >>> writer.close()
+  >>> read_jsonl(os.path.join(workdir, JSONL))
+  {10: {'step': 10, 'split': 'train', 'loss': 0.5}}
 """
 
 from __future__ import annotations

@@ -185,6 +185,15 @@ def _train(config, workdir: str, log_file: str, wall_start: float
     logging.info('prompts: %d trained parameters %s', lorajax.count(
         task.prompts), ckpt_lib.tree_shapes(task.prompts))
   num_steps = int(config.num_train_steps)
+  # The report's counts per rule; the paths each matched (indented lines,
+  # up to hundreds on a deep model) are in the log file.
+  console.say('\n'.join([
+      f'{config.name}: {config.method} on {task.model.name}, '
+      f'{_rows(task.data["train"]):,d} training rows, {num_steps} steps of '
+      f'{config.batch_size}; matched paths and library logs in {log_file}',
+      *(line for line in report.splitlines() if not line.startswith(' ')),
+      *([f'prompts: {lorajax.count(task.prompts):,d} trained parameters '
+         f'(method {config.method})'] if task.prompts else [])]))
   tx, schedule = optim.from_config(config.optim, num_steps)
   runner = parallel.runner_from_config(config, task, tx)
   state = step_lib.create_state(trainable, tx, config.seed)
@@ -199,13 +208,6 @@ def _train(config, workdir: str, log_file: str, wall_start: float
   train_it = loader.BatchIterator(task.data['train'],
                                   batch_size=config.batch_size,
                                   seed=config.seed, train=True)
-  # The report's counts per rule; the paths each matched (indented lines,
-  # up to hundreds on a deep model) are in the log file.
-  console.say('\n'.join([
-      f'{config.name}: {config.method} on {task.model.name}, '
-      f'{_rows(task.data["train"]):,d} training rows, {num_steps} steps of '
-      f'{config.batch_size}; matched paths and library logs in {log_file}',
-      *(line for line in report.splitlines() if not line.startswith(' '))]))
   best, best_step, initial = None, None, None
   if restored is not None:
     state, _ = runner.place(restored, frozen)
