@@ -547,8 +547,14 @@ def lora(fn: Callable[..., Any], spec: spec_lib.LoraSpec
 
   Example:
 
-    >>> g = lora(model.apply, spec)              # doctest: +SKIP
-    >>> y = g(params, adapters, x)               # doctest: +SKIP
+    >>> import jax, jax.numpy as jnp, lorajax
+    >>> params = {'w': jnp.ones((3, 2))}
+    >>> spec = lorajax.LoraSpec([('w', lorajax.Lora(rank=1))])
+    >>> adapters = lorajax.init(spec, params, jax.random.key(0))
+    >>> adapters = jax.tree.map(jnp.ones_like, adapters)   # b starts at 0
+    >>> g = lora(lambda p, x: x @ p['w'], spec)
+    >>> g(params, adapters, jnp.ones((1, 3)))              # 3 + 3·1·1
+    Array([[6., 6.]], dtype=float32)
   """
   traced = _Traced(fn)
 

@@ -96,9 +96,15 @@ class LoraSpec:
 
   Example:
 
-    >>> spec = LoraSpec([(r'.*/(query|value)/kernel', Lora(rank=8)),
+    >>> import jax.numpy as jnp, lorajax
+    >>> spec = LoraSpec([(r'.*/(query|value)/kernel', lorajax.Lora(rank=8)),
     ...                  (r'.*classifier/.*', 'train'),
-    ...                  (r'.*', 'freeze')])  # doctest: +SKIP
+    ...                  (r'.*', 'freeze')])
+    >>> params = {'attn': {'query': {'kernel': jnp.ones((16, 16))},
+    ...                    'key': {'kernel': jnp.ones((16, 16))}},
+    ...           'classifier': {'bias': jnp.zeros(2)}}
+    >>> sorted(resolve(spec, params).adapted), resolve(spec, params).trained
+    (['attn/query/kernel'], ['classifier/bias'])
   """
   rules: tuple[tuple[str, Action], ...]
 

@@ -130,8 +130,11 @@ def houlsby_rules(size: int = 64, act: str = 'relu', *,
 
   Example:
 
-    >>> spec = LoraSpec(houlsby_rules(64) + [(r'.*classifier/.*', 'train'),
-    ...                                      (r'.*', 'freeze')])  # doctest: +SKIP
+    >>> import lorajax
+    >>> spec = lorajax.LoraSpec(houlsby_rules(64) + [
+    ...     (r'.*classifier/.*', 'train'), (r'.*', 'freeze')])
+    >>> [action.size for _, action in spec.rules[:2]]
+    [64, 64]
   """
   attn, ffn = _model_paths(model)
   provider = Bottleneck(size=size, act=act)

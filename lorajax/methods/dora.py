@@ -56,8 +56,11 @@ class Dora(spec_lib.Adapter):
 
   Example:
 
-    >>> spec = LoraSpec([(r'.*/(query|value)/kernel', Dora(rank=8)),
-    ...                  (r'.*', 'freeze')])        # doctest: +SKIP
+    >>> import jax, jax.numpy as jnp, lorajax
+    >>> params = {'query': {'kernel': jnp.array([[3., 0.], [4., 1.]])}}
+    >>> spec = lorajax.LoraSpec([(r'.*/kernel', Dora(rank=1))])
+    >>> lorajax.init(spec, params, jax.random.key(0))['query']['kernel']['m']
+    Array([5., 1.], dtype=float32)
   """
   rank: int = 8
   alpha: float | None = None

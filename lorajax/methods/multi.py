@@ -27,9 +27,18 @@ The batch axis is the input's leading axis (as in Flax ``Dense`` on
 
 Example:
 
-  >>> spec, stacked = stack_adapters([(ad1, spec1), (ad2, spec2)], params)  # doctest: +SKIP
-  >>> fn = lorajax.lora(apply_fn, spec)                                    # doctest: +SKIP
-  >>> fn(params, stacked, x, lora_context=jnp.array([0, 1, -1, 1]))       # doctest: +SKIP
+  >>> import jax, jax.numpy as jnp, lorajax
+  >>> params = {'w': jnp.zeros((2, 2))}
+  >>> spec1 = lorajax.LoraSpec([('w', lorajax.Lora(rank=1))])
+  >>> ad = lorajax.init(spec1, params, jax.random.key(0))
+  >>> ad1 = jax.tree.map(jnp.ones_like, ad)              # x·(1·1ᵀ)
+  >>> ad2 = {'w': ad1['w'].replace(b=-ad1['w']['b'])}  # x·(1·(-1)ᵀ)
+  >>> spec, stacked = stack_adapters([(ad1, spec1), (ad2, spec1)], params)
+  >>> fn = lorajax.lora(lambda p, x: x @ p['w'], spec)
+  >>> fn(params, stacked, jnp.ones((3, 2)), lora_context=jnp.array([0, 1, -1]))
+  Array([[ 2.,  2.],
+         [-2., -2.],
+         [ 0.,  0.]], dtype=float32)
 """
 
 from __future__ import annotations

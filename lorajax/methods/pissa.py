@@ -15,11 +15,17 @@ exports (PEFT format) like any other.
 
 Example:
 
-  >>> spec = lorajax.LoraSpec([(r'.*/kernel', lorajax.Lora(8, init='pissa'))])  # doctest: +SKIP
-  >>> adapters = lorajax.init(spec, params, key)                 # doctest: +SKIP
-  >>> base = pissa.residual_base(spec, params, adapters)         # doctest: +SKIP
-  >>> ... train (base frozen, adapters trainable) ...
-  >>> lora_spec, lora_adapters = pissa.to_lora(spec, params, adapters)  # doctest: +SKIP
+  >>> import jax, jax.numpy as jnp, lorajax
+  >>> params = {'dense': {'kernel': jnp.diag(jnp.array([3., 2., 1.]))}}
+  >>> spec = lorajax.LoraSpec([(r'.*/kernel', lorajax.Lora(1, init='pissa'))])
+  >>> adapters = lorajax.init(spec, params, jax.random.key(0))
+  >>> base = residual_base(spec, params, adapters)    # the top part removed
+  >>> base['dense']['kernel'].diagonal()
+  Array([0., 2., 1.], dtype=float32)
+  >>> # ... train the adapters on the frozen residual base, then:
+  >>> lora_spec, lora_adapters = to_lora(spec, params, adapters)
+  >>> lora_adapters['dense']['kernel']['a'].shape    # rank 2r, original base
+  (3, 2)
 """
 
 from __future__ import annotations

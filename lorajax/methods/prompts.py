@@ -24,8 +24,12 @@ sees the virtual ones.
 
 Example:
 
-  >>> prompts = for_bert(bert_config, key, n_prompt=20)     # doctest: +SKIP
-  >>> out = model.apply(variables, ids, mask, **model_inputs(prompts))  # doctest: +SKIP
+  >>> import types, jax
+  >>> config = types.SimpleNamespace(hidden_size=8, num_layers=2, num_heads=2,
+  ...                                head_dim=4)                  # a BertConfig
+  >>> prompts = for_bert(config, jax.random.key(0), n_prompt=3, n_prefix=2)
+  >>> {k: v.shape for k, v in model_inputs(prompts).items()}  # model(**these)
+  {'prompt': (3, 8), 'prefix': (2, 2, 2, 2, 4)}
 """
 
 from __future__ import annotations

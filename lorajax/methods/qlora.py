@@ -10,12 +10,17 @@ Two providers and the functions that put a base into quantized form:
 
 Example:
 
-  >>> spec = LoraSpec([(r'.*/(q|v)_proj/kernel', QLora(rank=8)),
-  ...                  (r'.*/(k|o|gate|up|down)_proj/kernel', Quantized()),
-  ...                  (r'.*', 'freeze')])            # doctest: +SKIP
-  >>> qparams = quantize_params(params, spec)          # doctest: +SKIP
-  >>> adapters = lorajax.init(spec, qparams, key)      # doctest: +SKIP
-  >>> y = lorajax.lora(model.apply, spec)(qparams, adapters, x)  # doctest: +SKIP
+  >>> import jax, jax.numpy as jnp, lorajax
+  >>> params = {'q_proj': {'kernel': jnp.ones((64, 8))},
+  ...           'k_proj': {'kernel': jnp.ones((64, 8))}}
+  >>> spec = lorajax.LoraSpec([(r'q_proj/kernel', QLora(rank=2)),
+  ...                          (r'k_proj/kernel', Quantized()),
+  ...                          (r'.*', 'freeze')])
+  >>> qparams = quantize_params(params, spec)
+  >>> adapters = lorajax.init(spec, qparams, jax.random.key(0))
+  >>> fn = lambda p, x: x @ p['q_proj']['kernel'] + x @ p['k_proj']['kernel']
+  >>> lorajax.lora(fn, spec)(qparams, adapters, jnp.ones((1, 64)))[0, :2]
+  Array([128., 128.], dtype=float32)
 """
 
 from __future__ import annotations
