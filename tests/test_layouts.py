@@ -135,6 +135,39 @@ def test_vmap_ensemble_gets_one_adapter_per_member():
   np.testing.assert_array_equal(np.delete(np.asarray(diff), 2, axis=0), 0.0)
 
 
+class WideMlp(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(64, name='head')(nn.relu(nn.Dense(128, name='body')(x)))
+
+
+def test_vmap_ensemble_gradient_is_low_rank():
+  model = nn.vmap(WideMlp, variable_axes={'params': 0},
+                  split_rngs={'params': True}, in_axes=None, out_axes=0,
+                  axis_size=4)()
+  x = jax.random.normal(KEY, (32, 64))
+  variables = model.init(KEY, x)
+  spec = lorajax.LoraSpec([(r'.*kernel', lorajax.Lora(rank=4, batch_axes=(0,))),
+                           (r'.*', 'freeze')])
+  adapters = _randomize(lorajax.init(spec, variables, KEY, fn=model.apply,
+                                     args=(x,)))
+  _check_merged(model.apply, variables, adapters, spec, x, tol=2e-5)
+  g = lorajax.lora(model.apply, spec)
+
+  def loss_adapted(ad):
+    return jnp.sum(g(variables, ad, x) ** 2)
+
+  def loss_merged(ad):
+    return jnp.sum(model.apply(lorajax.merge(variables, ad, spec), x) ** 2)
+
+  _assert_grads_close(jax.grad(loss_adapted)(adapters),
+                      jax.grad(loss_merged)(adapters))
+  fa = _flops(jax.grad(loss_adapted), adapters)
+  fm = _flops(jax.grad(loss_merged), adapters)
+  assert fa < 0.8 * fm, (fa, fm)
+
+
 # --- 5. mixture of experts ----------------------------------------------------
 
 class Moe(nn.Module):
