@@ -41,6 +41,17 @@ def test_resumed_progress_spreads_its_lines_over_the_steps_left():
       f'{s}/100' for s in (82, 84, 86, 88, 90, 92, 94, 96, 98, 100)]
 
 
+def test_slow_steps_print_sooner_without_near_repeats():
+  out = io.StringIO()
+  progress = console.Progress(100, 0, stream=out, tty=False, every_s=1.0)
+  for step in range(1, 101):
+    progress.update(step, loss=0.5, tokens=10, seconds=0.15)
+  steps = [int(line.split()[1].split('/')[0])
+           for line in out.getvalue().splitlines()]
+  assert steps[0] == 7 and steps[-1] == 100   # 7 steps = 1.05 s of steps
+  assert min(b - a for a, b in zip(steps, steps[1:])) >= 5
+
+
 def test_disabled_progress_prints_nothing_but_evaluations():
   out = io.StringIO()
   progress = console.Progress(10, 0, stream=out, tty=False, enabled=False)

@@ -9,7 +9,7 @@ own records of matched rules and timings -- goes to ``<workdir>/info.log``
 The progress display (``Progress``) is a tqdm bar when stdout is a terminal.
 When it is not (a log file, CI, a sweep's run log) a bar would be thousands
 of carriage-return fragments, so it prints a plain line every ~10% of the
-run or every ``every_s`` seconds instead::
+run (sooner when steps are slow) instead::
 
   step 120/400 (30%)  loss 0.5121  1,906 tokens/s  elapsed 0:51  ETA 1:59
 
@@ -128,7 +128,8 @@ class Progress:
   """The run's one progress display: step, loss, tokens/s, ETA.
 
   A tqdm bar on a terminal; otherwise a line every ``ceil(steps / lines)``
-  steps or ``every_s`` seconds, and at the last step.
+  steps, or sooner when the steps since the last line took ``every_s``
+  seconds, and at the last step.
 
   Args:
     total: the run's last step.
@@ -138,7 +139,8 @@ class Progress:
     tty: force the bar (True) or the lines (False); default
       ``stream.isatty()``.
     lines: plain lines over the steps to go.
-    every_s: at most this many seconds between plain lines.
+    every_s: at most this many seconds of training steps between plain
+      lines.
   """
 
   def __init__(self, total: int, initial: int = 0, *, enabled: bool = True,
@@ -156,7 +158,8 @@ class Progress:
                             smoothing=0.1)
     self._every = max(1, math.ceil((total - initial) / max(lines, 1)))
     self._every_s = every_s
-    self._start = self._last = time.perf_counter()
+    self._start = time.perf_counter()
+    self._last_step = self._initial
     self._window = []  # (loss, tokens, seconds) since the last line
 
   def update(self, step: int, *, loss: float, tokens: int,
@@ -171,22 +174,26 @@ class Progress:
           refresh=False)
       self._bar.update(1)
       return
-    now = time.perf_counter()
-    if not (step % self._every == 0 or step == self._total
-            or now - self._last >= self._every_s):
+    # Seconds of training steps only: evaluations and checkpoints print
+    # their own lines, so a line after one would only repeat the last.
+    step_time = sum(w[2] for w in self._window)
+    on_schedule = (step % self._every == 0
+                   and 2 * (step - self._last_step) >= self._every)
+    if not (on_schedule or step == self._total
+            or step_time >= self._every_s):
       return
+    now = time.perf_counter()
     done = step - self._initial
     elapsed = now - self._start
     eta = elapsed / max(done, 1) * (self._total - step)
     mean_loss = sum(w[0] for w in self._window) / len(self._window)
-    rate = (sum(w[1] for w in self._window)
-            / max(sum(w[2] for w in self._window), 1e-9))
+    rate = sum(w[1] for w in self._window) / max(step_time, 1e-9)
     width = len(str(self._total))
     print(f'step {step:{width}d}/{self._total} '
           f'({100 * step / max(self._total, 1):3.0f}%)  loss {mean_loss:.4f}'
           f'  {rate:,.0f} tokens/s  elapsed {_clock(elapsed)}  '
           f'ETA {_clock(eta)}', file=self._stream, flush=True)
-    self._window, self._last = [], now
+    self._window, self._last_step = [], step
 
   def write(self, line: str) -> None:
     """Prints a line (an evaluation) without breaking the bar."""
