@@ -48,7 +48,10 @@ def _dataclass_to_json(provider: Any) -> dict[str, Any]:
   out = {}
   for field in dataclasses.fields(provider):
     value = getattr(provider, field.name)
-    if not isinstance(value, _JSON_SCALARS):
+    if isinstance(value, tuple) and all(isinstance(v, _JSON_SCALARS)
+                                        for v in value):
+      value = list(value)  # e.g. Lora.batch_axes; the provider re-tuples it.
+    elif not isinstance(value, _JSON_SCALARS):
       raise TypeError(
           f'{type(provider).__name__}.{field.name} = {value!r} is not a JSON '
           f'scalar; register the provider with its own to_json/from_json')
