@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
+from flax import struct
 from hypothesis import given
 from hypothesis import strategies as st
 import jax
@@ -78,6 +79,12 @@ class Pair(NamedTuple):
   bias: Any
 
 
+@struct.dataclass
+class Block:
+  w: Any
+  bias: Any
+
+
 def _container(kind: str, w: jax.Array, bias: jax.Array) -> Any:
   if kind == 'dict':
     return {'layer': {'w': w, 'bias': bias}}
@@ -85,17 +92,20 @@ def _container(kind: str, w: jax.Array, bias: jax.Array) -> Any:
     return {'layers': [{'bias': bias}, {'w': w}]}
   if kind == 'tuple':
     return ({'w': w}, bias)
+  if kind == 'dataclass':
+    return {'block': Block(w, bias)}
   return Pair(w, bias)
 
 
 def _get_w(kind: str, params: Any) -> jax.Array:
   return {'dict': lambda p: p['layer']['w'], 'list': lambda p: p['layers'][1]['w'],
-          'tuple': lambda p: p[0]['w'], 'namedtuple': lambda p: p.w}[kind](params)
+          'tuple': lambda p: p[0]['w'], 'namedtuple': lambda p: p.w,
+          'dataclass': lambda p: p['block'].w}[kind](params)
 
 
 def _w_regex(kind: str) -> str:
   return {'dict': 'layer/w', 'list': 'layers/1/w', 'tuple': '0/w',
-          'namedtuple': 'w'}[kind]
+          'namedtuple': 'w', 'dataclass': 'block/w'}[kind]
 
 
 @st.composite
@@ -105,7 +115,8 @@ def cases(draw):
   square = draw(st.booleans())
   dout = din if square else draw(st.integers(2, 5))
   e = draw(st.integers(2, 3))
-  container = draw(st.sampled_from(['dict', 'list', 'tuple', 'namedtuple']))
+  container = draw(st.sampled_from(['dict', 'list', 'tuple', 'namedtuple',
+                                         'dataclass']))
   dtype = draw(st.sampled_from(['float32', 'bfloat16']))
   seed = draw(st.integers(0, 2**16))
   return use, din, dout, e, container, dtype, seed

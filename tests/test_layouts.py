@@ -287,3 +287,16 @@ def test_saving_an_adapter_without_layout_is_refused(tmp_path):
   with pytest.raises(ValueError, match='carries no kernel layout'):
     adapter_files.save_adapter(tmp_path / 'ad', spec, plain, params)
   assert not (tmp_path / 'ad').exists()
+
+
+def test_adapter_files_keep_batched_layouts_and_batch_axes(tmp_path):
+  params = {'w': jax.random.normal(KEY, (3, 4, 5))}
+  fn = lambda p, x: jnp.einsum('bi,eio->ebo', x, p['w'])  # pylint: disable=unnecessary-lambda-assignment
+  x = jnp.ones((2, 4))
+  spec = lorajax.LoraSpec([('w', lorajax.Lora(rank=2, batch_axes=(0,)))])
+  adapters = _randomize(lorajax.init(spec, params, KEY, fn=fn, args=(x,)))
+  adapter_files.save_adapter(tmp_path / 'ad', spec, adapters, params)
+  bundle = adapter_files.load_adapter(tmp_path / 'ad', params)
+  assert bundle.spec == spec
+  assert bundle.adapters['w'].layout.describe() == '[E, in, out]'
+  _check_merged(fn, params, bundle.adapters, bundle.spec, x)
