@@ -155,6 +155,19 @@ def test_other_spec_names_the_leaf(reference):
   assert 'adapters/encoder/layer_0/attention/query/kernel/a' in str(err.value)
 
 
+def test_other_spec_names_the_rule():
+  want = ckpt_lib.make_meta(config_lib.make_spec(load_config()), {}, {})
+  have = ckpt_lib.make_meta(
+      config_lib.make_spec(load_config(**{'lora.rank': 4})), {}, {})
+  with pytest.raises(ValueError, match=r"rule 1 is .*'rank': 4.* \(this "
+                     r"run: .*'rank': 8"):
+    ckpt_lib.check_compatible(have, want, '/ckpt/3')
+  # A checkpoint whose spec is not spec JSON (repr strings) is named so.
+  old = dict(want, spec=[['.*', "'freeze'"]])
+  with pytest.raises(ValueError, match='not spec JSON'):
+    ckpt_lib.check_compatible(old, want, '/ckpt/3')
+
+
 def test_other_model_is_named():
   meta = {'shapes': {'w': [[2, 2], 'float32']},
           'model': {'name': 'minilm', 'hidden_size': 32}, 'spec': []}

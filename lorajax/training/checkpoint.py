@@ -74,7 +74,8 @@ def make_meta(spec: spec_lib.LoraSpec, model_info: dict[str, Any],
     trainable: the trainable tree (arrays or ``ShapeDtypeStruct``s).
     **extra: more JSON-able fields (the config, the version).
   """
-  return {'spec': spec_json.spec_to_json(spec),
+  # Through JSON text, so that it compares equal to what a restore reads.
+  return {'spec': json.loads(json.dumps(spec_json.spec_to_json(spec))),
           'model': json.loads(json.dumps(model_info, default=str)),
           'shapes': tree_shapes(trainable), **extra}
 
