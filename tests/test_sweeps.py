@@ -85,9 +85,12 @@ class FakeTrainer:
 
 def test_expands_the_shipped_sweep():
   runs = grid.expand('configs/rt_minilm_sweep.py', '/tmp/sw')
-  assert len(runs) == 6 * 3 + 4
-  assert runs[0].name == 'lora.rank=1,lora.alpha=1'
-  assert runs[0].workdir == '/tmp/sw/lora.rank=1,lora.alpha=1'
+  assert len(runs) == (6 * 3 + 4) * 3  # Three seeds, seed-major.
+  assert [r.config.seed for r in runs[::22]] == [0, 1, 2]
+  assert runs[22].name == 'lora.rank=1,lora.alpha=1,seed=1'
+  runs = runs[:22]
+  assert runs[0].name == 'lora.rank=1,lora.alpha=1,seed=0'
+  assert runs[0].workdir == '/tmp/sw/lora.rank=1,lora.alpha=1,seed=0'
   assert len({r.name for r in runs}) == len(runs)
   assert [r.config.method for r in runs[-2:]] == ['full', 'head']
   assert runs[-4].config.lora.targets == 'encoder/.*/kernel'
@@ -97,8 +100,8 @@ def test_expands_the_shipped_sweep():
   assert (runs[5].config.lora.rank, runs[5].config.lora.alpha) == (2, 32.0)
   assert runs[5].command() == (
       'python -m lorajax.cli.train --config=configs/rt_minilm_sweep.py '
-      '--workdir=/tmp/sw/lora.rank=2,lora.alpha=32 '
-      '--config.lora.rank=2 --config.lora.alpha=32')
+      '--workdir=/tmp/sw/lora.rank=2,lora.alpha=32,seed=0 '
+      '--config.lora.rank=2 --config.lora.alpha=32 --config.seed=0')
 
 
 def test_command_reproduces_the_run_config():
@@ -330,10 +333,10 @@ def test_report_from_a_fake_sweep(tmp_path):
   assert [r['name'] for r in rows] == [r.name for r in runs]
   assert rows[0]['status'] == 'unfinished' and rows[0]['test'] == ''
   by_name = {r['name']: r for r in rows}
-  full = by_name['method=full,optim.learning_rate=5e-05']
+  full = by_name['method=full,optim.learning_rate=5e-05,seed=0']
   assert full['lora.rank'] == '' and full['method'] == 'full'
   assert float(full['test']) == pytest.approx(0.80)
-  lora = by_name['lora.rank=2,lora.alpha=8']
+  lora = by_name['lora.rank=2,lora.alpha=8,seed=0']
   assert (lora['lora.rank'], lora['lora.alpha']) == ('2', '8.0')
   assert float(lora['test']) == pytest.approx(0.704)
   assert float(lora['step_time_ms']) == pytest.approx(1000 * 100 / 410)
@@ -341,11 +344,11 @@ def test_report_from_a_fake_sweep(tmp_path):
   assert lora['command'] == runs[3].command()
   with open(paths['md']) as f:
     md = f.read()
-  assert md.count('\n| `') == len(runs)
-  assert 'Full fine-tuning: test 0.8000' in md
-  assert 'Head-only: test 0.6000' in md
-  assert ('Best of the rank × alpha grid by validation accuracy: '
-          '`lora.rank=2,lora.alpha=8`') in md
+  assert md.count('\n| `') == len(runs) + len(runs) // 3
+  assert 'Full fine-tuning: test 80.0 ± 0.0 (95% CI ± 0.0, n=3)' in md
+  assert 'Head-only: test 60.0 ± 0.0' in md
+  assert ('Best LoRA configuration by mean validation accuracy: '
+          '`lora.targets=encoder') in md
   assert '| `.*/attention/(query\\|value)/kernel` |' in md  # Escaped pipe.
   for name in ('metric_vs_rank', 'rank_alpha_heatmap', 'metric_vs_params'):
     pixels = mpimg.imread(paths[name])
@@ -397,3 +400,170 @@ def test_profile_fit_table_and_plot(tmp_path):
   pixels = mpimg.imread(step_profile.plot(rows, fit, str(tmp_path / 'p.png'),
                                           'demo'))
   assert pixels.shape[0] > 100 and pixels.std() > 0
+
+
+# ---- seeds, aggregation, verdicts, plots (hand-written sweep folders) ------
+
+
+def test_seeds_repeat_every_entry_seed_major(tmp_path):
+  path = write_config(tmp_path, """
+      add(**{'lora.rank': 2})
+      add(**{'lora.rank': 4, 'seed': 7})
+      """)
+  runs = grid.expand(path, str(tmp_path / 'sweep'), seeds=(0, 1))
+  assert [r.name for r in runs] == [
+      'lora.rank=2,seed=0', 'lora.rank=4,seed=7', 'lora.rank=2,seed=1']
+  assert [r.config.seed for r in runs] == [0, 7, 1]
+  assert runs[2].command().endswith('--config.lora.rank=2 --config.seed=1')
+  assert [r.name for r in grid.expand(path, str(tmp_path))] == [
+      'lora.rank=2', 'lora.rank=4,seed=7']  # No SEEDS, no seed axis.
+
+
+@pytest.mark.parametrize('seeds', [(), (0, 0), ('a',), (True,), 3])
+def test_bad_seeds_raise(tmp_path, seeds):
+  path = write_config(tmp_path, "add(**{'lora.rank': 2})")
+  with pytest.raises(ValueError, match='distinct ints'):
+    grid.expand(path, str(tmp_path / 'sweep'), seeds=seeds)
+
+
+T_2DOF = 4.302652729911275  # t(0.975) with 2 degrees of freedom.
+
+
+def write_run(sweep_dir, overrides, *, method='lora', test, val=None,
+              final=None, losses=(0.7, 0.5, 0.3), majority=0.5,
+              examples=1000, params=100):
+  """A finished run's files, written by hand as train_and_evaluate would."""
+  name = grid.run_name(overrides)
+  workdir = os.path.join(sweep_dir, name)
+  os.makedirs(workdir)
+  config = {'method': method, 'seed': overrides.get('seed', 0),
+            'lora.rank': 8, 'lora.alpha': 8.0}
+  config.update({k: v for k, v in overrides.items()})
+  with open(os.path.join(workdir, runner.RUN_FILE), 'w') as f:
+    json.dump({'name': name, 'overrides': overrides, 'config': config,
+               'command': f'python -m lorajax.cli.train # {name}'}, f)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    for i, loss in enumerate(losses, 1):
+      f.write(json.dumps({'step': 10 * i, 'split': 'train', 'loss': loss,
+                          'tokens_seen': 320 * i,
+                          'tokens_per_sec': 100.0}) + '\n')
+      f.write(json.dumps({'step': 10 * i, 'split': 'validation',
+                          'accuracy': (val or test) - 0.01 * (3 - i)}) + '\n')
+  final = test if final is None else final
+  summary = {
+      'metric': 'accuracy', 'steps': 30, 'resumed_from': 0, 'method': method,
+      'trainable_params': params, 'trainable_fraction': params / 1e6,
+      'best_validation': {'accuracy': val or test}, 'best_validation_step': 20,
+      'test': {'accuracy': test}, 'test_step': 20,
+      'test_final': {'accuracy': final}, 'test_examples': examples,
+      'test_majority_rate': majority, 'tokens_per_sec': 100.0,
+      'train_time_s': 1.0, 'adapter_bytes': 4 * params, 'wall_time_s': 2.0}
+  with open(os.path.join(workdir, runner.SUMMARY), 'w') as f:
+    json.dump(summary, f)
+
+
+def fake_seed_sweep(sweep_dir):
+  """rank 1 and rank 2 (equal within noise), full FT (3 points above on
+  every seed) and head-only, three seeds."""
+  tests = {'r1': (0.80, 0.82, 0.81), 'r2': (0.81, 0.80, 0.82),
+           'full': (0.83, 0.85, 0.84), 'head': (0.70, 0.70, 0.71)}
+  for seed in (0, 1, 2):
+    write_run(sweep_dir, {'lora.rank': 1, 'seed': seed},
+              test=tests['r1'][seed], final=tests['r1'][seed] - 0.01,
+              val=0.9, params=100)
+    write_run(sweep_dir, {'lora.rank': 2, 'seed': seed},
+              test=tests['r2'][seed], val=0.85, params=200)
+    write_run(sweep_dir, {'method': 'full', 'seed': seed},
+              method='full', test=tests['full'][seed], params=10**6)
+    write_run(sweep_dir, {'method': 'head', 'seed': seed},
+              method='head', test=tests['head'][seed], params=770)
+
+
+def test_aggregation_over_seeds_on_a_fake_sweep(tmp_path):
+  fake_seed_sweep(str(tmp_path))
+  paths = report.write_report(str(tmp_path))
+  with open(paths['config_csv'], newline='') as f:
+    by = {r['configuration']: r for r in csv.DictReader(f)}
+  r1 = by['lora.rank=1']
+  assert (r1['n'], r1['seeds']) == ('3', '0 1 2')
+  assert float(r1['test_mean']) == pytest.approx(0.81)
+  assert float(r1['test_std']) == pytest.approx(0.01)
+  half = T_2DOF * 0.01 / 3 ** 0.5
+  assert float(r1['test_ci95_low']) == pytest.approx(0.81 - half)
+  assert float(r1['test_ci95_high']) == pytest.approx(0.81 + half)
+  assert float(r1['test_final_mean']) == pytest.approx(0.80)
+  assert float(r1['test_se']) == pytest.approx((0.81 * 0.19 / 1000) ** 0.5)
+  with open(paths['md']) as f:
+    md = f.read()
+  assert 'DEGENERATE' not in md
+  # Chosen by validation (rank 1: 0.90), compared paired with full FT:
+  # differences -3, -3, -3 points: measurable, zero spread.
+  assert 'Best LoRA configuration by mean validation accuracy: `lora.rank=1`' in md
+  assert ('best LoRA minus full fine-tuning (LoRA has 0.01% of its trainable '
+          'params): -3.0 ± 0.0 points (paired over 3 seeds, 95% CI), a measurable '
+          'difference.') in md
+  # Rank 1 - rank 2 per seed: -1, +2, -1: the interval holds zero.
+  assert ('Rank: 0 of 1 pairs that differ only in rank differ measurably'
+          in md)
+  assert 'no measurable difference between ranks' in md
+  assert '| `lora.rank=1` | 1 | `lora` | 3/3 | 100 | 0.9000 ± 0.0000 |' in md
+
+
+def test_paired_difference_and_interval():
+  d = report.aggregate.stats.paired({0: 0.80, 1: 0.82, 2: 0.81},
+                                    {0: 0.81, 1: 0.80, 2: 0.82, 3: 0.9})
+  assert d.n == 3 and d.mean == pytest.approx(0.0)
+  assert d.half_width == pytest.approx(T_2DOF * 3e-4 ** 0.5 / 3 ** 0.5)
+  assert not d.measurable
+  one = report.aggregate.stats.paired({0: 0.9}, {0: 0.1})
+  assert (one.n, one.half_width, one.measurable) == (1, None, False)
+
+
+def test_method_column_is_written_once(tmp_path):
+  fake_seed_sweep(str(tmp_path))
+  paths = report.write_report(str(tmp_path))
+  with open(paths['csv'], newline='') as f:
+    header = next(csv.reader(f))
+  assert header.count('method') == 1 and 'seed' in header
+
+
+@pytest.mark.parametrize('kind', ['majority', 'flat_loss'])
+def test_degenerate_sweep_is_flagged_at_the_top(tmp_path, kind):
+  for seed in (0, 1):
+    for rank in (1, 2):
+      if kind == 'majority':  # Every run predicts the majority class.
+        write_run(str(tmp_path), {'lora.rank': rank, 'seed': seed},
+                  test=0.35 + 0.001 * rank, majority=0.35, examples=1155)
+      else:
+        write_run(str(tmp_path), {'lora.rank': rank, 'seed': seed},
+                  test=0.6 + 0.01 * seed, losses=(0.69, 0.70, 0.69))
+  md = open(report.write_report(str(tmp_path))['md']).read()
+  top = md.split('\n- ')[0]
+  assert '**DEGENERATE SWEEP**: no run learned the task' in top
+  if kind == 'majority':
+    assert ('4 of 4 finished runs score at the majority-class rate of the '
+            'test set (0.3500 over 1,155 examples)') in top
+  else:
+    assert 'training loss that did not fall' in top
+
+
+def test_a_healthy_sweep_has_no_warning(tmp_path):
+  fake_seed_sweep(str(tmp_path))
+  keys, rows = report.collect(str(tmp_path))
+  assert report.verdicts.warnings(rows) == []
+
+
+def test_plots_and_tables_decode(tmp_path):
+  fake_seed_sweep(str(tmp_path))
+  paths = report.write_report(str(tmp_path))
+  for name in ('metric_vs_rank', 'rank_alpha_heatmap', 'metric_vs_params',
+               'learning_curves', 'learning_curves_tokens'):
+    pixels = mpimg.imread(paths[name])
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels.std() > 0  # Not a blank image.
+    with open(paths[name][:-4] + '.pdf', 'rb') as f:
+      assert f.read(5) == b'%PDF-'
+  with open(paths['tex']) as f:
+    tex = f.read()
+  assert '\\begin{tabular}' in tex and '\\bottomrule' in tex
+  assert '$81.0 \\pm 1.0$' in tex  # rank 1's test, in points.

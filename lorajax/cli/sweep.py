@@ -8,7 +8,9 @@ r"""Runs a config file's ``sweep(add)``, then writes its report.
 Each run is ``python -m lorajax.cli.train`` in a subprocess, in
 ``<workdir>/<overrides>``; its command is printed. Finished runs are skipped
 and interrupted ones resume, so the same command continues a sweep that was
-stopped. ``--config.k=v`` flags apply to every run. At the end (or with
+stopped. ``--config.k=v`` flags apply to every run; ``--seeds=0,1,2``
+repeats each configuration once a seed (the config file's ``SEEDS`` by
+default). At the end (or with
 ``--report-only``) ``results.csv``, ``results.md`` and PNG plots are written
 to the workdir. The exit status is 1 if any run failed. ``lorajax-sweep``
 (a console script) is the same command.
@@ -29,6 +31,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     '(path[:arg]).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep folder: one workdir '
                                'per run, and the results.', required=True)
+_SEEDS = flags.DEFINE_list('seeds', None, 'Seeds every configuration runs '
+                           'with (e.g. 0,1,2); by default the config file\'s '
+                           'SEEDS, if it declares them.')
 _REPORT_ONLY = flags.DEFINE_bool('report-only', False, 'Only write the '
                                  'report of the runs already in --workdir.')
 
@@ -40,7 +45,13 @@ def main(argv):
   if not _REPORT_ONLY.value:
     config_file = config_flags.get_config_filename(flags.FLAGS['config'])
     base = config_flags.get_override_values(flags.FLAGS['config'])
-    runs = grid.expand(config_file, _WORKDIR.value, base)
+    seeds = None
+    if _SEEDS.value is not None:
+      try:
+        seeds = [int(s) for s in _SEEDS.value]
+      except ValueError as e:
+        raise app.UsageError(f'--seeds={",".join(_SEEDS.value)}: {e}') from e
+    runs = grid.expand(config_file, _WORKDIR.value, base, seeds=seeds)
     print(f'{len(runs)} runs in {_WORKDIR.value}', flush=True)
     outcome = runner.run_sweep(
         runs, _WORKDIR.value, echo=lambda s: print(s, flush=True))

@@ -18,6 +18,14 @@ overrides (``lora.rank=8,lora.alpha=16``; unsafe characters replaced, and then
 a short hash appended so that names stay distinct).
 ``lorajax.sweeps.runner.run_sweep`` runs them.
 
+Seeds are an axis like any other: ``add(seed=1, ...)`` sets the ``seed``
+field of one run, and a config file that declares ``SEEDS = (0, 1, 2)``
+next to ``sweep`` (or ``expand(..., seeds=(0, 1, 2))``, the sweep command's
+``--seeds``) repeats every entry that sets no seed once a seed, seed-major:
+every configuration at the first seed, then at the second, so that a sweep
+stopped part-way has a whole grid at fewer seeds. The seed is the last part
+of a repeated run's name (``lora.rank=8,lora.alpha=16,seed=1``).
+
 Example:
 
   >>> overrides = {'lora.rank': 8, 'lora.alpha': 16.0}
@@ -42,13 +50,14 @@ import json
 import os
 import re
 import shlex
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from absl import flags
 from ml_collections import config_dict
 from ml_collections import config_flags
 
 TRAIN_MODULE = 'lorajax.cli.train'
+SEED = 'seed'   # The config field a sweep repeats over.
 _MAX_NAME = 120
 _UNSAFE = re.compile(r'[^A-Za-z0-9._,=+-]')
 
@@ -112,6 +121,48 @@ def sweep_entries(config_file: str) -> list[dict[str, Any]]:
   if not entries:
     raise ValueError(f'sweep(add) of {config_file} added no run')
   return entries
+
+
+def declared_seeds(config_file: str) -> tuple[int, ...] | None:
+  """The file's ``SEEDS`` (a tuple of ints), or None if it declares none.
+
+  Raises:
+    ValueError: ``SEEDS`` is not a non-empty sequence of distinct ints.
+  """
+  seeds = getattr(load_module(config_file), 'SEEDS', None)
+  return None if seeds is None else check_seeds(seeds, config_file)
+
+
+def check_seeds(seeds: Any, where: str) -> tuple[int, ...]:
+  """``seeds`` as a tuple of distinct ints; ValueError naming it if not."""
+  try:
+    out = tuple(seeds)
+  except TypeError:
+    out = None
+  if (not out or any(isinstance(s, bool) or not isinstance(s, int)
+                     for s in out) or len(set(out)) != len(out)):
+    raise ValueError(f'{where}: seeds {seeds!r}; expected a non-empty '
+                     'sequence of distinct ints such as (0, 1, 2)')
+  return out
+
+
+def with_seeds(entries: list[dict[str, Any]], seeds: tuple[int, ...] | None
+               ) -> list[dict[str, Any]]:
+  """Each entry once a seed, seed-major; entries that set ``seed`` once.
+
+  >>> with_seeds([{'a': 1}, {'a': 2, 'seed': 7}], (0, 1))
+  [{'a': 1, 'seed': 0}, {'a': 2, 'seed': 7}, {'a': 1, 'seed': 1}]
+  """
+  if not seeds:
+    return entries
+  out = []
+  for i, seed in enumerate(seeds):
+    for entry in entries:
+      if SEED not in entry:
+        out.append({**entry, SEED: seed})
+      elif i == 0:
+        out.append(entry)
+  return out
 
 
 def check_keys(config: config_dict.ConfigDict, overrides: Mapping[str, Any],
@@ -203,7 +254,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def expand(config_file: str, sweep_dir: str,
-           base_overrides: Mapping[str, Any] | None = None) -> list[Run]:
+           base_overrides: Mapping[str, Any] | None = None, *,
+           seeds: Sequence[int] | None = None) -> list[Run]:
   """Every run of the file's ``sweep(add)``, checked before any starts.
 
   Args:
@@ -212,6 +264,8 @@ def expand(config_file: str, sweep_dir: str,
     sweep_dir: the folder that holds one workdir per run.
     base_overrides: ``{dotted key: value}`` applied to every run first (the
       sweep command's own ``--config.k=v`` flags); not part of run names.
+    seeds: repeat every entry that sets no ``seed`` once a seed (see
+      ``with_seeds``); None takes the file's ``SEEDS``, if it has one.
 
   Returns:
     The runs, in ``add`` order.
@@ -223,7 +277,9 @@ def expand(config_file: str, sweep_dir: str,
   base_overrides = dict(base_overrides or {})
   base = parse_config(config_file, base_overrides)
   check_keys(base, base_overrides, f'{config_file} (command line)')
-  entries = sweep_entries(config_file)
+  seeds = (declared_seeds(config_file) if seeds is None
+           else check_seeds(seeds, f'{config_file} (seeds)'))
+  entries = with_seeds(sweep_entries(config_file), seeds)
   for i, overrides in enumerate(entries):
     check_keys(base, overrides, f'{config_file}: sweep entry {i} {overrides}')
   runs, seen = [], {}

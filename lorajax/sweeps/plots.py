@@ -1,21 +1,25 @@
-"""PNG plots of a sweep's rows (from ``report.collect``).
+"""Plots of a sweep's configurations (from ``aggregate.group``), PNG and PDF.
 
-Three plots, drawn with matplotlib's object API (``Figure``, Agg canvas; no
-pyplot state, no display needed), of the test metric:
+Drawn with matplotlib's object API (``Figure``, Agg canvas; no pyplot state,
+no display needed), of the test metric (taken at each run's best validation
+step), as the mean over seeds with its 95% t interval as error bars:
 
-- ``metric_vs_rank.png``: one line per alpha over rank (log2 axis); other
-  LoRA runs as labelled black markers; full fine-tuning and head-only as reference
-  lines.
-- ``rank_alpha_heatmap.png``: rank × alpha, each cell annotated.
-- ``metric_vs_params.png``: the metric against trainable parameters (log
-  axis), with full fine-tuning and head-only as reference lines.
+- ``metric_vs_rank``: one line per alpha over rank (log2 axis); each alpha
+  has its own marker and line style and is nudged sideways, so lines that
+  coincide stay apart; other LoRA runs as labelled black markers; full
+  fine-tuning and head-only as bands (their 95% interval) around their mean.
+- ``rank_alpha_heatmap``: rank × alpha, each cell the mean and, below it,
+  ``± std`` over seeds.
+- ``metric_vs_params``: the metric against trainable parameters (log axis),
+  with the full fine-tuning and head-only bands.
 
-The rank × alpha runs are the finished LoRA runs that share every other swept
-value (the largest such group); a plot that has no data is not written.
+The rank × alpha configurations are the finished LoRA configurations that
+share every other swept value (the largest such group); a plot without data
+is not written. Each plot is written as ``<name>.png`` and ``<name>.pdf``.
 
 Example:
 
-  >>> paths = plot_all(keys, rows, '/tmp/sweep')  # doctest: +SKIP
+  >>> paths = plot_all(keys, configs, '/tmp/sweep')  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -27,32 +31,30 @@ from typing import Any, Sequence
 from matplotlib import figure
 import numpy as np
 
-Row = dict[str, Any]
+from lorajax.sweeps import aggregate
+
+Config = aggregate.Config
 RANK, ALPHA = 'lora.rank', 'lora.alpha'
-_REFS = (('full', 'full fine-tuning', 'tab:red'),
-         ('head', 'head only', 'tab:gray'))
+REFS = (('full', 'full fine-tuning', 'tab:red'),
+        ('head', 'head only', 'tab:gray'))
+MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', 'h')
+LINESTYLES = ('-', '--', '-.', ':')
+_EXTRA_MARKERS = ('*', 'P', 'X', 'D', 'v', '^', 's', 'h')
 
 
-def _done(rows: Sequence[Row]) -> list[Row]:
-  return [r for r in rows if r.get('test') is not None]
+def is_lora(c: Config) -> bool:
+  return c.method in (None, 'lora') and c.config.get(RANK) is not None
 
 
-def _is_lora(row: Row) -> bool:
-  return row.get('method') in (None, 'lora')
-
-
-def grid(keys: Sequence[str], rows: Sequence[Row]) -> list[Row]:
-  """The finished LoRA runs that differ only in rank and alpha."""
-  groups: dict[tuple[Any, ...], list[Row]] = {}
-  others = [k for k in keys if k not in (RANK, ALPHA)]
-  for row in _done(rows):
-    if _is_lora(row) and RANK in row['_config']:
-      key = tuple(repr(row['_config'].get(k)) for k in others)
-      groups.setdefault(key, []).append(row)
+def grid(keys: Sequence[str], configs: Sequence[Config]) -> list[Config]:
+  """The finished LoRA configurations that differ only in rank and alpha."""
+  groups: dict[tuple[Any, ...], list[Config]] = {}
+  others = [k for k in keys if k not in (RANK, ALPHA, 'seed')]
+  for c in aggregate.finished(configs):
+    if is_lora(c):
+      key = tuple(repr(c.config.get(k)) for k in others)
+      groups.setdefault(key, []).append(c)
   return max(groups.values(), key=len, default=[])
-
-
-_MARKERS = ('*', 'P', 'X', 'D', 'v', '^', 's', 'h')
 
 
 def _short(value: Any, width: int = 42) -> str:
@@ -60,29 +62,41 @@ def _short(value: Any, width: int = 42) -> str:
   return text if len(text) <= width else '…' + text[-(width - 1):]
 
 
-def _label(row: Row, runs: Sequence[Row]) -> str:
+def label(c: Config, runs: Sequence[Config]) -> str:
   """What sets an off-grid LoRA run apart: its rank and alpha, then each
-  override whose value the rank × alpha runs do not share (long values
-  keep their end, where the difference usually is)."""
-  config = row['_config']
-  parts = [f'r={config.get(RANK)}', f'alpha={_short(config.get(ALPHA))}']
-  for key, value in row.get('_overrides', {}).items():
+  override whose value the grid does not share (long values keep their
+  end, where the difference usually is)."""
+  parts = [f'r={c.config.get(RANK)}', f'alpha={_short(c.config.get(ALPHA))}']
+  for key, value in c.overrides.items():
     if key in (RANK, ALPHA):
       continue
-    if runs and all(r['_config'].get(key) == value for r in runs):
+    if runs and all(r.config.get(key) == value for r in runs):
       continue
     parts.append(f'{key.split(".")[-1]}={_short(value)}')
   return ', '.join(parts)
 
 
-def _extras(rows: Sequence[Row], runs: Sequence[Row]
-            ) -> list[tuple[Row, str, str]]:
-  """``(row, marker, label)`` for each finished LoRA run off the grid."""
-  in_grid = {id(r) for r in runs}
-  extra = [r for r in _done(rows) if _is_lora(r) and id(r) not in in_grid
-           and RANK in r['_config']]
-  return [(r, _MARKERS[i % len(_MARKERS)], _label(r, runs))
-          for i, r in enumerate(extra)]
+def _extras(configs: Sequence[Config], runs: Sequence[Config]
+            ) -> list[tuple[Config, str, str]]:
+  """``(config, marker, label)`` of each finished LoRA config off the grid."""
+  in_grid = {c.name for c in runs}
+  extra = [c for c in aggregate.finished(configs) if is_lora(c)
+           and c.name not in in_grid]
+  return [(c, _EXTRA_MARKERS[i % len(_EXTRA_MARKERS)], label(c, runs))
+          for i, c in enumerate(extra)]
+
+
+def _err(c: Config) -> float:
+  return c.test.half_width or 0.0
+
+
+def _seeds(configs: Sequence[Config]) -> str:
+  ns = sorted({c.test.n for c in aggregate.finished(configs)})
+  if not ns:
+    return ''
+  n = f'{ns[0]}' if len(ns) == 1 else f'{ns[0]}–{ns[-1]}'
+  return (f'mean over {n} seed{"s" if ns[-1] > 1 else ""}'
+          + ('; bars: 95% CI' if ns[-1] > 1 else ''))
 
 
 def _legend(fig: figure.Figure, ax) -> None:
@@ -92,76 +106,99 @@ def _legend(fig: figure.Figure, ax) -> None:
   fig.set_size_inches(10, 4.5)
 
 
-def _references(ax, rows: Sequence[Row], *, with_points: bool = False
+def _references(ax, configs: Sequence[Config], *, with_points: bool = False
                 ) -> None:
-  for method, label, color in _REFS:
-    for row in _done(rows):
-      if row.get('method') != method:
+  """Full fine-tuning and head-only: a line at the mean, a band for the CI."""
+  for method, label, color in REFS:
+    for c in aggregate.finished(configs):
+      if c.method != method:
         continue
-      text = f'{label} ({row["trainable_params"]:,d} params)'
-      ax.axhline(row['test'], color=color, linestyle='--', linewidth=1,
+      text = f'{label} ({c.trainable_params:,d} params)'
+      ax.axhline(c.test.mean, color=color, linestyle='--', linewidth=1,
                  label=text)
+      if c.test.half_width:
+        ax.axhspan(c.test.low, c.test.high, color=color, alpha=0.15,
+                   linewidth=0)
       if with_points:
-        ax.plot([row['trainable_params']], [row['test']], 'o', color=color)
+        ax.errorbar([c.trainable_params], [c.test.mean], yerr=[_err(c)],
+                    fmt='o', color=color, capsize=3)
 
 
-def _save(fig: figure.Figure, path: str) -> str:
+def save(fig: figure.Figure, path: str) -> str:
+  """Writes ``path`` (PNG) and the same figure as PDF beside it."""
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  fig.savefig(os.path.splitext(path)[0] + '.pdf')
   return path
 
 
-def _metric(rows: Sequence[Row]) -> str:
-  return next((r['metric'] for r in rows if r.get('metric')), 'metric')
+def metric_name(configs: Sequence[Config]) -> str:
+  return configs[0].metric if configs else 'metric'
 
 
-def plot_metric_vs_rank(keys: Sequence[str], rows: Sequence[Row], path: str
-                        ) -> str | None:
+def _alpha_lines(ax, runs: Sequence[Config], x_of, *, dodge: float
+                 ) -> None:
+  """One error-bar line per alpha; alpha ``i`` shifted by ``dodge * i``
+  (a factor on a log axis) so that equal values do not hide each other."""
+  alphas = sorted({c.config[ALPHA] for c in runs})
+  middle = (len(alphas) - 1) / 2
+  for i, alpha in enumerate(alphas):
+    pts = sorted((x_of(c), c.test.mean, _err(c)) for c in runs
+                 if c.config[ALPHA] == alpha)
+    x, y, e = (np.array(v, dtype=float) for v in zip(*pts))
+    ax.errorbar(x * dodge ** (i - middle), y, yerr=e, color=f'C{i % 10}',
+                marker=MARKERS[i % len(MARKERS)],
+                linestyle=LINESTYLES[i % len(LINESTYLES)], capsize=3,
+                markersize=5, label=f'LoRA alpha {alpha:g}')
+
+
+def plot_metric_vs_rank(keys: Sequence[str], configs: Sequence[Config],
+                        path: str) -> str | None:
   """Test metric over rank, one line per alpha; None if no grid."""
-  runs = grid(keys, rows)
+  runs = grid(keys, configs)
   if not runs:
     return None
   fig = figure.Figure(figsize=(7, 4.5))
   ax = fig.add_subplot()
-  alphas = sorted({r['_config'][ALPHA] for r in runs})
-  colors = [f'C{i % 10}' for i in range(len(alphas))]
-  for alpha, color in zip(alphas, colors):
-    pts = sorted((r['_config'][RANK], r['test']) for r in runs
-                 if r['_config'][ALPHA] == alpha)
-    ax.plot(*zip(*pts), 'o-', color=color, label=f'alpha {alpha:g}')
-  for row, marker, label in _extras(rows, runs):
-    ax.plot([row['_config'][RANK]], [row['test']], marker, markersize=10,
-            color='black', linestyle='none', label=label)
-  _references(ax, rows)
-  ranks = sorted({r['_config'][RANK] for r in _done(rows) if _is_lora(r)
-                  and RANK in r['_config']})
+  _alpha_lines(ax, runs, lambda c: c.config[RANK], dodge=1.06)
+  for c, marker, label in _extras(configs, runs):
+    ax.errorbar([c.config[RANK]], [c.test.mean], yerr=[_err(c)], fmt=marker,
+                markersize=9, color='black', capsize=3, label=label)
+  _references(ax, configs)
+  ranks = sorted({c.config[RANK] for c in aggregate.finished(configs)
+                  if is_lora(c)})
   ax.set_xscale('log', base=2)
   ax.set_xticks(ranks, [str(r) for r in ranks])
+  ax.minorticks_off()
   ax.set_xlabel('LoRA rank')
-  ax.set_ylabel(f'test {_metric(rows)}')
-  ax.set_title(f'test {_metric(rows)} vs LoRA rank')
+  metric = metric_name(configs)
+  ax.set_ylabel(f'test {metric} (at best validation step)')
+  ax.set_title(f'test {metric} vs LoRA rank ({_seeds(configs)})')
   ax.grid(alpha=0.3)
   _legend(fig, ax)
-  return _save(fig, path)
+  return save(fig, path)
 
 
-def plot_heatmap(keys: Sequence[str], rows: Sequence[Row], path: str
+def plot_heatmap(keys: Sequence[str], configs: Sequence[Config], path: str
                  ) -> str | None:
-  """Rank × alpha grid of the test metric; None if no grid."""
-  runs = grid(keys, rows)
+  """Rank × alpha grid: mean test metric, ± std below it; None if no grid."""
+  runs = grid(keys, configs)
   if not runs:
     return None
-  ranks = sorted({r['_config'][RANK] for r in runs})
-  alphas = sorted({r['_config'][ALPHA] for r in runs})
+  ranks = sorted({c.config[RANK] for c in runs})
+  alphas = sorted({c.config[ALPHA] for c in runs})
   values = np.full((len(ranks), len(alphas)), np.nan)
-  for r in runs:
-    values[ranks.index(r['_config'][RANK]),
-           alphas.index(r['_config'][ALPHA])] = r['test']
-  fig = figure.Figure(figsize=(1.6 + 1.1 * len(alphas),
-                               1.2 + 0.5 * len(ranks)))
+  spread = np.full_like(values, np.nan)
+  for c in runs:
+    at = ranks.index(c.config[RANK]), alphas.index(c.config[ALPHA])
+    values[at] = c.test.mean
+    spread[at] = np.nan if c.test.std is None else c.test.std
+  fig = figure.Figure(figsize=(2.0 + 1.2 * len(alphas),
+                               1.4 + 0.6 * len(ranks)))
   ax = fig.add_subplot()
   image = ax.imshow(values, cmap='viridis', aspect='auto')
-  fig.colorbar(image, ax=ax, label=f'test {_metric(rows)}')
+  metric = metric_name(configs)
+  fig.colorbar(image, ax=ax, label=f'mean test {metric}')
   ax.set_xticks(range(len(alphas)), [f'{a:g}' for a in alphas])
   ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
   ax.set_xlabel('alpha')
@@ -170,47 +207,49 @@ def plot_heatmap(keys: Sequence[str], rows: Sequence[Row], path: str
   middle = float(np.mean([finite.min(), finite.max()]))
   for (i, j), v in np.ndenumerate(values):
     if math.isfinite(v):
-      ax.text(j, i, f'{v:.3f}', ha='center', va='center', fontsize=8,
+      text = f'{v:.3f}' + (f'\n±{spread[i, j]:.3f}'
+                           if math.isfinite(spread[i, j]) else '')
+      ax.text(j, i, text, ha='center', va='center', fontsize=7,
               color='black' if v > middle else 'white')
-  ax.set_title(f'test {_metric(rows)}: rank × alpha')
-  return _save(fig, path)
+  ax.set_title(f'test {metric}: rank × alpha\n(mean ± std over seeds)',
+               fontsize=9)
+  return save(fig, path)
 
 
-def plot_metric_vs_params(keys: Sequence[str], rows: Sequence[Row],
+def plot_metric_vs_params(keys: Sequence[str], configs: Sequence[Config],
                           path: str) -> str | None:
   """Test metric over trainable parameters; None if nothing finished."""
-  done = [r for r in _done(rows) if r.get('trainable_params')]
+  done = [c for c in aggregate.finished(configs) if c.trainable_params]
   if not done:
     return None
   fig = figure.Figure(figsize=(7, 4.5))
   ax = fig.add_subplot()
-  runs = grid(keys, rows)
-  alphas = sorted({r['_config'][ALPHA] for r in runs})
-  for i, alpha in enumerate(alphas):
-    pts = sorted((r['trainable_params'], r['test']) for r in runs
-                 if r['_config'][ALPHA] == alpha)
-    ax.plot(*zip(*pts), 'o-', color=f'C{i % 10}', label=f'LoRA alpha {alpha:g}')
-  for row, marker, label in _extras(rows, runs):
-    ax.plot([row['trainable_params']], [row['test']], marker, markersize=10,
-            color='black', linestyle='none', label=label)
-  _references(ax, rows, with_points=True)
+  runs = grid(keys, configs)
+  if runs:
+    _alpha_lines(ax, runs, lambda c: c.trainable_params, dodge=1.04)
+  for c, marker, label in _extras(configs, runs):
+    ax.errorbar([c.trainable_params], [c.test.mean], yerr=[_err(c)],
+                fmt=marker, markersize=9, color='black', capsize=3,
+                label=label)
+  _references(ax, configs, with_points=True)
   ax.set_xscale('log')
   ax.set_xlabel('trainable parameters')
-  ax.set_ylabel(f'test {_metric(rows)}')
-  ax.set_title(f'test {_metric(rows)} vs trainable parameters')
+  metric = metric_name(configs)
+  ax.set_ylabel(f'test {metric} (at best validation step)')
+  ax.set_title(f'test {metric} vs trainable parameters ({_seeds(configs)})')
   ax.grid(alpha=0.3)
   _legend(fig, ax)
-  return _save(fig, path)
+  return save(fig, path)
 
 
-def plot_all(keys: Sequence[str], rows: Sequence[Row], out_dir: str
+def plot_all(keys: Sequence[str], configs: Sequence[Config], out_dir: str
              ) -> dict[str, str]:
-  """Writes every plot that has data; ``{name: path}``."""
+  """Writes every plot that has data; ``{name: PNG path}``."""
   out = {}
   for name, fn in (('metric_vs_rank', plot_metric_vs_rank),
                    ('rank_alpha_heatmap', plot_heatmap),
                    ('metric_vs_params', plot_metric_vs_params)):
-    path = fn(keys, rows, os.path.join(out_dir, name + '.png'))
+    path = fn(keys, configs, os.path.join(out_dir, name + '.png'))
     if path:
       out[name] = path
   return out
