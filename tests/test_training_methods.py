@@ -52,6 +52,7 @@ def _config(method, **fields):
     ('bottleneck', {'bottleneck.style': 'pfeiffer'}, {'output': 'Bottleneck'}),
     ('bottleneck', {'bottleneck.style': 'houlsby'},
      {'attention/output': 'Bottleneck', 'output': 'Bottleneck'}),
+    ('ia3', {}, {'attention/value': 'Ia3', 'output': 'Ia3'}),
     ('prompt', {}, {}),
     ('prefix', {}, {}),
 ])
@@ -61,6 +62,12 @@ def test_method_is_a_spec(method, fields, adapted):
   got = {p: type(a).__name__ for p, a in resolution.adapted.items()}
   assert got == {f'encoder/layer_0/{k}/kernel': v for k, v in adapted.items()}
   assert resolution.trained == ['classifier/kernel']
+
+
+def test_ia3_scales_feed_forward_inputs_and_attention_outputs():
+  rules = dict(config_lib.make_spec(_config('ia3')).rules)
+  assert rules[r'.*layer_\d+/output/kernel'] == lorajax.Ia3(feedforward=True)
+  assert lorajax.Ia3() in rules.values()
 
 
 def test_qlora_takes_the_lora_fields_and_format():
@@ -106,6 +113,8 @@ def method_run(tmp_path_factory):
 
 RUNS = {
     'dora': dict(method='dora'),
+    'ia3': dict(method='ia3'),
+    'lm_ia3': dict(config_name='shakespeare_smollm2_lora', method='ia3'),
     'qlora_int8': dict(method='qlora', quant='int8'),
     'bottleneck_houlsby': dict(method='bottleneck',
                                **{'bottleneck.style': 'houlsby',

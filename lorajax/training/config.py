@@ -26,8 +26,8 @@ from ml_collections import config_dict
 
 import lorajax
 
-METHODS = ('lora', 'dora', 'qlora', 'bottleneck', 'prompt', 'prefix', 'full',
-           'head')
+METHODS = ('lora', 'dora', 'qlora', 'ia3', 'bottleneck', 'prompt', 'prefix',
+           'full', 'head')
 # Methods whose adapters come from the config.lora fields.
 LOW_RANK_METHODS = ('lora', 'dora', 'qlora')
 # Methods that train a 'prompts' tree (lorajax.methods.prompts).
@@ -91,6 +91,7 @@ def base_config(task: str) -> config_dict.ConfigDict:
 
   # The rules: method, adapter targets, extra trained and frozen leaves.
   # 'lora', 'dora' or 'qlora' (adapters on lora.targets + train_rules),
+  # 'ia3' (learned scales on ia3.targets + train_rules),
   # 'bottleneck' (adapters after output projections + train_rules),
   # 'prompt' or 'prefix' (learned virtual tokens + train_rules), 'full'
   # (every leaf but frozen_rules) or 'head' (only train_rules).
@@ -121,6 +122,17 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.quant_targets = (r'encoder/layer_\d+/.*/kernel'
                      if task == 'classification'
                      else r'layers_\d+/(attn|mlp)/\w+_proj/kernel')
+  c.ia3 = config_dict.ConfigDict()
+  # Regex of the kernels whose output IA3 scales (keys and values) or, if
+  # ia3.feedforward matches them too, whose input it scales. PEFT's default
+  # targets: key, value and the feed-forward output projection.
+  c.ia3.targets = (r'.*/attention/(key|value)/kernel|.*layer_\d+/output/kernel'
+                   if task == 'classification'
+                   else r'.*/(attn/(k_proj|v_proj)|mlp/down_proj)/kernel')
+  # Regex of the feed-forward kernels among ia3.targets: their input is
+  # scaled ('' for none).
+  c.ia3.feedforward = (r'.*layer_\d+/output/kernel' if task == 'classification'
+                       else r'.*/mlp/down_proj/kernel')
   c.bottleneck = config_dict.ConfigDict()
   # Width of every bottleneck adapter.
   c.bottleneck.size = 64
@@ -233,6 +245,10 @@ def make_spec(config: config_dict.ConfigDict) -> lorajax.LoraSpec:
     return lorajax.LoraSpec(rules + [(r'.*', lorajax.TRAIN)])
   if method in LOW_RANK_METHODS:
     rules.extend(_low_rank_rules(config))
+  elif method == 'ia3':
+    if config.ia3.feedforward:
+      rules.append((config.ia3.feedforward, lorajax.Ia3(feedforward=True)))
+    rules.append((config.ia3.targets, lorajax.Ia3()))
   elif method == 'bottleneck':
     rules.extend(_bottleneck_rules(config))
   elif method == 'head' and not config.train_rules:

@@ -1,0 +1,50 @@
+"""IA3: scales of kernel outputs or inputs, merged exactly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lorajax
+from lorajax.io import spec_json
+
+KEY = jax.random.key(0)
+USES = {
+    'flax': ((5, 4), (3, 5), lambda x, w: x @ w),
+    'torch': ((4, 5), (3, 5), lambda x, w: jnp.einsum('bi,oi->bo', x, w)),
+    'multi_out': ((5, 2, 3), (3, 5), lambda x, w: jnp.einsum('bd,dhk->bhk', x, w)),
+    'multi_in': ((2, 3, 5), (4, 2, 3), lambda x, w: jnp.einsum('bhk,hkd->bd', x, w)),
+    'lhs': ((5, 4), (5, 3), lambda x, w: jax.lax.dot_general(
+        w, x, (((0,), (0,)), ((), ())))),
+}
+
+
+@pytest.mark.parametrize('feedforward', [False, True])
+@pytest.mark.parametrize('use', sorted(USES))
+def test_ia3_equals_merged_and_base_at_init(use, feedforward):
+  wshape, xshape, apply = USES[use]
+  params = {'w': jax.random.normal(KEY, wshape)}
+  x = jax.random.normal(jax.random.key(1), xshape)
+  fn = lambda p, x: apply(x, p['w'])  # pylint: disable=unnecessary-lambda-assignment
+  spec = lorajax.LoraSpec([('w', lorajax.Ia3(feedforward=feedforward))])
+  adapters = lorajax.init(spec, params, KEY, fn=fn, args=(x,))
+  g = lorajax.lora(fn, spec)
+  np.testing.assert_allclose(g(params, adapters, x), fn(params, x), atol=1e-6)
+  adapters = jax.tree.map(
+      lambda l: l + jax.random.normal(jax.random.key(2), l.shape), adapters)
+  merged = lorajax.merge(params, adapters, spec)
+  np.testing.assert_allclose(g(params, adapters, x), fn(merged, x),
+                             rtol=1e-5, atol=1e-5)
+  back = lorajax.unmerge(merged, adapters, spec)
+  np.testing.assert_allclose(back['w'], params['w'], rtol=1e-4, atol=1e-5)
+  ga = jax.grad(lambda ad: jnp.sum(g(params, ad, x) ** 2))(adapters)
+  gm = jax.grad(lambda ad: jnp.sum(
+      fn(lorajax.merge(params, ad, spec), x) ** 2))(adapters)
+  np.testing.assert_allclose(ga['w']['l'], gm['w']['l'], rtol=1e-4, atol=1e-4)
+
+
+def test_ia3_spec_round_trips_json():
+  spec = lorajax.LoraSpec([('.*value.*', lorajax.Ia3()),
+                           ('.*output.*', lorajax.Ia3(feedforward=True)),
+                           ('.*', 'freeze')])
+  assert spec_json.spec_from_json(spec_json.spec_to_json(spec)) == spec
