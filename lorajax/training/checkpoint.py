@@ -41,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lorajax import spec as spec_lib
+from lorajax import adapters as adapters_lib
 from lorajax.io import spec_json
 from lorajax.training import step as step_lib
 
@@ -75,9 +76,11 @@ def make_meta(spec: spec_lib.LoraSpec, model_info: dict[str, Any],
     **extra: more JSON-able fields (the config, the version).
   """
   # Through JSON text, so that it compares equal to what a restore reads.
+  layouts = {p: layout.to_json()
+             for p, layout in adapters_lib.layouts(trainable).items()}
   return {'spec': json.loads(json.dumps(spec_json.spec_to_json(spec))),
           'model': json.loads(json.dumps(model_info, default=str)),
-          'shapes': tree_shapes(trainable), **extra}
+          'shapes': tree_shapes(trainable), 'layouts': layouts, **extra}
 
 
 def _spec_difference(have: Any, want: Any) -> str:
@@ -150,6 +153,15 @@ def check_compatible(stored: dict[str, Any], expected: dict[str, Any],
         f'checkpoint {where} is for another model: ' + ', '.join(
             f'{k}={model_have.get(k)!r} (this run: {model_want.get(k)!r})'
             for k in diff[:8]))
+  layouts_have = stored.get('layouts')
+  if layouts_have is not None and layouts_have != expected.get('layouts'):
+    path = next(p for p in sorted(set(layouts_have)
+                                  | set(expected.get('layouts', {})))
+                if layouts_have.get(p) != expected['layouts'].get(p))
+    raise ValueError(
+        f'checkpoint {where}: the adapter of {path} was trained for kernel '
+        f'layout {layouts_have.get(path)}, this run\'s function uses '
+        f'{expected["layouts"].get(path)}' + hint)
   if stored.get('spec') != expected['spec']:
     raise ValueError(f'checkpoint {where} was written with another spec: '
                      f'{_spec_difference(stored.get("spec"), expected["spec"])}'
