@@ -17,6 +17,7 @@ import pytest
 
 import lorajax
 from lorajax.io import adapter_files
+from lorajax.training import checkpoint
 
 KEY = jax.random.key(0)
 
@@ -300,3 +301,19 @@ def test_adapter_files_keep_batched_layouts_and_batch_axes(tmp_path):
   assert bundle.spec == spec
   assert bundle.adapters['w'].layout.describe() == '[E, in, out]'
   _check_merged(fn, params, bundle.adapters, bundle.spec, x)
+
+
+def test_checkpoint_meta_refuses_another_layout():
+  ckpt_lib = checkpoint
+  params = {'w': jnp.ones((4, 4))}
+  spec = lorajax.LoraSpec([('w', lorajax.Lora(rank=1))])
+  flax_style = lorajax.init(spec, params, KEY)
+  torch_style = lorajax.init(spec, params, KEY, fn=torch_linear,
+                             args=(jnp.ones((1, 4)),))
+  have = ckpt_lib.make_meta(spec, {}, {'adapters': flax_style})
+  want = ckpt_lib.make_meta(spec, {}, {'adapters': torch_style})
+  assert have['layouts'] == {'adapters/w': {'stack': 0, 'contract': [0],
+                                            'free': [1], 'batch': []}}
+  with pytest.raises(ValueError, match=r'adapters/w was trained for kernel '
+                     r'layout .*contract.*\[0\].*\[1\]'):
+    ckpt_lib.check_compatible(have, want, '/ckpt/3')
