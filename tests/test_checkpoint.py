@@ -44,7 +44,8 @@ _KILLER = textwrap.dedent('''
       save = ocp.CheckpointManager.save
       def patched(self, step, *args, **kwargs):
         out = save(self, step, *args, **kwargs)
-        if step == kill_at:
+        # The resume checkpoints, not the best-validation copy.
+        if step == kill_at and str(self.directory).endswith('checkpoints'):
           os.kill(os.getpid(), signal.SIGKILL)
         return out
       ocp.CheckpointManager.save = patched

@@ -223,9 +223,10 @@ def test_lm_reports_perplexity_before_and_after(smoke_run):
 
 def test_saved_adapter_evaluates_on_its_base(smoke_run):
   config, summary, workdir = smoke_run('rt_minilm_lora')
-  got = train.evaluate_checkpoint(config, str(workdir), 'test')
-  assert got['accuracy'] == pytest.approx(summary['test']['accuracy'])
-  assert got['loss'] == pytest.approx(summary['test']['loss'], rel=1e-5)
+  got = train.evaluate_checkpoint(config, str(workdir), 'test')  # latest
+  assert got['accuracy'] == pytest.approx(summary['test_final']['accuracy'])
+  assert got['loss'] == pytest.approx(summary['test_final']['loss'],
+                                      rel=1e-5)
 
 
 def test_evaluation_loads_its_split_and_export_no_data(smoke_run, tmp_path,
@@ -378,3 +379,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
        'spec': lorajax.io.spec_to_json(config_lib.make_spec(config))})
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(trainable))
   assert optax.tree.norm(trainable) > 0
+
+
+def test_test_is_scored_at_the_best_validation_step(tmp_path):
+  """Validation every step at a rate that overshoots: the best validation
+  step is not the last, its adapter is kept, and test is scored there."""
+  config = load_config('rt_minilm_lora')
+  with config.unlocked():
+    config.eval_every = 1
+    config.checkpoint_every = 6
+    config.max_to_keep = 1
+    config.optim.learning_rate = 0.5
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  vals = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'),
+                                'validation')
+  best = max(vals, key=lambda s: vals[s]['accuracy'])  # First of the ties.
+  assert summary['best_validation_step'] == summary['test_step'] == best
+  assert best != config.num_train_steps
+  assert os.listdir(tmp_path / ckpt_lib.BEST_DIR) == [str(best)]
+  got = train.evaluate_checkpoint(config, str(tmp_path), 'test', step='best')
+  assert got == pytest.approx(summary['test'])
+  last = train.evaluate_checkpoint(config, str(tmp_path), 'test')
+  assert last == pytest.approx(summary['test_final'])
+  assert summary['test_examples'] == 24
+  assert 0.5 <= summary['test_majority_rate'] <= 1.0
+  rows = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert rows[6]['tokens_seen'] > rows[1]['tokens_seen'] > 0

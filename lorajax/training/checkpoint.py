@@ -11,6 +11,16 @@ step, written with ``ocp.args.Composite``)::
 ``meta['spec']`` is the spec as ``lorajax.io.spec_json`` writes it (the same
 JSON adapter files carry), built by ``make_meta``.
 
+The best validation step's adapter is kept apart, in
+``<workdir>/best_checkpoint/<step>/`` (``trainable/`` and ``meta/`` only;
+``save_best``), out of reach of ``max_to_keep``: Orbax's own
+``best_fn``/``best_mode`` would rank the resume checkpoints by the metric, so
+the newest one (what a killed run resumes from) could be the one removed,
+and steps saved between validations (no metric) would be kept forever or
+dropped. A separate folder keeps "resume" and "best" apart at the cost of
+one adapter-sized write per improvement; ``keep_only`` prunes it when the
+run resumes (to the best step its checkpoint records) and when it ends.
+
 ``trainable/`` alone is what ships: ``restore_trainable`` puts it back onto a
 base for evaluation. A save killed half-way leaves a
 ``<step>.orbax-checkpoint-tmp`` folder that the manager neither lists nor
@@ -47,11 +57,14 @@ from lorajax.training import step as step_lib
 
 PyTree = Any
 ITEMS = ('trainable', 'opt', 'meta')
+BEST_DIR = 'best_checkpoint'   # <workdir>/best_checkpoint/<step>/
 
 
-def make_manager(directory: str | os.PathLike[str], *, max_to_keep: int = 2,
+def make_manager(directory: str | os.PathLike[str], *,
+                 max_to_keep: int | None = 2,
                  async_save: bool = True) -> ocp.CheckpointManager:
-  """A ``CheckpointManager`` over ``directory`` (created if missing)."""
+  """A ``CheckpointManager`` over ``directory`` (created if missing);
+  ``max_to_keep=None`` keeps every step."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
       create=True, cleanup_tmp_directories=True)
@@ -105,6 +118,36 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
       trainable=ocp.args.StandardSave(state.trainable),
       opt=ocp.args.StandardSave(opt),
       meta=ocp.args.JsonSave(dict(meta, step=step))))
+
+
+def save_best(manager: ocp.CheckpointManager, trainable: PyTree,
+              meta: dict[str, Any], step: int) -> None:
+  """Writes ``trainable`` and ``meta`` as step ``step`` of the best folder.
+
+  A step already there (written before a kill, recomputed after the
+  resume) is replaced. Synchronous: the best step is on disk before any
+  resume checkpoint that records it.
+
+  Args:
+    manager: ``make_manager(<workdir>/best_checkpoint, max_to_keep=None,
+      async_save=False)``.
+    trainable: the trainable tree at the best validation step.
+    meta: the run's meta.
+    step: the step of that validation.
+  """
+  if step in manager.all_steps():
+    manager.delete(step)
+  manager.save(step, force=True, args=ocp.args.Composite(
+      trainable=ocp.args.StandardSave(trainable),
+      meta=ocp.args.JsonSave(dict(meta, step=step))))
+  manager.wait_until_finished()
+
+
+def keep_only(manager: ocp.CheckpointManager, step: int | None) -> None:
+  """Deletes every step of ``manager`` but ``step`` (all of them for None)."""
+  for other in manager.all_steps():
+    if other != step:
+      manager.delete(other)
 
 
 def abstract(tree: PyTree) -> PyTree:

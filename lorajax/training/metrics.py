@@ -121,7 +121,10 @@ def format_summary(s: Mapping[str, Any]) -> str:
                  f' at step {s["best_validation_step"]}; final: '
                  f'{fmt(s["final_validation"])}')
   lines += [
-      f'test         {fmt(s["test"])}',
+      f'test         {fmt(s["test"])}' + (
+          f' (at the best validation step {s["test_step"]}; last step: '
+          f'{fmt(s["test_final"])})'
+          if s.get('test_step') not in (None, s['steps']) else ''),
       f'wall time    {s["wall_time_s"]:.1f} s (training {s["train_time_s"]:.1f}'
       f' s, {s["tokens_per_sec"]:,.0f} tokens/s)',
       f'checkpoint   adapter {human_bytes(s["adapter_bytes"])} (trainable/ '

@@ -5,6 +5,12 @@ newest complete checkpoint in ``<workdir>/checkpoints`` if there is one,
 trains ``config.num_train_steps`` steps with periodic validation and
 checkpoints, evaluates on test, and returns (and prints) a summary.
 
+Each validation that beats the best so far writes that adapter to
+``<workdir>/best_checkpoint/<step>`` (``checkpoint.save_best``); the
+reported ``test`` is that checkpoint's score (``test_step`` its step), and
+``test_final`` the last step's, so that a run that overfits late is scored
+where validation chose, as a paper reports it.
+
 The terminal shows the setup (the trainable report), one progress display,
 the evaluations and the summary, last; library INFO logging goes to
 ``<workdir>/info.log`` (``lorajax.training.console``).
@@ -110,6 +116,18 @@ def evaluate(runner: Runner, trainable: PyTree, frozen: PyTree,
   return tasks.summarize(total)
 
 
+def _test_set(arrays: dict[str, np.ndarray], eval_kw: dict[str, Any]
+              ) -> dict[str, Any]:
+  """``test_examples`` scored and their ``test_majority_rate`` (labels)."""
+  n = _rows(arrays)
+  if eval_kw.get('max_batches') is not None:
+    n = min(n, eval_kw['max_batches'] * eval_kw['batch_size'])
+  rate = None
+  if 'label' in arrays and n:
+    rate = float(np.bincount(np.asarray(arrays['label'][:n])).max() / n)
+  return {'test_examples': int(n), 'test_majority_rate': rate}
+
+
 def _finite(metrics: dict[str, float]) -> bool:
   return all(math.isfinite(metrics[k])
              for k in ('loss', 'grad_norm', 'param_norm'))
@@ -208,14 +226,20 @@ def _train(config, workdir: str, log_file: str, wall_start: float
   train_it = loader.BatchIterator(task.data['train'],
                                   batch_size=config.batch_size,
                                   seed=config.seed, train=True)
-  best, best_step, initial = None, None, None
+  best_manager = ckpt_lib.make_manager(
+      os.path.join(workdir, ckpt_lib.BEST_DIR), max_to_keep=None,
+      async_save=False)
+  best, best_step, initial, tokens_seen = None, None, None, 0
   if restored is not None:
     state, _ = runner.place(restored, frozen)
     train_it.set_state(stored['data_state'])
     best, best_step = stored.get('best'), stored.get('best_step')
     initial = stored.get('initial_validation')
+    tokens_seen = stored.get('tokens_seen', 0)
     logging.info('resumed from %s at step %d', ckpt_dir, stored['step'])
     console.say(f'resumed at step {stored["step"]} from {ckpt_dir}')
+  # A best step saved after the checkpoint resumed from is recomputed.
+  ckpt_lib.keep_only(best_manager, best_step)
   start_step = int(jax.device_get(runner.to_checkpoint(state).step))
   progress = console.Progress(num_steps, start_step,
                               enabled=config.progress_bar)
@@ -235,12 +259,14 @@ def _train(config, workdir: str, log_file: str, wall_start: float
                    f'{metrics_lib.format_metrics(m)}')
     if m and _better(task, m, best):
       best, best_step = m, step
+      ckpt_lib.save_best(best_manager, runner.to_checkpoint(state).trainable,
+                         dict(meta, best=best, best_step=best_step), step)
     return m
 
   def save(step: int) -> None:
     ckpt_lib.save(manager, runner.to_checkpoint(state), dict(
         meta, data_state=train_it.get_state(), best=best, best_step=best_step,
-        initial_validation=initial))
+        initial_validation=initial, tokens_seen=tokens_seen))
 
   if config.eval_at_start and start_step == 0:
     initial = validate(0)
@@ -266,6 +292,7 @@ def _train(config, workdir: str, log_file: str, wall_start: float
             'or set config.optim.clip_norm.')
       state = state_new
       tokens, train_time = tokens + n_tokens, train_time + dt
+      tokens_seen += n_tokens
       window.append((m, n_tokens, dt))
       progress.update(step, loss=m['loss'], tokens=n_tokens, seconds=dt)
       if step % config.log_every == 0 or step == num_steps:
@@ -277,6 +304,7 @@ def _train(config, workdir: str, log_file: str, wall_start: float
         row['learning_rate'] = float(schedule(step - 1))
         row['tokens_per_sec'] = (sum(w[1] for w in window)
                                  / max(sum(w[2] for w in window), 1e-9))
+        row['tokens_seen'] = tokens_seen   # Real tokens since step 0.
         writer.write(step, 'train', row)
         window = []
       if step % config.eval_every == 0 or step == num_steps:
@@ -286,16 +314,35 @@ def _train(config, workdir: str, log_file: str, wall_start: float
     progress.close()
     if final_val is None:  # Resumed after the last step.
       final_val = validate(num_steps)
-    test = evaluate(runner, state.trainable, frozen, task.data['test'],
-                    **eval_kw)
-    writer.write(num_steps, 'test', test)
-    console.say(f'test: {metrics_lib.format_metrics(test)}')
+    test_final = evaluate(runner, state.trainable, frozen, task.data['test'],
+                          **eval_kw)
+    writer.write(num_steps, 'test_final', test_final)
+    test, test_step = test_final, num_steps
+    if best_step is not None and best_step != num_steps:
+      if best_step in best_manager.all_steps():
+        trainable_best, _ = ckpt_lib.restore_trainable(
+            best_manager.directory, runner.to_checkpoint(state).trainable,
+            meta, best_step)
+        best_state, _ = runner.place(runner.to_checkpoint(state)._replace(
+            trainable=trainable_best), frozen)
+        test = evaluate(runner, best_state.trainable, frozen,
+                        task.data['test'], **eval_kw)
+        test_step = best_step
+      else:  # A run resumed from a checkpoint of an older lorajax.
+        logging.warning('no best checkpoint of step %d in %s; test is the '
+                        'last step\'s', best_step, best_manager.directory)
+    writer.write(test_step, 'test', test)
+    console.say(f'test at step {test_step} (best validation): '
+                f'{metrics_lib.format_metrics(test)}' if test_step != num_steps
+                else f'test: {metrics_lib.format_metrics(test)}')
     prompts_file, prompts_params = export_prompts(
         workdir, runner.to_host(runner.to_checkpoint(state).trainable))
   finally:
     progress.close()
     manager.wait_until_finished()
     writer.close()
+  ckpt_lib.keep_only(best_manager, test_step)
+  best_manager.close()
   last = manager.latest_step()
   manager.close()
   summary = {
@@ -305,7 +352,12 @@ def _train(config, workdir: str, log_file: str, wall_start: float
       'trainable_fraction': n_train / max(n_all, 1),
       'metric': task.metric, 'initial_validation': initial,
       'best_validation': best, 'best_validation_step': best_step,
-      'final_validation': final_val, 'test': test,
+      'final_validation': final_val,
+      # Test of the best validation checkpoint (step test_step), and of the
+      # last step; the test set's size and its majority-class rate (the
+      # accuracy of a model that learned nothing).
+      'test': test, 'test_step': test_step, 'test_final': test_final,
+      **_test_set(task.data['test'], eval_kw),
       'wall_time_s': time.perf_counter() - wall_start,
       'train_time_s': train_time,
       'tokens_per_sec': tokens / max(train_time, 1e-9),
@@ -327,9 +379,20 @@ def _train(config, workdir: str, log_file: str, wall_start: float
   return summary
 
 
+def _checkpoint_dir(workdir: str, step: int | str | None
+                    ) -> tuple[str, int | None]:
+  """``(folder, step)``: ``step='best'`` is the best validation checkpoint."""
+  if step == 'best':
+    return os.path.join(workdir, ckpt_lib.BEST_DIR), None
+  return os.path.join(workdir, 'checkpoints'), step
+
+
 def evaluate_checkpoint(config, workdir: str, split: str = 'test',
-                        step: int | None = None) -> dict[str, float]:
+                        step: int | str | None = None) -> dict[str, float]:
   """Puts a run's saved adapter (``trainable/``) onto its base; evaluates.
+
+  ``step`` None takes the latest checkpoint, ``'best'`` the best validation
+  step's (what ``summary.json``'s ``test`` scored).
 
   No optimizer state is read, and only ``split`` of the data is loaded. The
   base comes from ``config`` (the pretrained loaders), so the checkpoint
@@ -341,8 +404,9 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test',
   """
   task = tasks.build_task(config, splits=(split,))
   trainable, frozen = task.split_params()
+  folder, step = _checkpoint_dir(workdir, step)
   trainable, _ = ckpt_lib.restore_trainable(
-      os.path.join(workdir, 'checkpoints'), trainable,
+      folder, trainable,
       _meta(config, task.spec, task.model_info, trainable), step)
   tx, _ = optim.from_config(config.optim, int(config.num_train_steps))
   runner = parallel.runner_from_config(config, task, tx)
@@ -357,7 +421,7 @@ EXPORT_FORMATS = ('lorajax', 'peft', 'merged')
 
 
 def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
-                      step: int | None = None) -> str:
+                      step: int | str | None = None) -> str:
   """Writes a run's saved adapter as a file its users can load elsewhere.
 
   Formats: ``'lorajax'`` (``io.save_adapter``: safetensors + spec +
@@ -372,7 +436,8 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
     workdir: the run's workdir (``checkpoints/`` inside).
     out: the directory to write.
     fmt: one of ``EXPORT_FORMATS``.
-    step: the checkpoint step; None takes the latest complete one.
+    step: the checkpoint step; None takes the latest complete one,
+      ``'best'`` the best validation step's.
 
   Returns:
     ``out``.
@@ -391,8 +456,9 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
   model = model_loading.load_model(config)   # No data: export scores none.
   method = attach.attach_method(config, model)
   trainable, frozen = method.split_params()
+  folder, step = _checkpoint_dir(workdir, step)
   trainable, _ = ckpt_lib.restore_trainable(
-      os.path.join(workdir, 'checkpoints'), trainable,
+      folder, trainable,
       _meta(config, method.spec, model.info, trainable), step)
   trainable = jax.device_get(trainable)
   spec, adapters = method.spec, trainable['adapters']
