@@ -13,6 +13,7 @@ from lorajax.methods.bottleneck import houlsby_rules
 from lorajax.methods.bottleneck import pfeiffer_rules
 from lorajax.methods.dora import Dora
 from lorajax.methods.ia3 import Ia3
+from lorajax.methods.loha import LoHa
 from lorajax.methods.low_rank import Lora
 from lorajax.methods.qlora import QLora
 from lorajax.methods.qlora import Quantized

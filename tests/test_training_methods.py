@@ -53,6 +53,7 @@ def _config(method, **fields):
     ('bottleneck', {'bottleneck.style': 'houlsby'},
      {'attention/output': 'Bottleneck', 'output': 'Bottleneck'}),
     ('ia3', {}, {'attention/value': 'Ia3', 'output': 'Ia3'}),
+    ('loha', {}, {'attention/query': 'LoHa', 'attention/value': 'LoHa'}),
     ('prompt', {}, {}),
     ('prefix', {}, {}),
 ])
@@ -68,6 +69,11 @@ def test_ia3_scales_feed_forward_inputs_and_attention_outputs():
   rules = dict(config_lib.make_spec(_config('ia3')).rules)
   assert rules[r'.*layer_\d+/output/kernel'] == lorajax.Ia3(feedforward=True)
   assert lorajax.Ia3() in rules.values()
+
+
+def test_loha_refuses_lora_fields_it_does_not_have():
+  with pytest.raises(ValueError, match=r"'loha' has no lora.dropout"):
+    config_lib.make_spec(_config('loha', **{'lora.dropout': 0.1}))
 
 
 def test_qlora_takes_the_lora_fields_and_format():
@@ -114,6 +120,7 @@ def method_run(tmp_path_factory):
 RUNS = {
     'dora': dict(method='dora'),
     'ia3': dict(method='ia3'),
+    'loha': dict(method='loha'),
     'lm_ia3': dict(config_name='shakespeare_smollm2_lora', method='ia3'),
     'qlora_int8': dict(method='qlora', quant='int8'),
     'bottleneck_houlsby': dict(method='bottleneck',

@@ -28,6 +28,7 @@ from lorajax import spec as spec_lib
 from lorajax.methods import bottleneck as bottleneck_lib
 from lorajax.methods import dora as dora_lib
 from lorajax.methods import ia3 as ia3_lib
+from lorajax.methods import loha as loha_lib
 from lorajax.methods import low_rank as lora_lib
 from lorajax.methods import qlora as qlora_lib
 
@@ -142,5 +143,6 @@ def spec_from_json(data: dict[str, Any] | str) -> spec_lib.LoraSpec:
 
 
 for _cls in (lora_lib.Lora, dora_lib.Dora, qlora_lib.Quantized, qlora_lib.QLora,
-             bottleneck_lib.Bottleneck, ia3_lib.Ia3):
+             bottleneck_lib.Bottleneck, ia3_lib.Ia3,
+             loha_lib.LoHa):
   register_provider(_cls)

@@ -26,10 +26,10 @@ from ml_collections import config_dict
 
 import lorajax
 
-METHODS = ('lora', 'dora', 'qlora', 'ia3', 'bottleneck', 'prompt', 'prefix',
-           'full', 'head')
+METHODS = ('lora', 'dora', 'qlora', 'loha', 'ia3', 'bottleneck', 'prompt',
+           'prefix', 'full', 'head')
 # Methods whose adapters come from the config.lora fields.
-LOW_RANK_METHODS = ('lora', 'dora', 'qlora')
+LOW_RANK_METHODS = ('lora', 'dora', 'qlora', 'loha')
 # Methods that train a 'prompts' tree (lorajax.methods.prompts).
 PROMPT_METHODS = ('prompt', 'prefix')
 # The bottleneck rule helpers' name of each model.
@@ -90,7 +90,8 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.model.pooling = 'mean'
 
   # The rules: method, adapter targets, extra trained and frozen leaves.
-  # 'lora', 'dora' or 'qlora' (adapters on lora.targets + train_rules),
+  # 'lora', 'dora', 'qlora' or 'loha' (adapters on lora.targets +
+  # train_rules; loha takes lora.rank and lora.alpha only),
   # 'ia3' (learned scales on ia3.targets + train_rules),
   # 'bottleneck' (adapters after output projections + train_rules),
   # 'prompt' or 'prefix' (learned virtual tokens + train_rules), 'full'
@@ -260,7 +261,7 @@ def make_spec(config: config_dict.ConfigDict) -> lorajax.LoraSpec:
 
 
 def _low_rank_rules(config: config_dict.ConfigDict) -> list[tuple[str, Any]]:
-  """The ``lora``/``dora``/``qlora`` rules of ``config.lora``."""
+  """The ``lora``/``dora``/``qlora``/``loha`` rules of ``config.lora``."""
   kw = dict(rank=int(config.lora.rank), alpha=float(config.lora.alpha),
             use_rslora=bool(config.lora.rslora),
             dropout=float(config.lora.dropout),
@@ -269,6 +270,16 @@ def _low_rank_rules(config: config_dict.ConfigDict) -> list[tuple[str, Any]]:
     return [(config.lora.targets, lorajax.Lora(**kw))]
   if config.method == 'dora':
     return [(config.lora.targets, lorajax.Dora(**kw))]
+  if config.method == 'loha':
+    unused = {'lora.rslora': (kw['use_rslora'], False),
+              'lora.dropout': (kw['dropout'], 0.0),
+              'lora.init': (kw['init'], 'kaiming')}
+    for field, (value, default) in unused.items():
+      if value != default:
+        raise ValueError(f"config.method='loha' has no {field} (got "
+                         f'{value!r}); leave it at {default!r}')
+    return [(config.lora.targets, lorajax.LoHa(rank=kw['rank'],
+                                               alpha=kw['alpha']))]
   rules = [(config.lora.targets, lorajax.QLora(quant=config.quant, **kw))]
   if config.quant_targets:
     rules.append((config.quant_targets, lorajax.Quantized(config.quant)))

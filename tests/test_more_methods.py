@@ -1,4 +1,5 @@
-"""IA3: scales of kernel outputs or inputs, merged exactly."""
+"""IA3 and LoHa: providers whose update is not a low-rank product, merged
+exactly on every kernel layout."""
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +49,27 @@ def test_ia3_spec_round_trips_json():
                            ('.*output.*', lorajax.Ia3(feedforward=True)),
                            ('.*', 'freeze')])
   assert spec_json.spec_from_json(spec_json.spec_to_json(spec)) == spec
+
+
+@pytest.mark.parametrize('use', sorted(USES))
+def test_loha_equals_merged_and_base_at_init(use):
+  wshape, xshape, apply = USES[use]
+  params = {'w': jax.random.normal(KEY, wshape)}
+  x = jax.random.normal(jax.random.key(1), xshape)
+  fn = lambda p, x: apply(x, p['w'])  # pylint: disable=unnecessary-lambda-assignment
+  spec = lorajax.LoraSpec([('w', lorajax.LoHa(rank=2, alpha=4))])
+  adapters = lorajax.init(spec, params, KEY, fn=fn, args=(x,))
+  g = lorajax.lora(fn, spec)
+  np.testing.assert_allclose(g(params, adapters, x), fn(params, x), atol=1e-6)
+  adapters = jax.tree.map(
+      lambda v: v + jax.random.normal(jax.random.key(2), v.shape), adapters)
+  merged = lorajax.merge(params, adapters, spec)
+  np.testing.assert_allclose(g(params, adapters, x), fn(merged, x),
+                             rtol=1e-5, atol=1e-4)
+  back = lorajax.unmerge(merged, adapters, spec)
+  np.testing.assert_allclose(back['w'], params['w'], atol=1e-4)
+  ga = jax.grad(lambda ad: jnp.sum(g(params, ad, x) ** 2))(adapters)
+  gm = jax.grad(lambda ad: jnp.sum(
+      fn(lorajax.merge(params, ad, spec), x) ** 2))(adapters)
+  jax.tree.map(lambda a, m: np.testing.assert_allclose(
+      a, m, rtol=1e-4, atol=1e-3), ga, gm)
