@@ -74,27 +74,34 @@ def init(spec: spec_lib.LoraSpec, params: PyTree, key: jax.Array, *,
   adapters: dict[str, Any] = {}
   for i, (path, provider) in enumerate(adapted.items()):
     shape = tuple(provider.kernel_aval(leaves[path]).shape)
-    if layouts is not None:
-      if path not in layouts:
-        raise ValueError(
-            f'{path!r} (shape {shape}) is targeted by rule '
-            f'{resolution.rule_of[path]} but the function never multiplies '
-            f'it in a dot_general; narrow the rule')
-      layout = layouts[path]
-    elif len(shape) == 2:
-      layout = spec_lib.KernelLayout.dense()
-    else:
-      raise ValueError(
-          f'{path!r} has shape {shape}: which axes are inputs is not known '
-          f'for a kernel of more than two axes; call lorajax.init(spec, '
-          f'params, key, fn=model.apply, args=(example_input,)) so it is '
-          f'read from how the model uses the kernel')
+    layout = _layout_for(path, shape, layouts,
+                         f'rule {resolution.rule_of[path]}')
     provider.validate(path, shape, layout)
     made = provider.init_params(keys[i], leaves[path], layout)
     spec_lib.set_by_path(adapters, path, spec_lib.AdapterParams(
         made, layout=layout) if provider.has_params else made)
     logging.log_first_n(logging.DEBUG, 'adapter %s: %s', 64, path, layout)
   return adapters
+
+
+def _layout_for(path: str, shape: tuple[int, ...],
+                layouts: dict[str, spec_lib.KernelLayout] | None,
+                source: str) -> spec_lib.KernelLayout:
+  """The layout of ``path`` from ``layouts`` (read from the function or a
+  file); without them, a 2-D kernel is taken as Flax ``[in, out]``."""
+  if layouts is not None:
+    if path not in layouts:
+      raise ValueError(
+          f'{path!r} (shape {shape}) is targeted by {source} but the '
+          f'function never multiplies it in a dot_general (layouts known for '
+          f'{sorted(layouts)[:6]}); narrow the rule')
+    return layouts[path]
+  if len(shape) == 2:
+    return spec_lib.KernelLayout.dense()
+  raise ValueError(
+      f'{path!r} has shape {shape}: which axes are inputs is not known for a '
+      f'kernel of more than two axes; pass fn=model.apply and '
+      f'args=(example_input,) so it is read from how the model uses it')
 
 
 def _map_adapted(params, adapters, spec, method: str):
@@ -208,18 +215,7 @@ def with_layouts(adapters: PyTree, spec: spec_lib.LoraSpec, params: PyTree,
       continue
     ad = spec_lib.get_by_path(adapters, path)
     shape = tuple(provider.kernel_aval(leaves[path]).shape)
-    if layouts_by_path is not None:
-      if path not in layouts_by_path:
-        raise ValueError(f'no layout for adapter {path!r}; known: '
-                         f'{sorted(layouts_by_path)[:8]}')
-      layout = layouts_by_path[path]
-    elif len(shape) == 2:
-      layout = spec_lib.KernelLayout.dense()
-    else:
-      raise ValueError(
-          f'{path!r} has shape {shape}: which axes are inputs is not known '
-          f'for a kernel of more than two axes; pass fn= and args= so it is '
-          f'read from the function')
+    layout = _layout_for(path, shape, layouts_by_path, 'the spec')
     want = provider.param_shapes(shape, layout)
     for name, s in want.items():
       got = tuple(np.shape(ad[name])) if name in ad else None

@@ -20,44 +20,15 @@ USES = {
 }
 
 
-@pytest.mark.parametrize('feedforward', [False, True])
-@pytest.mark.parametrize('use', sorted(USES))
-def test_ia3_equals_merged_and_base_at_init(use, feedforward):
+def _check_provider(use, provider, *, tol=1e-5):
+  """At init the adapted function is the base; with random parameters it
+  equals the merged kernel's, unmerge restores the kernel, and the
+  parameters' gradients equal the merged formulation's."""
   wshape, xshape, apply = USES[use]
   params = {'w': jax.random.normal(KEY, wshape)}
   x = jax.random.normal(jax.random.key(1), xshape)
   fn = lambda p, x: apply(x, p['w'])  # pylint: disable=unnecessary-lambda-assignment
-  spec = lorajax.LoraSpec([('w', lorajax.Ia3(feedforward=feedforward))])
-  adapters = lorajax.init(spec, params, KEY, fn=fn, args=(x,))
-  g = lorajax.lora(fn, spec)
-  np.testing.assert_allclose(g(params, adapters, x), fn(params, x), atol=1e-6)
-  adapters = jax.tree.map(
-      lambda l: l + jax.random.normal(jax.random.key(2), l.shape), adapters)
-  merged = lorajax.merge(params, adapters, spec)
-  np.testing.assert_allclose(g(params, adapters, x), fn(merged, x),
-                             rtol=1e-5, atol=1e-5)
-  back = lorajax.unmerge(merged, adapters, spec)
-  np.testing.assert_allclose(back['w'], params['w'], rtol=1e-4, atol=1e-5)
-  ga = jax.grad(lambda ad: jnp.sum(g(params, ad, x) ** 2))(adapters)
-  gm = jax.grad(lambda ad: jnp.sum(
-      fn(lorajax.merge(params, ad, spec), x) ** 2))(adapters)
-  np.testing.assert_allclose(ga['w']['l'], gm['w']['l'], rtol=1e-4, atol=1e-4)
-
-
-def test_ia3_spec_round_trips_json():
-  spec = lorajax.LoraSpec([('.*value.*', lorajax.Ia3()),
-                           ('.*output.*', lorajax.Ia3(feedforward=True)),
-                           ('.*', 'freeze')])
-  assert spec_json.spec_from_json(spec_json.spec_to_json(spec)) == spec
-
-
-@pytest.mark.parametrize('use', sorted(USES))
-def test_loha_equals_merged_and_base_at_init(use):
-  wshape, xshape, apply = USES[use]
-  params = {'w': jax.random.normal(KEY, wshape)}
-  x = jax.random.normal(jax.random.key(1), xshape)
-  fn = lambda p, x: apply(x, p['w'])  # pylint: disable=unnecessary-lambda-assignment
-  spec = lorajax.LoraSpec([('w', lorajax.LoHa(rank=2, alpha=4))])
+  spec = lorajax.LoraSpec([('w', provider)])
   adapters = lorajax.init(spec, params, KEY, fn=fn, args=(x,))
   g = lorajax.lora(fn, spec)
   np.testing.assert_allclose(g(params, adapters, x), fn(params, x), atol=1e-6)
@@ -65,11 +36,29 @@ def test_loha_equals_merged_and_base_at_init(use):
       lambda v: v + jax.random.normal(jax.random.key(2), v.shape), adapters)
   merged = lorajax.merge(params, adapters, spec)
   np.testing.assert_allclose(g(params, adapters, x), fn(merged, x),
-                             rtol=1e-5, atol=1e-4)
+                             rtol=1e-5, atol=10 * tol)
   back = lorajax.unmerge(merged, adapters, spec)
-  np.testing.assert_allclose(back['w'], params['w'], atol=1e-4)
+  np.testing.assert_allclose(back['w'], params['w'], rtol=1e-4, atol=10 * tol)
   ga = jax.grad(lambda ad: jnp.sum(g(params, ad, x) ** 2))(adapters)
   gm = jax.grad(lambda ad: jnp.sum(
       fn(lorajax.merge(params, ad, spec), x) ** 2))(adapters)
   jax.tree.map(lambda a, m: np.testing.assert_allclose(
-      a, m, rtol=1e-4, atol=1e-3), ga, gm)
+      a, m, rtol=1e-4, atol=100 * tol), ga, gm)
+
+
+@pytest.mark.parametrize('feedforward', [False, True])
+@pytest.mark.parametrize('use', sorted(USES))
+def test_ia3_equals_merged_and_base_at_init(use, feedforward):
+  _check_provider(use, lorajax.Ia3(feedforward=feedforward))
+
+
+@pytest.mark.parametrize('use', sorted(USES))
+def test_loha_equals_merged_and_base_at_init(use):
+  _check_provider(use, lorajax.LoHa(rank=2, alpha=4))
+
+
+def test_ia3_spec_round_trips_json():
+  spec = lorajax.LoraSpec([('.*value.*', lorajax.Ia3()),
+                           ('.*output.*', lorajax.Ia3(feedforward=True)),
+                           ('.*', 'freeze')])
+  assert spec_json.spec_from_json(spec_json.spec_to_json(spec)) == spec
