@@ -43,7 +43,7 @@ def _setup():
   cfg = bert.BertConfig(vocab_size=128, hidden_size=32, num_layers=1,
                         num_heads=4, intermediate_size=64, max_position=32,
                         num_labels=2, hidden_dropout=0.0,
-                        attention_dropout=0.0)
+                        attention_dropout=0.0, pooling='mean')
   module = bert.Bert(cfg)
   shapes = jax.eval_shape(module.init, jax.random.key(0),
                           np.ones((1, 8), np.int32))['params']

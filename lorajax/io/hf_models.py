@@ -7,6 +7,14 @@ which are Linear kernels (transposed: Flax ``[in, out]``, PyTorch
 ``[out, in]``), writes the ``config.json`` transformers reads, and exports a
 (merged) parameter tree as an HF-layout ``model.safetensors`` checkpoint.
 
+An export either reproduces lorajax's logits in transformers or is refused
+before anything is written: ``HfModel.check_expressible`` names what the
+architecture cannot say (a BERT that mean-pools its tokens: transformers'
+``BertForSequenceClassification`` always pools ``[CLS]`` through its tanh
+pooler), and ``state_dict`` refuses a parameter of the wrong shape (a
+classifier head wider than ``num_labels``), one it has no key for, or a
+quantized kernel.
+
 Example:
 
   >>> hf = hf_model(config)                                      # doctest: +SKIP
@@ -18,8 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import re
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -99,16 +110,61 @@ class HfModel:
       return llama_layout.scan_params(tree)
     return tree
 
+  def check_expressible(self) -> None:
+    """Raises ValueError if ``architecture`` computes other logits than
+    lorajax's model of this config (whatever the weights)."""
+    pooling = getattr(self.config, 'pooling', 'cls')
+    if self.family == 'bert' and pooling != 'cls':
+      raise ValueError(
+          f'pooling={pooling!r} cannot be exported: transformers\' '
+          f'{self.architecture} feeds its classifier the [CLS] token '
+          f'through the tanh pooler, and no transformers sequence '
+          f'classifier averages the tokens, so its logits would differ. '
+          f'Train with pooling=\'cls\' (--config.model.pooling=cls) to '
+          f'export, or keep the adapter in lorajax\'s own format '
+          f'(lorajax.io.save_adapter, experiments.export --format=lorajax)')
+
+  def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+    """Flax path -> shape of every parameter, unscanned like ``keys``."""
+    if self.family == 'bert':
+      return bert_loading.expected_shapes(self.config)
+    return llama_layout.expected_shapes(
+        dataclasses.replace(self.config, scan_layers=False))
+
   def state_dict(self, params: PyTree) -> dict[str, np.ndarray]:
-    """HF keys -> float32 arrays in PyTorch layout (kernels transposed)."""
+    """HF keys -> float32 arrays in PyTorch layout (kernels transposed).
+
+    Raises:
+      ValueError: a parameter missing, of another shape than the config
+        gives (e.g. a classifier of another width than ``num_labels``), one
+        the architecture has no key for, or a quantized kernel.
+    """
     flat = dict(spec_lib.flatten_paths(self.unscan(params)))
     missing = sorted(set(self.keys) - set(flat))
     if missing:
       raise ValueError(f'params lack {len(missing)} {self.family} parameters, '
                        f'e.g. {missing[:4]}')
+    extra = sorted(set(flat) - set(self.keys))
+    if extra:
+      raise ValueError(
+          f'{len(extra)} parameters have no key in {self.architecture} and '
+          f'would be dropped, e.g. {extra[:4]}')
+    shapes = self.expected_shapes()
     out = {}
     for path, key in self.keys.items():
-      value = np.asarray(flat[path], np.float32)
+      leaf = flat[path]
+      if isinstance(leaf, spec_lib.FrozenKernel):
+        raise ValueError(
+            f'{path} is quantized ({type(leaf).__name__}); '
+            f'{self.architecture} stores float kernels: merge or dequantize '
+            f'it first')
+      value = np.asarray(leaf, np.float32)
+      if value.shape != tuple(shapes[path]):
+        raise ValueError(
+            f'{path} has shape {value.shape} but {self.architecture} of '
+            f'this config has {tuple(shapes[path])} (num_labels='
+            f'{getattr(self.config, "num_labels", "-")}, hidden_size='
+            f'{self.config.hidden_size}); the export would not load')
       out[key] = np.ascontiguousarray(value.T if self.is_kernel(path)
                                       else value)
     return out
@@ -186,16 +242,47 @@ def export_merged(directory: str | pathlib.Path, config: Any, params: PyTree,
   Returns:
     The directory; ``transformers.AutoModelFor...from_pretrained`` and
     lorajax's own HF loaders read it.
+
+  Raises:
+    ValueError: before anything is written, for what the HF model cannot
+      reproduce: a config it cannot express (``check_expressible``), an
+      adapter that does not merge (bottleneck, MultiLora), a parameter it
+      has no key for or of another shape.
   """
   if (adapters is None) != (spec is None):
     raise ValueError('pass both adapters and spec, or neither')
+  hf = hf_model(config)
+  hf.check_expressible()
   if adapters is not None:
     params = adapters_lib.merge(params, adapters, spec)
-  hf = hf_model(config)
+  write_files(directory, {'model.safetensors': hf.state_dict(params),
+                          'config.json': hf.hf_config()})
+  return pathlib.Path(directory)
+
+
+def write_files(directory: str | pathlib.Path,
+                files: dict[str, dict[str, Any]]) -> None:
+  """Writes ``{name: tensors or JSON dict}`` into ``directory``, complete
+  or not at all.
+
+  The files go to a fresh sibling folder first, then each is moved into
+  ``directory`` (created if needed); a failure on the way leaves
+  ``directory`` as it was. ``.safetensors`` names get float tensors (the
+  ``'pt'`` format PyTorch readers want), others JSON.
+  """
   directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  st_numpy.save_file(hf.state_dict(params),
-                     str(directory / 'model.safetensors'),
-                     metadata={'format': 'pt'})
-  (directory / 'config.json').write_text(json.dumps(hf.hf_config(), indent=1))
-  return directory
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{directory.name}.',
+                                          dir=directory.parent))
+  try:
+    for name, content in files.items():
+      if name.endswith('.safetensors'):
+        st_numpy.save_file(content, str(staging / name),
+                           metadata={'format': 'pt'})
+      else:
+        (staging / name).write_text(json.dumps(content, indent=2))
+    directory.mkdir(exist_ok=True)
+    for name in files:
+      os.replace(staging / name, directory / name)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)

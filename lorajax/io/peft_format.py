@@ -14,7 +14,9 @@ has ``lora_magnitude_vector``, DoRA's ``m`` ``[out]``), per-module
 BERT and Llama models in that form; ``import_peft`` reads such a directory
 into a spec, adapters and trained leaves. What PEFT can say and lorajax
 cannot (another method, LoRA on embeddings, LoRA biases) is an error that
-names it.
+names it, and so is what lorajax computes and a PEFT model would not (a
+mean-pooling BERT, adapters trained on a quantized base, bottleneck
+adapters); a refused export writes nothing.
 
 Example:
 
@@ -33,7 +35,6 @@ import re
 from typing import Any
 
 import numpy as np
-from safetensors import numpy as st_numpy
 
 from lorajax import spec as spec_lib
 from lorajax import spec_paths
@@ -42,6 +43,7 @@ from lorajax.io import hf_models
 from lorajax.methods import dora as dora_lib
 from lorajax.methods import low_rank as lora_lib
 from lorajax.methods import pissa
+from lorajax.methods import qlora
 
 PyTree = Any
 CONFIG_FILE = 'adapter_config.json'
@@ -120,19 +122,40 @@ def export_peft(directory: str | pathlib.Path, config: Any,
     The directory.
 
   Raises:
-    PeftFormatError: a provider other than ``Lora``, mixed ``use_rslora``, a
-      kernel with no HF module, or a trained leaf in a LoRA-targeted module.
+    PeftFormatError: before anything is written: a provider other than
+      ``Lora`` or ``Dora``, mixed ``use_rslora``, a kernel with no HF
+      module, a trained leaf in a LoRA-targeted module, a quantized base
+      (``QLora``), factors or a head of shapes the model does not have, or
+      a model config transformers cannot express (mean pooling).
   """
   pissa.check_portable(spec, 'export_peft')
   hf = hf_models.hf_model(config)
+  try:
+    hf.check_expressible()
+  except ValueError as e:
+    raise PeftFormatError(str(e)) from None
   resolution = spec_lib.resolve(spec, params)
   providers = {}
   for path, provider in resolution.adapted.items():
+    if isinstance(provider, (qlora.QLora, qlora.Quantized)):
+      raise PeftFormatError(
+          f'{path}: {type(provider).__name__} adapters cannot be written '
+          f'as PEFT LoRA: they run on a quantized kernel, and PEFT puts a '
+          f'LoRA adapter on the float base it loads, whose logits differ by '
+          f'the quantization error. Export format \'merged\' (the adapter '
+          f'folded into the dequantized kernels) instead')
     if not isinstance(provider, (lora_lib.Lora, dora_lib.Dora)):
       raise PeftFormatError(
           f'{path}: {type(provider).__name__} adapters cannot be written as '
-          f'PEFT LoRA; only Lora (QLora) and Dora adapters are exported')
+          f'PEFT LoRA; only Lora and Dora adapters are exported')
     providers[path] = provider
+  quantized = [p for p, leaf in spec_lib.flatten_paths(params)
+               if isinstance(leaf, spec_lib.FrozenKernel)]
+  if quantized:
+    raise PeftFormatError(
+        f'{len(quantized)} kernels of the base are quantized (e.g. '
+        f'{quantized[0]}); PEFT would load the float base, so its logits '
+        f'would differ. Export format \'merged\', or pass the float base')
   for what, values in (
       ('use_rslora', {p.use_rslora for p in providers.values()}),
       ('use_dora', {isinstance(p, dora_lib.Dora) for p in providers.values()})):
@@ -140,7 +163,9 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       raise PeftFormatError(f'PEFT has one {what} setting per adapter; this '
                             f'spec mixes both')
   use_dora = any(isinstance(p, dora_lib.Dora) for p in providers.values())
-  flat_ad = dict(spec_lib.flatten_paths(hf.unscan(adapters)))
+  unscanned = hf.unscan(adapters)
+  flat_ad = dict(spec_lib.flatten_paths(unscanned))
+  shapes = hf.expected_shapes()
   trained = set(resolution.trained)
   tensors, targets = {}, {}
   for path, provider in providers.items():
@@ -154,6 +179,19 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       if a.ndim != 2 or b.ndim != 2:
         raise PeftFormatError(f'{layer_path}: adapter factors {a.shape}, '
                               f'{b.shape} are not 2-D')
+      layout = getattr(spec_lib.get_by_path(unscanned, layer_path),
+                       'layout', None)
+      if layout is not None and (layout.contract, layout.free,
+                                 layout.batch) != ((0,), (1,), ()):
+        raise PeftFormatError(
+            f'{layer_path}: the adapter was made for the kernel used as '
+            f'{layout.describe()}, but {module} is a Linear whose factors '
+            f'PEFT applies as [in, out]; its logits would differ')
+      kernel = shapes[layer_path]
+      if (a.shape[0], b.shape[1]) != kernel or a.shape[1] != b.shape[0]:
+        raise PeftFormatError(
+            f'{layer_path}: factors a {a.shape}, b {b.shape} do not fit '
+            f'the [in, out] = {kernel} kernel of {module}')
       tensors[f'{PREFIX}{module}.lora_A.weight'] = np.ascontiguousarray(a.T)
       tensors[f'{PREFIX}{module}.lora_B.weight'] = np.ascontiguousarray(b.T)
       if use_dora:
@@ -172,7 +210,10 @@ def export_peft(directory: str | pathlib.Path, config: Any,
             f'{layer_path} is trained outright but its module {module} also '
             f'has a LoRA adapter; PEFT cannot save both')
       saved.add(module)
-  state = hf.state_dict(params)
+  try:
+    state = hf.state_dict(params)
+  except ValueError as e:
+    raise PeftFormatError(str(e)) from None
   for module in sorted(saved):
     for key, value in state.items():
       if key.rsplit('.', 1)[0] == module:
@@ -196,12 +237,8 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       'init_lora_weights': True, 'layers_to_transform': None,
       'layers_pattern': None, 'revision': None,
   }
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  st_numpy.save_file(tensors, str(directory / WEIGHTS_FILE),
-                     metadata={'format': 'pt'})
-  (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
-  return directory
+  hf_models.write_files(directory, {WEIGHTS_FILE: tensors, CONFIG_FILE: cfg})
+  return pathlib.Path(directory)
 
 
 def _unscanned_paths(hf: hf_models.HfModel, path: str) -> list[str]:

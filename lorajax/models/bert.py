@@ -3,7 +3,10 @@
 The module is ``BertForSequenceClassification`` without the framework around
 it: learned word, position and token-type embeddings with a post-LayerNorm,
 ``num_layers`` self-attention blocks, a pooler (dense + tanh on ``[CLS]``) and
-a ``classifier`` dense on the pooled output. Every projection is a plain
+a ``classifier`` dense on the pooled output. ``BertConfig.pooling='mean'``
+feeds the classifier the mean of the real tokens' hidden states instead (how
+sentence-transformers pools all-MiniLM-L6-v2); transformers has no sequence
+classifier that pools so, and the Hugging Face exports refuse it. Every projection is a plain
 ``nn.Dense`` with a 2-D kernel ``[in, out]``, so Hugging Face weights map one
 to one (transposed) and LoRA rules such as
 ``.*/attention/(query|value)/kernel`` match without touching this file.
@@ -46,6 +49,8 @@ import numpy as np
 from lorajax.models import ops
 
 Dtype = Any
+# What ``BertConfig.pooling`` may be: the [CLS] pooler, or the token mean.
+POOLINGS = ('cls', 'mean')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,11 @@ class BertConfig:
       probabilities for the backward pass instead of recomputing them from
       ``q`` and ``k`` (one more ``q·kᵀ`` per layer, about 1.4% of a step's
       FLOPs, for ``[B, heads, T, T]`` less memory per layer).
+    pooling: the classifier's input. ``'cls'``: the pooler (dense + tanh)
+      on ``[CLS]``, then dropout, as ``BertForSequenceClassification``.
+      ``'mean'``: the float32 mean of the real tokens' hidden states, no
+      dropout, classifier in float32 (the pooler's parameters still exist,
+      unused).
   """
   vocab_size: int = 30522
   hidden_size: int = 768
@@ -98,6 +108,7 @@ class BertConfig:
   param_dtype: Dtype = jnp.float32
   lean_backward: bool = True
   save_attention_probs: bool = False
+  pooling: str = 'cls'
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -106,6 +117,9 @@ class BertConfig:
           f'num_heads={self.num_heads}')
     if self.num_labels < 1:
       raise ValueError(f'num_labels={self.num_labels}; expected >= 1')
+    if self.pooling not in POOLINGS:
+      raise ValueError(f'pooling={self.pooling!r}; expected one of '
+                       f'{POOLINGS}')
     # Normalise 'bfloat16' / jnp.bfloat16 / np.dtype to one hashable np.dtype.
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
     object.__setattr__(self, 'param_dtype', jnp.dtype(self.param_dtype))
@@ -138,7 +152,9 @@ class BertOutput(NamedTuple):
 
   Attributes:
     logits: ``[B, num_labels]`` classifier output, float32.
-    pooled: ``[B, H]`` pooler output (tanh of a dense on ``[CLS]``).
+    pooled: ``[B, H]`` what the classifier reads: the pooler output (tanh
+      of a dense on ``[CLS]``), or with ``pooling='mean'`` the float32 mean
+      of the real tokens.
     hidden: ``[B, T, H]`` last hidden states, in the compute dtype.
   """
   logits: jax.Array
@@ -348,11 +364,19 @@ class Bert(nn.Module):
     hidden = BertEncoder(cfg, name='encoder')(
         x, mask, deterministic=deterministic, prefix=prefix)
     hidden = hidden[:, n_prompt:]
+    # The pooler runs (and has parameters) with either pooling, so one
+    # checkpoint fits both; unused, jit drops it.
     pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, 'pooler')(hidden[:, 0]))
-    rate = (cfg.hidden_dropout if cfg.classifier_dropout is None
-            else cfg.classifier_dropout)
-    h = nn.Dropout(rate)(pooled, deterministic=deterministic)
-    logits = _dense(cfg, cfg.num_labels, 'classifier')(h)
+    if cfg.pooling == 'mean':
+      pooled = mean_pool(hidden, attention_mask)
+      logits = nn.Dense(cfg.num_labels, dtype=jnp.float32,
+                        param_dtype=cfg.param_dtype,
+                        kernel_init=kernel_init(cfg), name='classifier')(pooled)
+    else:
+      rate = (cfg.hidden_dropout if cfg.classifier_dropout is None
+              else cfg.classifier_dropout)
+      h = nn.Dropout(rate)(pooled, deterministic=deterministic)
+      logits = _dense(cfg, cfg.num_labels, 'classifier')(h)
     return BertOutput(logits=logits.astype(jnp.float32), pooled=pooled,
                       hidden=hidden)
 

@@ -128,7 +128,8 @@ def _canonical(key: str) -> str:
   return key
 
 
-def _expected_shapes(config: bert.BertConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: bert.BertConfig) -> dict[str, tuple[int, ...]]:
+  """``{'/'-joined path: shape}`` of the params of ``Bert(config)``."""
   ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   abstract = jax.eval_shape(bert.Bert(config).init, jax.random.key(0), ids)
   flat = jax.tree_util.tree_flatten_with_path(abstract['params'])[0]
@@ -170,7 +171,7 @@ def convert_hf_state(tensors: dict[str, np.ndarray], config: bert.BertConfig,
   canonical = {}
   for name, value in tensors.items():
     canonical.setdefault(_canonical(name), (name, value))
-  expected = _expected_shapes(config)
+  expected = expected_shapes(config)
   key = jax.random.key(0) if key is None else key
   init = bert.kernel_init(config)
   flat, used = {}, set()

@@ -85,7 +85,7 @@ def load_minilm(config) -> Model:
   m = config.model
   _check_size(m.size, m.pretrained)
   overrides = dict(dtype=jnp.dtype(m.dtype), hidden_dropout=m.dropout,
-                   attention_dropout=m.dropout)
+                   attention_dropout=m.dropout, pooling=m.pooling)
   key = jax.random.key(config.seed)
   if m.pretrained:
     cfg, params = bert_loading.load_minilm(2, key=key, **overrides)

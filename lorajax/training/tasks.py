@@ -139,21 +139,16 @@ def _prompt_inputs(trainable: PyTree) -> dict[str, jax.Array]:
 def classifier_apply(module: bert.Bert, pooling: str):
   """``apply(p, batch, *, train, rng, **inputs) -> logits [B, C]`` for a
   ``Bert``; ``inputs`` are its ``prompt=``/``prefix=`` arguments."""
-  if pooling not in ('mean', 'cls'):
-    raise ValueError(f"pooling={pooling!r}; expected 'mean' or 'cls'")
+  if pooling != module.config.pooling:   # the model pools (and exports)
+    raise ValueError(f'pooling={pooling!r} but the model pools '
+                     f'{module.config.pooling!r} (BertConfig.pooling)')
 
   def apply(p, batch, *, train=False, rng=None, **inputs):
-    out = module.apply({'params': p}, batch['input_ids'],
-                       batch['attention_mask'], batch['token_type_ids'],
-                       deterministic=not train,
-                       rngs=None if rng is None else {'dropout': rng},
-                       **inputs)
-    if pooling == 'cls':
-      return out.logits
-    pooled = bert.mean_pool(out.hidden, batch['attention_mask'])
-    head = p['classifier']
-    return (pooled @ head['kernel'].astype(jnp.float32)
-            + head['bias'].astype(jnp.float32))
+    return module.apply({'params': p}, batch['input_ids'],
+                        batch['attention_mask'], batch['token_type_ids'],
+                        deterministic=not train,
+                        rngs=None if rng is None else {'dropout': rng},
+                        **inputs).logits
   return apply
 
 
