@@ -85,6 +85,22 @@ def gguf_special_ids(path: str | pathlib.Path | gguf.GGUFReader
   return out
 
 
+def gguf_chat_template(path: str | pathlib.Path | gguf.GGUFReader
+                       ) -> str | None:
+  """The Jinja chat template a GGUF file carries
+  (``tokenizer.chat_template``), or None."""
+  field = llama_loading.as_reader(path).fields.get('tokenizer.chat_template')
+  return None if field is None else str(field.contents())
+
+
+def special_tokens_map(tokenizer: tokenizers.Tokenizer,
+                       ids: dict[str, int]) -> dict[str, str]:
+  """``{'bos_token': '<|im_start|>', ...}`` of ``gguf_special_ids``' ids:
+  the variables transformers gives a chat template."""
+  return {f'{name}_token': tokenizer.id_to_token(i)
+          for name, i in ids.items() if tokenizer.id_to_token(i) is not None}
+
+
 def smollm2_tokenizer() -> tokenizers.Tokenizer:
   """The SmolLM2-135M-Instruct tokenizer from the pinned GGUF asset.
 
