@@ -287,6 +287,10 @@ class Llama(nn.Module):
       already in the cache.
     attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding; default all
       ones. Padding keys are never attended to.
+    segment_ids: ``[B, T]`` int, packing: several sequences in a row, each
+      with its own id > 0 (0 is padding). A token attends only to earlier
+      tokens of its own segment, and by default its position counts from
+      the start of its segment. Not allowed with a cache or ``prompt=``.
     cache: a ``KVCache`` to extend; its ``index + T`` must not exceed its
       length (it is not checked under ``jit``).
     cache_len: start a fresh cache of this many slots (ignored if ``cache``
@@ -311,9 +315,19 @@ class Llama(nn.Module):
   def __call__(self, tokens, *, positions=None, attention_mask=None,
                cache: KVCache | None = None, cache_len: int | None = None,
                prompt: jax.Array | None = None,
-               prefix: jax.Array | None = None):
+               prefix: jax.Array | None = None,
+               segment_ids: jax.Array | None = None):
     cfg = self.config
     b, t = tokens.shape
+    if segment_ids is not None:
+      if cache is not None or cache_len is not None or prompt is not None:
+        raise ValueError('segment_ids= (packed sequences) works without a '
+                         'cache and without prompt=')
+      segment_ids = segment_ids.astype(jnp.int32)
+      if attention_mask is None:
+        attention_mask = segment_ids > 0
+      if positions is None:
+        positions = segment_positions(segment_ids)
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), bool)
     attention_mask = attention_mask.astype(bool)
@@ -345,6 +359,8 @@ class Llama(nn.Module):
     query_slots = index + jnp.arange(t)
     causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
     mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
+    if segment_ids is not None:  # No attention across packed sequences.
+      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     if prefix is not None:  # [B, T, n + S]: the prefix is always visible.
       mask = jnp.concatenate(
           [jnp.ones((b, t, prefix.shape[2]), bool), mask], -1)
@@ -387,6 +403,22 @@ class Llama(nn.Module):
     if cache is None:
       return logits
     return logits, KVCache(kv[0], kv[1], key_valid, index + t)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """``[B, T]`` int32 positions that restart at 0 where the segment id
+  changes.
+
+  >>> segment_positions(jnp.array([[1, 1, 1, 2, 2, 0]])).tolist()
+  [[0, 1, 2, 0, 1, 0]]
+  """
+  t = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool),
+       segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return idx - first
 
 
 def _check_prompts(cfg: LlamaConfig, prompt: jax.Array | None,
