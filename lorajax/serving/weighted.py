@@ -16,6 +16,12 @@ Every method works on the adapters' factors with their scales folded in
   from the factors (QR of the concatenated ``a`` and ``bᵀ``, SVD of the small
   core), never the dense ``[in, out]`` update.
 
+- ``'ties_svd'``, ``'dare_ties_svd'``, ``'dare_linear_svd'``,
+  ``'magnitude_prune_svd'``: the per-adapter updates pruned and merged as
+  task vectors (``serving.task_arithmetic``; ``density`` of entries kept,
+  ``seed`` for DARE), then factored to ``rank`` by a truncated SVD of the
+  dense update. As PEFT's combination types of the same names.
+
 A kernel that some adapters do not target takes contributions from those
 that do.
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,9 +44,11 @@ from lorajax import spec as spec_lib
 from lorajax import spec_paths
 from lorajax.methods import low_rank as lora_lib
 from lorajax.methods import multi
+from lorajax.serving import task_arithmetic
 
 PyTree = Any
-METHODS = ('cat', 'linear', 'svd')
+TASK_METHODS = tuple(f'{m}_svd' for m in task_arithmetic.METHODS)
+METHODS = ('cat', 'linear', 'svd') + TASK_METHODS
 
 
 def _as_matrices(f: multi.Factors):
@@ -68,19 +77,35 @@ def _svd_truncate(a: jnp.ndarray, b: jnp.ndarray, rank: int):
   return new_a, new_b
 
 
+def _dense_truncate(delta: jnp.ndarray, rank: int):
+  """Best rank-``rank`` factors of a dense ``[S, C, F]`` update."""
+  u, sv, vt = jnp.linalg.svd(delta, full_matrices=False)
+  keep = min(rank, sv.shape[-1])
+  root = jnp.sqrt(sv[:, :keep])
+  a, b = u[:, :, :keep] * root[:, None, :], root[:, :, None] * vt[:, :keep, :]
+  if keep < rank:
+    a = jnp.pad(a, ((0, 0), (0, 0), (0, rank - keep)))
+    b = jnp.pad(b, ((0, 0), (0, rank - keep), (0, 0)))
+  return a, b
+
+
 def weighted_factors(entries: Sequence[dict[str, multi.Factors]],
                     weights: Sequence[float], *, method: str = 'cat',
-                    rank: int | None = None) -> dict[str, multi.Factors]:
+                    rank: int | None = None, density: float = 1.0,
+                    seed: int = 0) -> dict[str, multi.Factors]:
   """Combines per-adapter factors (see the module docstring).
 
   Raises:
-    ValueError: an unknown method, ``'svd'`` without ``rank``, ``'linear'``
-      over adapters of different ranks at one kernel.
+    ValueError: an unknown method, an SVD method without ``rank``,
+      ``'linear'`` over adapters of different ranks at one kernel, a
+      density outside (0, 1].
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r}; expected one of {METHODS}')
-  if method == 'svd' and (rank is None or rank < 1):
-    raise ValueError(f"method='svd' needs a target rank >= 1, got {rank!r}")
+  if method.endswith('svd') and (rank is None or rank < 1):
+    raise ValueError(f'method={method!r} needs a target rank >= 1, got '
+                     f'{rank!r}')
+  key = jax.random.key(seed)
   if len(weights) != len(entries):
     raise ValueError(f'{len(weights)} weights for {len(entries)} adapters')
   out = {}
@@ -99,6 +124,12 @@ def weighted_factors(entries: Sequence[dict[str, multi.Factors]],
       total = sum(abs(w) for _, w in mats) or 1.0
       a = sum((abs(w) / total) * m[0] for m, w in mats)
       b = sum(w * m[1] for m, w in mats)
+    elif method in TASK_METHODS:
+      key, sub = jax.random.split(key)
+      delta = task_arithmetic.merge_task_vectors(
+          [m[0] @ m[1] for m, _ in mats], [w for _, w in mats],
+          method[:-len('_svd')], density=density, key=sub)
+      a, b = _dense_truncate(delta, rank)
     else:
       a = jnp.concatenate([m[0] for m, _ in mats], axis=-1)
       b = jnp.concatenate([w * m[1] for m, w in mats], axis=1)
@@ -125,7 +156,8 @@ def factors_to_adapters(factors: dict[str, multi.Factors], params: PyTree
 
 def weighted_adapter(entries: Sequence[tuple[PyTree, spec_lib.LoraSpec]],
             params: PyTree, *, weights: Sequence[float] | None = None,
-            method: str = 'cat', rank: int | None = None
+            method: str = 'cat', rank: int | None = None,
+            density: float = 1.0, seed: int = 0
             ) -> tuple[PyTree, spec_lib.LoraSpec]:
   """Combines ``(adapters, spec)`` pairs of one base into one adapter.
 
@@ -133,8 +165,10 @@ def weighted_adapter(entries: Sequence[tuple[PyTree, spec_lib.LoraSpec]],
     entries: the adapters and their specs (``Lora`` rules only).
     params: the base.
     weights: one weight per adapter; default all 1.
-    method: ``'cat'``, ``'linear'`` or ``'svd'``.
-    rank: the target rank for ``'svd'``.
+    method: one of ``METHODS`` (see the module docstring).
+    rank: the target rank of the SVD methods.
+    density: fraction of entries the pruning methods keep.
+    seed: PRNG seed of the DARE methods.
 
   Returns:
     ``(adapters, spec)`` with ``Lora`` of scale 1.
@@ -152,4 +186,5 @@ def weighted_adapter(entries: Sequence[tuple[PyTree, spec_lib.LoraSpec]],
     factors.append(multi.lora_factors(adapters, spec, params))
   weights = [1.0] * len(entries) if weights is None else list(weights)
   return factors_to_adapters(
-      weighted_factors(factors, weights, method=method, rank=rank), params)
+      weighted_factors(factors, weights, method=method, rank=rank,
+                       density=density, seed=seed), params)
