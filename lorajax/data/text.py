@@ -51,13 +51,18 @@ def _plain(tokenizer: Tokenizer, max_len: int | None) -> Iterator[None]:
       tokenizer.enable_padding(**padding)
 
 
+def _str(t: str | bytes) -> str:
+  return t.decode('utf-8') if isinstance(t, bytes) else str(t)
+
+
 def tokenize(texts: Sequence[str], tokenizer: Tokenizer, *,
              max_len: int | None = None
              ) -> tuple[list[list[int]], list[list[int]]]:
   """Tokenizes texts without padding.
 
   Args:
-    texts: the strings.
+    texts: the strings, or ``(text, pair)`` tuples for sentence pairs
+      (a ``tokenizers.Tokenizer`` joins them with ``[SEP]`` and type ids).
     tokenizer: see the module docstring.
     max_len: truncate every sequence to this many tokens (None: no limit).
 
@@ -65,8 +70,8 @@ def tokenize(texts: Sequence[str], tokenizer: Tokenizer, *,
     ``(ids, type_ids)``: one list of ints per text each; ``type_ids`` are
     zeros when the tokenizer has none.
   """
-  texts = [t.decode('utf-8') if isinstance(t, bytes) else str(t)
-           for t in texts]
+  texts = [tuple(map(_str, t)) if isinstance(t, tuple) else _str(t)
+           for t in texts]   # A tuple is a sentence pair.
   with _plain(tokenizer, max_len):
     encodings = tokenizer.encode_batch(texts)
   ids, type_ids = [], []

@@ -172,6 +172,35 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.data.max_len = 64 if task == 'classification' else 128
   # Number of evaluation batches read from each split; None reads all.
   c.data.max_eval_batches = config_dict.placeholder(int)
+  # Rows from your own files instead of data.name: a file, a glob or a
+  # directory of JSONL, CSV/TSV, Parquet or plain-text (one row a line)
+  # files, converted once into array_record (lorajax.data.files); '' uses
+  # data.name.
+  c.data.path = ''
+  # 'jsonl', 'csv', 'tsv', 'parquet' or 'text'; '' from each extension.
+  c.data.format = ''
+  # Field (column) of the text, and of a second text for sentence pairs
+  # ('' for none).
+  c.data.text_field = 'text'
+  c.data.text_pair_field = ''
+  # Field of the label (classification): ints 0..K-1 or strings.
+  c.data.label_field = 'label'
+  # The classes in id order, comma-separated ('neg,pos'); '' takes int
+  # labels as they are and string labels sorted, from the training rows.
+  c.data.label_names = ''
+  # Validation / test rows from their own files; '' carves them from
+  # data.path by a seeded split of these fractions.
+  c.data.validation_path = ''
+  c.data.test_path = ''
+  c.data.validation_fraction = 0.1
+  c.data.test_fraction = 0.1
+  # Seed of that split (apart from config.seed: the test set stays put).
+  c.data.split_seed = 0
+  # Rows with the same value of this field stay in one split ('' by row).
+  c.data.group_field = ''
+  # Skip and count bad rows (missing field, unknown label, empty text,
+  # undecodable bytes); False stops at the first, naming file and line.
+  c.data.skip_bad_rows = False
 
   # The schedule of the run.
   # Examples per optimizer step.

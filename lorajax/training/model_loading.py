@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -79,25 +79,30 @@ def _arch(cfg: Any, drop: tuple[str, ...]) -> dict[str, Any]:
           if k not in drop and 'dropout' not in k}
 
 
-def load_minilm(config) -> Model:
+def load_minilm(config, labels: Sequence[str] = ()) -> Model:
   """all-MiniLM-L6-v2 (or a random BERT of ``config.model.size``) with a new
-  2-way classifier."""
+  classifier of ``len(labels)`` classes (2 when none are named); the names
+  go into ``info['labels']``."""
   m = config.model
+  num_labels = len(labels) or 2
   _check_size(m.size, m.pretrained)
   overrides = dict(dtype=jnp.dtype(m.dtype), hidden_dropout=m.dropout,
                    attention_dropout=m.dropout, pooling=m.pooling)
   key = jax.random.key(config.seed)
   if m.pretrained:
-    cfg, params = bert_loading.load_minilm(2, key=key, **overrides)
+    cfg, params = bert_loading.load_minilm(num_labels, key=key,
+                                           **overrides)
   else:
     if m.size == 'tiny':
       cfg = bert.BertConfig(hidden_size=32, num_layers=2, num_heads=4,
-                            intermediate_size=64, num_labels=2, **overrides)
+                            intermediate_size=64, num_labels=num_labels,
+                            **overrides)
     else:
-      cfg = bert.BertConfig.minilm_l6(num_labels=2, **overrides)
+      cfg = bert.BertConfig.minilm_l6(num_labels=num_labels, **overrides)
     params = bert.Bert(cfg).init(key, jnp.ones((1, 8), jnp.int32))['params']
   info = {'name': 'minilm', 'size': m.size,
-          **_arch(cfg, ('dtype', 'param_dtype'))}
+          **_arch(cfg, ('dtype', 'param_dtype')),
+          **({'labels': list(labels)} if labels else {})}
   return Model('minilm', bert.Bert(cfg), params, cfg, info,
                bert_tokenizer.bert_tokenizer(),
                params['embeddings']['word_embeddings']['embedding'])
@@ -136,8 +141,12 @@ _LOADERS = {'classification': ('minilm', load_minilm),
             'lm': ('smollm2', load_smollm2)}
 
 
-def load_model(config) -> Model:
+def load_model(config, labels: Sequence[str] = ()) -> Model:
   """The base model of ``config.task`` / ``config.model``.
+
+  ``labels``: a classifier's classes in id order (the data's, from
+  ``input_pipeline.label_names``, or a checkpoint's ``model['labels']``);
+  the head has one output each. Unused by the LM.
 
   Raises:
     ValueError: an unknown task, a model the task does not support, or a
@@ -150,4 +159,5 @@ def load_model(config) -> Model:
   if config.model.name != name:
     raise ValueError(f'model.name={config.model.name!r}; {config.task} '
                      f'supports {name!r}')
-  return load(config)
+  return load(config, labels) if config.task == 'classification' else load(
+      config)

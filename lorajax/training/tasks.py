@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -218,18 +218,23 @@ def lm_eval(trainable, frozen, batch, *, apply_fn):
   return {'loss_sum': jnp.sum(nll * mask), 'count': jnp.sum(mask)}
 
 
-def build_task(config, *, splits: Iterable[str] = SPLITS) -> Task:
+def build_task(config, *, splits: Iterable[str] = SPLITS,
+               labels: Sequence[str] | None = None) -> Task:
   """Loads the model, attaches the method and loads ``splits`` of the data.
 
   Args:
     config: the run config.
     splits: the data splits to tokenize; an evaluation passes the one it
       scores, ``()`` loads no data.
+    labels: a classifier's classes; None takes the data's
+      (``input_pipeline.label_names``), a saved run passes its own.
 
   Raises:
     ValueError: an unknown task or model, or a method that does not fit.
   """
-  model = model_loading.load_model(config)
+  if labels is None:
+    labels = input_pipeline.label_names(config)
+  model = model_loading.load_model(config, labels)
   method = attach.attach_method(config, model)
   data = input_pipeline.load_splits(config, model, splits)
   if config.task == 'classification':

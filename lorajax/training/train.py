@@ -56,6 +56,7 @@ from lorajax.training import metrics as metrics_lib
 from lorajax.training import model_loading
 from lorajax.training import optim
 from lorajax.training import parallel
+from lorajax.training import saved_run
 from lorajax.training import step as step_lib
 from lorajax.training import tasks
 
@@ -351,6 +352,8 @@ def _train(config, workdir: str, log_file: str, wall_start: float
       'trainable_params': int(n_train), 'all_params': int(n_all),
       'trainable_fraction': n_train / max(n_all, 1),
       'metric': task.metric, 'initial_validation': initial,
+      # A classifier's classes in id order (its head's outputs).
+      'labels': task.model_info.get('labels'),
       'best_validation': best, 'best_validation_step': best_step,
       'final_validation': final_val,
       # Test of the best validation checkpoint (step test_step), and of the
@@ -402,7 +405,8 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test',
     FileNotFoundError: no complete checkpoint in ``<workdir>/checkpoints``.
     ValueError: the checkpoint belongs to another spec or model.
   """
-  task = tasks.build_task(config, splits=(split,))
+  task = tasks.build_task(config, splits=(split,),
+                          labels=saved_run.labels(workdir, step))
   trainable, frozen = task.split_params()
   folder, step = _checkpoint_dir(workdir, step)
   trainable, _ = ckpt_lib.restore_trainable(
@@ -418,6 +422,17 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test',
 
 
 EXPORT_FORMATS = ('lorajax', 'peft', 'merged')
+
+
+def _name_labels(path: str, labels) -> None:
+  """Writes the classes' names as ``id2label``/``label2id`` of an exported
+  ``config.json`` (``io.export_merged`` writes ``LABEL_i``)."""
+  with open(path, encoding='utf-8') as f:
+    hf = json.load(f)
+  hf['id2label'] = {str(i): name for i, name in enumerate(labels)}
+  hf['label2id'] = {name: i for i, name in enumerate(labels)}
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(hf, f, indent=2)
 
 
 def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
@@ -453,7 +468,9 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
     raise ValueError(f'method {config.method!r} trains virtual tokens, '
                      'which training writes to <workdir>/prompts.npz; '
                      'there is no adapter file to export')
-  model = model_loading.load_model(config)   # No data: export scores none.
+  # No data: export scores none; a classifier's classes are in the meta.
+  labels = saved_run.labels(workdir, step) or ()
+  model = model_loading.load_model(config, labels)
   method = attach.attach_method(config, model)
   trainable, frozen = method.split_params()
   folder, step = _checkpoint_dir(workdir, step)
@@ -465,6 +482,8 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
   tuned = lorajax.combine(trainable['params'], frozen)   # what it ran with
   if fmt == 'merged':
     io_lib.export_merged(out, model.config, tuned, adapters, spec)
+    if labels:
+      _name_labels(os.path.join(out, 'config.json'), labels)
     return out
   base = lorajax.combine(trainable['params'],
                          lorajax.partition(method.original_params, spec)[1])
