@@ -34,7 +34,7 @@ LOW_RANK_METHODS = ('lora', 'dora', 'qlora', 'loha')
 PROMPT_METHODS = ('prompt', 'prefix')
 # The bottleneck rule helpers' name of each model.
 _ARCH = {'minilm': 'bert', 'smollm2': 'llama'}
-TASKS = ('classification', 'lm')
+TASKS = ('classification', 'lm', 'sft')
 MODES = ('jit', 'pmap', 'mesh')  # See lorajax.training.parallel.
 
 
@@ -42,7 +42,8 @@ def base_config(task: str) -> config_dict.ConfigDict:
   """The fields every run has, with defaults for ``task``; not locked.
 
   Args:
-    task: ``'classification'`` (BERT/MiniLM) or ``'lm'`` (Llama/SmolLM2).
+    task: ``'classification'`` (BERT/MiniLM), ``'lm'`` or ``'sft'``
+      (Llama/SmolLM2).
 
   Returns:
     An unlocked ``ConfigDict``; the caller edits it and locks it.
@@ -52,7 +53,8 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   # Name of the run, shown in the summary.
   c.name = task
-  # What is learned: 'classification' (sentence label) or 'lm' (next token).
+  # What is learned: 'classification' (sentence label), 'lm' (next token)
+  # or 'sft' (assistant replies of conversations).
   c.task = task
   # How steps run (lorajax.training.parallel): 'jit' on one device, 'pmap'
   # data parallel over local devices, or 'mesh' (jit over a data x model
@@ -88,6 +90,26 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # Sentence vector for the classifier: 'mean' over tokens, or 'cls' (the
   # pooler on [CLS]). Unused by the LM.
   c.model.pooling = 'mean'
+
+  # Chat fine-tuning (task 'sft', lorajax.training.sft); unused otherwise.
+  c.sft = config_dict.ConfigDict()
+  # Jinja chat template; '' takes the checkpoint's own (SmolLM2: the GGUF's
+  # tokenizer.chat_template, with its default system prompt).
+  c.sft.template = ''
+  # Train on the assistant tokens only (the replies and their end-of-turn
+  # token); False trains every token of the rendered conversation.
+  c.sft.assistant_only = True
+  # Pack several conversations a training row (segment ids: attention and
+  # positions never cross one); False puts one a row, padded.
+  c.sft.packing = True
+  # A system message put first in every conversation; None keeps the
+  # template's default.
+  c.sft.system = config_dict.placeholder(str)
+  # Labeled data (text + label) as instructions: the user turn, with
+  # {text}; '' when rows are messages or prompt/completion.
+  c.sft.prompt_format = ''
+  # The assistant's answer for each label id, comma-separated.
+  c.sft.label_names = ''
 
   # The rules: method, adapter targets, extra trained and frozen leaves.
   # 'lora', 'dora', 'qlora' or 'loha' (adapters on lora.targets +
@@ -161,7 +183,7 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # The data.
   c.data = config_dict.ConfigDict()
   # Dataset name in lorajax.data.sources.REGISTRY.
-  c.data.name = 'rotten_tomatoes' if task == 'classification' else 'shakespeare'
+  c.data.name = 'shakespeare' if task == 'lm' else 'rotten_tomatoes'
   # TFDS data dir; None builds/reads the offline corpora in the default.
   c.data.dir = config_dict.placeholder(str)
   # TFDS split names (slices such as 'train[:256]' work).

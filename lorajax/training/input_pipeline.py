@@ -34,6 +34,7 @@ from lorajax.data import files
 from lorajax.data import sources
 from lorajax.data import text
 from lorajax.training import model_loading
+from lorajax.training import sft
 
 Arrays = dict[str, np.ndarray]
 SPLITS = ('train', 'validation', 'test')
@@ -104,6 +105,9 @@ def load_split(config, model: model_loading.Model, split: str) -> Arrays:
       return _encode_file_rows(src, model.tokenizer, d.max_len)
   else:
     src = sources.get_source(d.name, d[f'{split}_split'], d.dir)
+  if config.task == 'sft':   # Conversations, chat template, packing.
+    return sft.encode_rows(config, model, [src[i] for i in range(len(src))],
+                           train=split == 'train')
   if config.task == 'classification':
     return text.encode_source(src, model.tokenizer, max_len=d.max_len)
   if config.task == 'lm':
@@ -111,7 +115,7 @@ def load_split(config, model: model_loading.Model, split: str) -> Arrays:
     return text.pack_lm(texts, model.tokenizer, seq_len=d.max_len,
                         eos_id=model.eos_id)
   raise ValueError(f"config.task={config.task!r}; expected 'classification' "
-                   "or 'lm'")
+                   "'lm' or 'sft'")
 
 
 def load_splits(config, model: model_loading.Model,

@@ -55,6 +55,8 @@ class Model:
     embedding: the word embedding table ``[vocab, hidden]`` (prompt tuning
       starts from it).
     eos_id: the end-of-sequence token id (decoders; None for encoders).
+    chat_template: the checkpoint's chat template (decoders), or None.
+    special_tokens: special token strings by name, for the template.
   """
   name: str
   module: nn.Module
@@ -64,6 +66,10 @@ class Model:
   tokenizer: Any
   embedding: jax.Array
   eos_id: int | None = None
+  # Decoders: the Jinja chat template the checkpoint ships, and the special
+  # tokens it may name ({'bos_token': ..., 'eos_token': ...}).
+  chat_template: str | None = None
+  special_tokens: dict[str, str] | None = None
 
 
 def _check_size(size: str, pretrained: bool) -> None:
@@ -117,7 +123,8 @@ def load_smollm2(config) -> Model:
   reader = llama_loading.as_reader(
       assets.asset_path('smollm2', llama_loading.SMOLLM2_GGUF))
   tok = bpe_tokenizer.gguf_tokenizer(reader)
-  eos = bpe_tokenizer.gguf_special_ids(reader)['eos']
+  special_ids = bpe_tokenizer.gguf_special_ids(reader)
+  eos = special_ids['eos']
   dtype = jnp.dtype(m.dtype)
   if m.pretrained:
     cfg, params = llama_loading.load_gguf_llama(reader, dtype=dtype)
@@ -133,12 +140,15 @@ def load_smollm2(config) -> Model:
                m.pretrained, time.perf_counter() - start)
   info = {'name': 'smollm2', 'size': m.size, **_arch(cfg, ('dtype', 'remat'))}
   return Model('smollm2', llama.Llama(cfg), params, cfg, info, tok,
-               params['embed']['embedding'], eos)
+               params['embed']['embedding'], eos,
+               bpe_tokenizer.gguf_chat_template(reader),
+               bpe_tokenizer.special_tokens_map(tok, special_ids))
 
 
 # The model each task trains, by config.task.
 _LOADERS = {'classification': ('minilm', load_minilm),
-            'lm': ('smollm2', load_smollm2)}
+            'lm': ('smollm2', load_smollm2),
+            'sft': ('smollm2', load_smollm2)}
 
 
 def load_model(config, labels: Sequence[str] = ()) -> Model:

@@ -15,6 +15,10 @@ A task is three separate steps put together, each usable alone:
   the ``[CLS]`` pooler) of a BERT encoder; cross entropy; accuracy.
 - ``lm``: next-token cross entropy of a Llama decoder on packed windows of
   text; perplexity.
+- ``sft``: chat fine-tuning of a Llama decoder (``lorajax.training.sft``):
+  conversations in the checkpoint's chat template, loss on assistant
+  tokens, packed with segment ids; accuracy is the exact match of greedy
+  answers.
 
 Parameter paths are those of the inner ``'params'`` dict
 (``encoder/layer_0/attention/query/kernel``, ``classifier/kernel``,
@@ -47,6 +51,7 @@ from lorajax.models import llama
 from lorajax.training import attach
 from lorajax.training import input_pipeline
 from lorajax.training import model_loading
+from lorajax.training import sft
 
 PyTree = Any
 Arrays = dict[str, np.ndarray]
@@ -121,7 +126,9 @@ def summarize(stats: dict[str, float]) -> dict[str, float]:
   """Turns summed stats into metrics: loss, and accuracy or perplexity."""
   count = max(stats['count'], 1.0)
   out = {'loss': stats['loss_sum'] / count}
-  if 'correct' in stats:
+  if 'exact' in stats:   # sft: greedy exact match, per conversation.
+    out['accuracy'] = stats['exact'] / max(stats['examples'], 1.0)
+  elif 'correct' in stats:
     out['accuracy'] = stats['correct'] / count
   else:
     out['perplexity'] = math.exp(min(out['loss'], 700.0))
@@ -245,6 +252,12 @@ def build_task(config, *, splits: Iterable[str] = SPLITS,
                 functools.partial(classification_loss, apply_fn=apply_fn),
                 functools.partial(classification_eval, apply_fn=apply_fn),
                 data, 'accuracy', 'attention_mask')
+  if config.task == 'sft':   # Trained tokens: the assistant's (mask).
+    apply_fn = lorajax.lora(sft.sft_apply(model.module), method.spec)
+    kw = dict(apply_fn=apply_fn, inputs_fn=_prompt_inputs)
+    return Task('sft', model, method, functools.partial(sft.sft_loss, **kw),
+                functools.partial(sft.sft_eval, **kw), data, 'accuracy',
+                'mask')
   apply_fn = lorajax.lora(lm_apply(model.module), method.spec)
   return Task('lm', model, method,
               functools.partial(lm_loss, apply_fn=apply_fn),

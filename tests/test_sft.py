@@ -1,0 +1,131 @@
+"""Chat SFT: assistant-only masks, packed == unpacked loss through the task,
+and the shipped config's smoke run."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from lorajax.data import chat
+from lorajax.training import sft
+from lorajax.training import tasks
+from lorajax.training import train
+
+from toy_models import load_config
+
+ROWS = [
+    {'text': 'A gorgeous, witty film.', 'label': 1},
+    {'text': 'Dull and far too long; I left early.', 'label': 0},
+    {'prompt': 'Summarize: the cat sat.', 'completion': 'A cat sat down.'},
+    {'messages': [
+        {'role': 'system', 'content': 'Answer briefly.'},
+        {'role': 'user', 'content': 'What is 2+2?'},
+        {'role': 'assistant', 'content': 'Four.'},
+        {'role': 'user', 'content': 'And 3+3?'},
+        {'role': 'assistant', 'content': 'Six.'}]},
+] * 3
+
+
+@pytest.fixture(scope='module')
+def tiny_task():
+  config = load_config('rt_smollm2_sft')
+  return config, tasks.build_task(config, splits=())
+
+
+def answers(row, config):
+  return [m['content'] for m in sft.conversations(config, [row])[0]
+          if m['role'] == 'assistant']
+
+
+@pytest.mark.parametrize('packed', [True, False])
+def test_trained_tokens_are_the_assistant_tokens(tiny_task, packed):
+  config, task = tiny_task
+  with config.unlocked():
+    config.sft.packing = packed
+  arrays = sft.encode_rows(config, task.model, ROWS, train=True)
+  tok = task.model.tokenizer
+  # Each reply: its own tokens and its <|im_end|>.
+  want = sum(len(tok.encode(a, add_special_tokens=False).ids) + 1
+             for r in ROWS for a in answers(r, config))
+  assert int(arrays['mask'].sum()) == want
+  trained = arrays['targets'][arrays['mask'] > 0]
+  assert tok.decode(trained.tolist(), skip_special_tokens=False).count(
+      '<|im_end|>') == sum(len(answers(r, config)) for r in ROWS)
+  with config.unlocked():
+    config.sft.assistant_only = False
+  everything = sft.encode_rows(config, task.model, ROWS, train=True)
+  assert everything['mask'].sum() == (everything['segment_ids'] > 0).sum()
+  with config.unlocked():
+    config.sft.assistant_only, config.sft.packing = True, True
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_task):
+  config, task = tiny_task
+  trainable, frozen = task.split_params()
+  # Non-zero adapters so that LoRA takes part in the comparison.
+  trainable = jax.tree.map(lambda x: x + 0.05, trainable)
+  packed = sft.encode_rows(config, task.model, ROWS, train=True)
+  with config.unlocked():
+    config.sft.packing = False
+  padded = sft.encode_rows(config, task.model, ROWS, train=True)
+  with config.unlocked():
+    config.sft.packing = True
+  assert len(packed['inputs']) < len(padded['inputs'])
+  key = jax.random.key(0)
+  loss_p, stats_p = task.loss_fn(trainable, frozen, packed, key)
+  loss_u, stats_u = task.loss_fn(trainable, frozen, padded, key)
+  assert float(stats_p['count']) == float(stats_u['count'])
+  np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_exact_match_counts_rows_whose_answer_is_the_argmax(tiny_task):
+  config, task = tiny_task
+  trainable, frozen = task.split_params()
+  rows = sft.encode_rows(config, task.model, ROWS[:2], train=False)
+  stats = task.eval_fn(trainable, frozen, rows)
+  assert float(stats['examples']) == 2.0
+  # Make the targets the model's own argmax: every row is then exact.
+  logits = task.model.module.apply({'params': task.params}, rows['inputs'],
+                                   segment_ids=rows['segment_ids'])
+  rows = dict(rows, targets=np.asarray(logits.argmax(-1), np.int32))
+  stats = task.eval_fn(trainable, frozen, rows)
+  assert float(stats['exact']) == 2.0
+  assert tasks.summarize(stats)['accuracy'] == 1.0
+
+
+def test_greedy_generation_uses_the_chat_template(tiny_task):
+  config, task = tiny_task
+  module = task.model.module
+
+  def apply(p, *args, **kw):
+    return module.apply({'params': p}, *args, **kw)
+  out = sft.generate_answers(config, task.model, apply, task.params,
+                             ROWS[:3], max_new_tokens=2, batch_size=2)
+  assert len(out) == 3 and all(isinstance(a, str) for a in out)
+
+
+def test_smoke_config_trains_and_scores_exact_match(tmp_path):
+  config = load_config('rt_smollm2_sft')
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['metric'] == 'accuracy'
+  assert 0.0 <= summary['test']['accuracy'] <= 1.0
+  assert summary['initial_validation'] is not None
+  assert summary['tokens_per_sec'] > 0
+
+
+def test_template_override_and_missing_template(tiny_task):
+  config, task = tiny_task
+  with config.unlocked():
+    config.sft.template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+  try:
+    assert sft.chat_template(config, task.model).render(
+        [{'role': 'user', 'content': 'x'}]) == 'x|'
+  finally:
+    with config.unlocked():
+      config.sft.template = ''
+  bare = dataclasses.replace(task.model, chat_template=None)
+  with pytest.raises(ValueError, match='ships no chat template'):
+    sft.chat_template(config, bare)
+  assert isinstance(sft.chat_template(config, task.model), chat.ChatTemplate)
