@@ -10,9 +10,16 @@ and listed in ``modules_to_save``. The config gives ``r``, ``lora_alpha``,
 has ``lora_magnitude_vector``, DoRA's ``m`` ``[out]``), per-module
 ``rank_pattern`` / ``alpha_pattern`` and ``target_modules``.
 
-``export_peft`` writes lorajax ``Lora`` (or ``Dora``) adapters of the shipped
-BERT and Llama models in that form; ``import_peft`` reads such a directory
-into a spec, adapters and trained leaves. What PEFT can say and lorajax
+IA3 directories (``peft_type: IA3``) hold ``<module>.ia3_l``, ``[out, 1]``
+for a scaled output and ``[1, in]`` for a scaled input (the modules listed in
+``feedforward_modules``). LoHa directories (``LOHA``) hold
+``<module>.hada_w1_a`` (``b₁ᵀ``, ``[out, r]``), ``hada_w1_b`` (``a₁ᵀ``,
+``[r, in]``) and the same for 2, with ``r``/``alpha`` (scale alpha/r) and
+their patterns.
+
+``export_peft`` writes lorajax ``Lora`` (or ``Dora``), ``Ia3`` or ``LoHa``
+adapters of the shipped BERT and Llama models in that form; ``import_peft``
+reads such a directory into a spec, adapters and trained leaves. What PEFT can say and lorajax
 cannot (another method, LoRA on embeddings, LoRA biases) is an error that
 names it, and so is what lorajax computes and a PEFT model would not (a
 mean-pooling BERT, adapters trained on a quantized base, bottleneck
@@ -30,6 +37,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import pathlib
 import re
 from typing import Any
@@ -41,6 +49,8 @@ from lorajax import spec_paths
 from lorajax.io import adapter_files
 from lorajax.io import hf_models
 from lorajax.methods import dora as dora_lib
+from lorajax.methods import ia3 as ia3_lib
+from lorajax.methods import loha as loha_lib
 from lorajax.methods import low_rank as lora_lib
 from lorajax.methods import pissa
 from lorajax.methods import qlora
@@ -49,6 +59,10 @@ PyTree = Any
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
 PREFIX = 'base_model.model.'
+PEFT_TYPES = ('LORA', 'IA3', 'LOHA')
+# Tensor names of each method's factors (after the module name).
+_FACTOR = re.compile(r'(.+)\.(lora_A|lora_B|ia3_l|hada_w[12]_[ab]|hada_t[12])'
+                     r'(?:\.[^.]+)?(?:\.weight)?')
 # Config fields that change what a LoRA adapter computes and that lorajax's
 # Lora does not implement: (field, value that is fine).
 _MUST_BE = (('fan_in_fan_out', False), ('bias', 'none'),
@@ -144,11 +158,17 @@ def export_peft(directory: str | pathlib.Path, config: Any,
           f'LoRA adapter on the float base it loads, whose logits differ by '
           f'the quantization error. Export format \'merged\' (the adapter '
           f'folded into the dequantized kernels) instead')
-    if not isinstance(provider, (lora_lib.Lora, dora_lib.Dora)):
+    if not isinstance(provider, (lora_lib.Lora, dora_lib.Dora, ia3_lib.Ia3,
+                                 loha_lib.LoHa)):
       raise PeftFormatError(
-          f'{path}: {type(provider).__name__} adapters cannot be written as '
-          f'PEFT LoRA; only Lora and Dora adapters are exported')
+          f'{path}: {type(provider).__name__} adapters have no PEFT format '
+          f'lorajax writes; Lora, Dora, Ia3 and LoHa adapters are exported')
     providers[path] = provider
+  kinds = {_peft_type(p) for p in providers.values()}
+  if len(kinds) > 1:
+    raise PeftFormatError(f'a PEFT directory holds one method; this spec '
+                          f'mixes {sorted(kinds)}')
+  peft_type = kinds.pop() if kinds else 'LORA'
   quantized = [p for p, leaf in spec_lib.flatten_paths(params)
                if isinstance(leaf, spec_lib.FrozenKernel)]
   if quantized:
@@ -157,7 +177,8 @@ def export_peft(directory: str | pathlib.Path, config: Any,
         f'{quantized[0]}); PEFT would load the float base, so its logits '
         f'would differ. Export format \'merged\', or pass the float base')
   for what, values in (
-      ('use_rslora', {p.use_rslora for p in providers.values()}),
+      ('use_rslora', {getattr(p, 'use_rslora', False)
+                      for p in providers.values()}),
       ('use_dora', {isinstance(p, dora_lib.Dora) for p in providers.values()})):
     if len(values) > 1:
       raise PeftFormatError(f'PEFT has one {what} setting per adapter; this '
@@ -174,13 +195,21 @@ def export_peft(directory: str | pathlib.Path, config: Any,
         raise PeftFormatError(f'{layer_path}: no Hugging Face module for this '
                               f'kernel in {hf.architecture}')
       module = hf.module_of(layer_path)
+      layout = getattr(spec_lib.get_by_path(unscanned, layer_path),
+                       'layout', None)
+      if peft_type != 'LORA':
+        if peft_type == 'IA3' and not provider.feedforward:
+          _check_no_bias(hf, params, module)
+        tensors.update(_method_tensors(
+            peft_type, provider, module, layer_path, flat_ad, layout,
+            shapes[layer_path]))
+        targets[module] = provider
+        continue
       a = np.asarray(flat_ad[f'{layer_path}/a'], np.float32)
       b = np.asarray(flat_ad[f'{layer_path}/b'], np.float32)
       if a.ndim != 2 or b.ndim != 2:
         raise PeftFormatError(f'{layer_path}: adapter factors {a.shape}, '
                               f'{b.shape} are not 2-D')
-      layout = getattr(spec_lib.get_by_path(unscanned, layer_path),
-                       'layout', None)
       if layout is not None and (layout.contract, layout.free,
                                  layout.batch) != ((0,), (1,), ()):
         raise PeftFormatError(
@@ -218,10 +247,20 @@ def export_peft(directory: str | pathlib.Path, config: Any,
     for key, value in state.items():
       if key.rsplit('.', 1)[0] == module:
         tensors[f'{PREFIX}{key}'] = value
+  universe = sorted(hf.kernel_modules())
+  common_cfg = {
+      'task_type': hf.task_type,
+      'base_model_name_or_path': base_model_name_or_path,
+      'modules_to_save': sorted(saved) or None, 'inference_mode': True,
+      'revision': None,
+  }
+  if peft_type != 'LORA':
+    cfg = {**_method_config(peft_type, targets, universe), **common_cfg}
+    hf_models.write_files(directory, {WEIGHTS_FILE: tensors, CONFIG_FILE: cfg})
+    return pathlib.Path(directory)
   common = collections.Counter(
       (r, a) for r, a, _ in targets.values()).most_common(1)
   r, alpha = common[0][0] if common else (8, 8)
-  universe = sorted(hf.kernel_modules())
   cfg = {
       'peft_type': 'LORA', 'task_type': hf.task_type,
       'base_model_name_or_path': base_model_name_or_path,
@@ -239,6 +278,90 @@ def export_peft(directory: str | pathlib.Path, config: Any,
   }
   hf_models.write_files(directory, {WEIGHTS_FILE: tensors, CONFIG_FILE: cfg})
   return pathlib.Path(directory)
+
+
+def _peft_type(provider: Any) -> str:
+  if isinstance(provider, ia3_lib.Ia3):
+    return 'IA3'
+  if isinstance(provider, loha_lib.LoHa):
+    return 'LOHA'
+  return 'LORA'
+
+
+def _bias_path(hf: hf_models.HfModel, module: str) -> str | None:
+  """The Flax path of ``module``'s bias, if the model has one."""
+  for path, key in hf.keys.items():
+    if key == f'{module}.bias':
+      return path
+  return None
+
+
+def _check_no_bias(hf: hf_models.HfModel, params: PyTree, module: str) -> None:
+  """PEFT's IA3 scales a module's whole output, ``(x·W + b)·l``; lorajax's
+  ``Ia3`` scales ``x·W``. They agree only where the bias is zero."""
+  path = _bias_path(hf, module)
+  if path is not None and np.any(np.asarray(spec_lib.get_by_path(params,
+                                                                 path))):
+    raise PeftFormatError(
+        f'{module}: PEFT\'s IA3 scales the module\'s output with its bias, '
+        f'(x·W + b)·l, and lorajax\'s Ia3 scales x·W only; with the non-zero '
+        f'bias {path} the PEFT model would differ. Use Ia3(feedforward=True) '
+        f'there, or export format \'merged\'')
+
+
+def _method_tensors(peft_type: str, provider: Any, module: str,
+                    layer_path: str, flat_ad: dict[str, Any], layout: Any,
+                    kernel: tuple[int, int]) -> dict[str, np.ndarray]:
+  """The PEFT tensors of one module's IA3 or LoHa adapter."""
+  if layout is not None and (layout.contract, layout.free,
+                             layout.batch) != ((0,), (1,), ()):
+    raise PeftFormatError(
+        f'{layer_path}: the adapter was made for the kernel used as '
+        f'{layout.describe()}, but {module} is a Linear that PEFT adapts as '
+        f'[in, out]; its logits would differ')
+  get = lambda name: np.asarray(flat_ad[f'{layer_path}/{name}'], np.float32)  # pylint: disable=unnecessary-lambda-assignment
+  if peft_type == 'IA3':
+    l = get('l')
+    want = kernel[0] if provider.feedforward else kernel[1]
+    if l.shape != (want,):
+      raise PeftFormatError(f'{layer_path}: IA3 scale of shape {l.shape} '
+                            f'does not fit the [in, out] = {kernel} kernel')
+    shape = (1, want) if provider.feedforward else (want, 1)
+    return {f'{PREFIX}{module}.ia3_l': np.ascontiguousarray(l.reshape(shape))}
+  out = {}
+  for i in (1, 2):
+    a, b = get(f'a{i}'), get(f'b{i}')
+    if (a.shape[0], b.shape[1]) != kernel:
+      raise PeftFormatError(f'{layer_path}: LoHa factors a{i} {a.shape}, '
+                            f'b{i} {b.shape} do not fit the kernel {kernel}')
+    out[f'{PREFIX}{module}.hada_w{i}_a'] = np.ascontiguousarray(b.T)
+    out[f'{PREFIX}{module}.hada_w{i}_b'] = np.ascontiguousarray(a.T)
+  return out
+
+
+def _method_config(peft_type: str, targets: dict[str, Any],
+                   universe: list[str]) -> dict[str, Any]:
+  """``adapter_config.json`` fields of an IA3 or LoHa adapter."""
+  modules = sorted(targets)
+  if peft_type == 'IA3':
+    ff = sorted(m for m, p in targets.items() if p.feedforward)
+    return {'peft_type': 'IA3', 'target_modules': _target_modules(
+        modules, universe), 'feedforward_modules': (
+            _target_modules(ff, universe) if ff else []),
+            'fan_in_fan_out': False, 'init_ia3_weights': True}
+  groups = collections.Counter(
+      (p.rank, p.rank if p.alpha is None else p.alpha)
+      for p in targets.values())
+  r, alpha = groups.most_common(1)[0][0]
+  return {'peft_type': 'LOHA', 'r': int(r), 'alpha': float(alpha),
+          'target_modules': _target_modules(modules, universe),
+          'rank_pattern': {m: int(p.rank) for m, p in targets.items()
+                           if p.rank != r},
+          'alpha_pattern': {m: float(p.alpha or p.rank)
+                            for m, p in targets.items()
+                            if (p.alpha or p.rank) != alpha},
+          'rank_dropout': 0.0, 'module_dropout': 0.0,
+          'use_effective_conv2d': False, 'init_weights': True}
 
 
 def _unscanned_paths(hf: hf_models.HfModel, path: str) -> list[str]:
@@ -262,12 +385,47 @@ def _with_dense_layouts(adapters: PyTree) -> PyTree:
   out]`` when the layers are scanned), and PEFT's factors were transposed
   into that orientation above."""
   def wrap(node):
-    if isinstance(node, dict) and 'a' in node and 'b' in node:
-      stack = np.ndim(node['a']) - 2
+    if node and not any(isinstance(v, dict) for v in node.values()):
+      # a [.., in, r] (LoRA, LoHa's a1) or IA3's l [.., n]: count the stack.
+      probe = node.get('a', node.get('a1'))
+      stack = (np.ndim(node['l']) - 1 if probe is None
+               else np.ndim(probe) - 2)
       return spec_lib.AdapterParams(
           node, layout=spec_lib.KernelLayout(stack, (0,), (1,)))
     return {k: wrap(v) for k, v in node.items()}
   return wrap(adapters)
+
+
+def _check_numbers(cfg: Any, path: pathlib.Path) -> None:
+  """Raises PeftFormatError naming the file and field of a malformed rank or
+  alpha (``lora_alpha: null``, ``r: "eight"``), before anything uses it."""
+  if not isinstance(cfg, dict):
+    raise PeftFormatError(f'{path}: expected a JSON object, got '
+                          f'{type(cfg).__name__}')
+
+  def rank_ok(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+  def alpha_ok(v):
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v))
+
+  checks = (('r', rank_ok, 'an integer >= 1 (the rank)'),
+            ('lora_alpha', alpha_ok, 'a finite number (the scale numerator)'),
+            ('alpha', alpha_ok, 'a finite number (the scale numerator)'))
+  for field, ok, expected in checks:
+    if field in cfg and not ok(cfg[field]):
+      raise PeftFormatError(f'{path}: {field}={cfg[field]!r}: expected '
+                            f'{expected}')
+  for field, ok in (('rank_pattern', rank_ok), ('alpha_pattern', alpha_ok)):
+    pattern = cfg.get(field) or {}
+    if not isinstance(pattern, dict):
+      raise PeftFormatError(f'{path}: {field}={pattern!r}: expected an '
+                            'object of module pattern -> value')
+    for key, value in pattern.items():
+      if not ok(value):
+        raise PeftFormatError(f'{path}: {field}[{key!r}]={value!r}: expected '
+                              f'{"an integer >= 1" if ok is rank_ok else "a finite number"}')
 
 
 def _read_config(directory: pathlib.Path) -> dict[str, Any]:
@@ -278,11 +436,16 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     cfg = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise PeftFormatError(f'{path} is not JSON: {e}') from None
+  _check_numbers(cfg, path)
   kind = cfg.get('peft_type')
-  if kind != 'LORA':
+  if kind not in PEFT_TYPES:
     raise PeftFormatError(
-        f'{path}: peft_type {kind!r} is not supported; lorajax imports LORA '
-        f'adapters only')
+        f'{path}: peft_type {kind!r} is not supported; lorajax imports '
+        f'{", ".join(PEFT_TYPES)} adapters')
+  if kind == 'IA3' and cfg.get('fan_in_fan_out'):
+    raise PeftFormatError(f'{path}: fan_in_fan_out=True is not supported')
+  if kind != 'LORA':
+    return cfg
   for field, fine in _MUST_BE:
     value = cfg.get(field, fine)
     if value != fine and not (fine is None and not value):
@@ -323,9 +486,13 @@ def import_peft(directory: str | pathlib.Path, config: Any,
   lora, saved = collections.defaultdict(dict), {}
   for key, value in tensors.items():
     name = key.removeprefix(PREFIX)
-    m = (re.fullmatch(r'(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight', name)
+    m = (_FACTOR.fullmatch(name)
          or re.fullmatch(r'(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?'
                          r'(?:\.weight)?', name))
+    if m and m.group(2).startswith('hada_t'):
+      raise PeftFormatError(
+          f'{directory / WEIGHTS_FILE}: {key!r} is a LoHa CP-decomposition '
+          f'core (convolutions); lorajax imports LoHa of Linear layers only')
     if m:
       lora[m.group(1)][m.group(2)] = np.asarray(value, np.float32)
     elif re.search(r'lora_embedding_|\.lora_', name):
@@ -339,6 +506,46 @@ def import_peft(directory: str | pathlib.Path, config: Any,
       raise PeftFormatError(
           f'{directory / WEIGHTS_FILE}: tensor {key!r} is neither a LoRA '
           f'factor nor a parameter of {hf.architecture}')
+  if cfg['peft_type'] != 'LORA':
+    adapters, groups, folded = _import_method(cfg, lora, modules, directory,
+                                              hf, params)
+    saved.update(folded)
+  else:
+    adapters, groups = _import_lora(cfg, lora, modules, hf)
+  if not adapters:
+    raise PeftFormatError(f'{directory / WEIGHTS_FILE} holds no adapter '
+                          f'factors')
+  trained = {}
+  for path, value in saved.items():
+    spec_lib.set_by_path(trained, path, value.T if hf.is_kernel(path)
+                         else value)
+  universe = sorted(hf.keys)
+  rules = [(spec_paths.exact_regex(paths, universe), provider)
+           for provider, paths in sorted(groups.items(), key=repr)]
+  if saved:
+    rules.append((spec_paths.exact_regex(saved, universe), spec_lib.TRAIN))
+  rules.append(('.*', spec_lib.FREEZE))
+  if hf.scanned:
+    try:
+      adapters, trained = hf.rescan(adapters), hf.rescan(trained)
+    except ValueError as e:
+      raise PeftFormatError(f'{directory}: adapters of some layers only '
+                            f'cannot be stacked for scan_layers=True: {e}'
+                            ) from None
+    rules = [(p.replace(r'layers_\d+', 'layers'), a) for p, a in rules]
+  adapters = _with_dense_layouts(adapters)
+  spec = spec_lib.LoraSpec(rules)
+  if params is not None:
+    try:
+      spec_lib.resolve(spec, params)
+    except ValueError as e:
+      raise PeftFormatError(f'{directory}: the adapter does not fit these '
+                            f'params: {e}') from None
+  return PeftAdapter(spec, adapters, trained, cfg)
+
+
+def _import_lora(cfg, lora, modules, hf):
+  """LoRA/DoRA factors per module: ``(adapters, provider -> paths)``."""
   adapters, groups = {}, collections.defaultdict(list)
   use_rslora = bool(cfg.get('use_rslora', False))
   use_dora = bool(cfg.get('use_dora', False))
@@ -369,36 +576,74 @@ def import_peft(directory: str | pathlib.Path, config: Any,
     if use_dora:
       ad['m'] = pair['lora_magnitude_vector'].reshape(b.shape[1:])
     spec_lib.set_by_path(adapters, path, ad)
-    groups[(r, float(alpha))].append(path)
-  if not adapters:
-    raise PeftFormatError(f'{directory / WEIGHTS_FILE} holds no LoRA factors')
-  trained = {}
-  for path, value in saved.items():
-    spec_lib.set_by_path(trained, path, value.T if hf.is_kernel(path)
-                         else value)
-  universe = sorted(hf.keys)
-  method = dora_lib.Dora if use_dora else lora_lib.Lora
-  rules = [(spec_paths.exact_regex(paths, universe),
-            method(rank=r, alpha=alpha, use_rslora=use_rslora,
-                   dropout=float(cfg.get('lora_dropout') or 0.0)))
-           for (r, alpha), paths in sorted(groups.items())]
-  if saved:
-    rules.append((spec_paths.exact_regex(saved, universe), spec_lib.TRAIN))
-  rules.append(('.*', spec_lib.FREEZE))
-  if hf.scanned:
-    try:
-      adapters, trained = hf.rescan(adapters), hf.rescan(trained)
-    except ValueError as e:
-      raise PeftFormatError(f'{directory}: adapters of some layers only '
-                            f'cannot be stacked for scan_layers=True: {e}'
-                            ) from None
-    rules = [(p.replace(r'layers_\d+', 'layers'), a) for p, a in rules]
-  adapters = _with_dense_layouts(adapters)
-  spec = spec_lib.LoraSpec(rules)
-  if params is not None:
-    try:
-      spec_lib.resolve(spec, params)
-    except ValueError as e:
-      raise PeftFormatError(f'{directory}: the adapter does not fit these '
-                            f'params: {e}') from None
-  return PeftAdapter(spec, adapters, trained, cfg)
+    method = dora_lib.Dora if use_dora else lora_lib.Lora
+    groups[method(rank=r, alpha=float(alpha), use_rslora=use_rslora,
+                  dropout=float(cfg.get('lora_dropout') or 0.0))].append(path)
+  return adapters, groups
+
+
+def _matches(patterns: Any, module: str) -> bool:
+  """PEFT's target matching: a regex string (full match) or name suffixes."""
+  if not patterns:
+    return False
+  if isinstance(patterns, str):
+    return re.fullmatch(patterns, module) is not None
+  return any(module == p or module.endswith('.' + p) for p in patterns)
+
+
+def _import_method(cfg, found, modules, directory, hf, params):
+  """IA3 or LoHa factors per module: ``(adapters, provider -> paths,
+  folded biases)``.
+
+  PEFT's IA3 scales a non-feed-forward module's output with its bias,
+  ``(x·W + b)·l``; lorajax's ``Ia3`` scales ``x·W``, so the scaled bias
+  ``b·l`` is returned as a trained leaf (exact, and it needs ``params``).
+  """
+  kind = cfg['peft_type']
+  adapters, groups, folded = {}, collections.defaultdict(list), {}
+  want = {'ia3_l'} if kind == 'IA3' else {'hada_w1_a', 'hada_w1_b',
+                                         'hada_w2_a', 'hada_w2_b'}
+  for module, parts in sorted(found.items()):
+    if module not in modules:
+      raise PeftFormatError(
+          f'{directory}: target module {module!r} is not a Linear kernel of '
+          f'this model; kernels: {sorted(modules)[:6]} ...')
+    if set(parts) != want:
+      raise PeftFormatError(f'{directory}: {module} has {sorted(parts)} but '
+                            f'a {kind} adapter needs {sorted(want)}')
+    path = modules[module]
+    if kind == 'IA3':
+      l = parts['ia3_l']
+      feedforward = _matches(cfg.get('feedforward_modules'), module)
+      if l.ndim != 2 or l.shape[0 if feedforward else 1] != 1:
+        raise PeftFormatError(
+            f'{directory}: {module}.ia3_l has shape {l.shape}, but the '
+            f'config says the module is '
+            f'{"" if feedforward else "not "}a feed-forward module '
+            f'({"[1, in]" if feedforward else "[out, 1]"})')
+      spec_lib.set_by_path(adapters, path, {'l': l.reshape(-1)})
+      groups[ia3_lib.Ia3(feedforward=feedforward)].append(path)
+      bias = None if feedforward else _bias_path(hf, module)
+      if bias is not None:
+        if params is None:
+          raise PeftFormatError(
+              f'{directory}: IA3 scales {module} with its bias; pass the '
+              f'base params to import_peft so the scaled bias can be kept')
+        folded[bias] = np.asarray(spec_lib.get_by_path(params, bias),
+                                  np.float32) * l.reshape(-1)
+      continue
+    r = parts['hada_w1_a'].shape[1]
+    r_cfg = _pattern_value(cfg.get('rank_pattern') or {}, module, cfg.get('r'))
+    if r_cfg is not None and int(r_cfg) != r:
+      raise PeftFormatError(f'{directory}: {module} has LoHa rank {r} but '
+                            f'the config says r={r_cfg}')
+    alpha = _pattern_value(cfg.get('alpha_pattern') or {}, module,
+                           cfg.get('alpha', r))
+    if alpha is None or not isinstance(alpha, (int, float)):
+      raise PeftFormatError(f'{directory}: alpha={alpha!r} for {module} is '
+                            f'not a number')
+    spec_lib.set_by_path(adapters, path, {
+        'a1': parts['hada_w1_b'].T, 'b1': parts['hada_w1_a'].T,
+        'a2': parts['hada_w2_b'].T, 'b2': parts['hada_w2_a'].T})
+    groups[loha_lib.LoHa(rank=int(r), alpha=float(alpha))].append(path)
+  return adapters, groups, folded
