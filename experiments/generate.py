@@ -9,7 +9,8 @@ against the base) or a Hugging Face PEFT directory (``adapter_config.json``);
 without it the base model runs. Decoding uses the KV cache of
 ``lorajax.models.lm.generate``: greedy at ``--temperature=0`` (default), else
 temperature and nucleus (``--top_p``) sampling. The prompt is wrapped in the
-model's chat template unless ``--nochat``.
+checkpoint's own chat template (the GGUF's, with SmolLM2's default system
+prompt unless ``--system``) unless ``--nochat``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 
 from lorajax import assets
 from lorajax import rewrite
+from lorajax.data import chat as chat_lib
 from lorajax.io import adapter_files
 from lorajax.io import peft_format
 from lorajax.models import bpe_tokenizer
@@ -44,7 +46,8 @@ _CHAT = flags.DEFINE_bool('chat', True, 'Wrap the prompt in the chat template.')
 _CHECK = flags.DEFINE_bool('check_weights', True, 'Refuse a lorajax adapter '
                            'made for other base weights.')
 
-CHAT_TEMPLATE = '<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n'
+_SYSTEM = flags.DEFINE_string('system', None, 'A system message; none keeps '
+                              "the chat template's default.")
 
 
 def load_adapter(directory: str | pathlib.Path, config: llama.LlamaConfig,
@@ -83,7 +86,8 @@ def adapted_apply(config: llama.LlamaConfig, params: Any, bundle: Any
 def generate_text(prompt: str, *, adapter: str | None = None,
                   max_new_tokens: int = 48, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int = 0, chat: bool = True,
-                  check_weights: bool = True) -> tuple[str, dict[str, float]]:
+                  check_weights: bool = True, system: str | None = None
+                  ) -> tuple[str, dict[str, float]]:
   """Returns the generated text and timing figures."""
   start = time.perf_counter()
   reader = llama_loading.as_reader(
@@ -94,8 +98,18 @@ def generate_text(prompt: str, *, adapter: str | None = None,
   bundle = None if adapter is None else load_adapter(
       adapter, config, params, check_weights=check_weights)
   apply, tree = adapted_apply(config, params, bundle)
-  text = CHAT_TEMPLATE.format(prompt=prompt) if chat else prompt
-  ids = jnp.asarray([tokenizer.encode(text).ids], jnp.int32)
+  if chat:   # The checkpoint's own template (SmolLM2: with its system prompt).
+    template = chat_lib.ChatTemplate(
+        bpe_tokenizer.gguf_chat_template(reader),
+        bpe_tokenizer.special_tokens_map(tokenizer, specials))
+    messages = [{'role': 'user', 'content': prompt}]
+    if system is not None:
+      messages.insert(0, {'role': 'system', 'content': system})
+    ids, _ = chat_lib.encode_chat(tokenizer, template, messages,
+                                  add_generation_prompt=True)
+  else:
+    ids = tokenizer.encode(prompt).ids
+  ids = jnp.asarray([ids], jnp.int32)
   loaded = time.perf_counter()
   rng = jax.random.key(seed) if temperature > 0 else None
   out = lm.generate(apply, tree, ids, max_new_tokens, temperature=temperature,
@@ -115,7 +129,7 @@ def main(argv):
   text, stats = generate_text(
       _PROMPT.value, adapter=_ADAPTER.value, max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value,
-      chat=_CHAT.value, check_weights=_CHECK.value)
+      chat=_CHAT.value, check_weights=_CHECK.value, system=_SYSTEM.value)
   print(text)
   print(f'\n[{stats["prompt_tokens"]} prompt tokens, {stats["new_tokens"]} '
         f'generated in {stats["generate_s"]:.1f}s (compilation included); '
