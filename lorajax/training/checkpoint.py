@@ -7,6 +7,8 @@ step, written with ``ocp.args.Composite``)::
   opt/        StandardSave  {'opt_state': ..., 'step': int32, 'rng': uint32[2]}
   meta/       JsonSave      {'step', 'data_state', 'spec', 'model', 'shapes',
                              'config', 'lorajax_version'}
+  lorajax_manifest.json     size and sha256 of every file above, written
+                            last (``integrity``; ``seal_finished``)
 
 ``meta['spec']`` is the spec as ``lorajax.io.spec_json`` writes it (the same
 JSON adapter files carry), built by ``make_meta``.
@@ -20,6 +22,10 @@ and steps saved between validations (no metric) would be kept forever or
 dropped. A separate folder keeps "resume" and "best" apart at the cost of
 one adapter-sized write per improvement; ``keep_only`` prunes it when the
 run resumes (to the best step its checkpoint records) and when it ends.
+
+``restore_latest`` takes the newest step whose files match its manifest;
+a damaged one is named, moved to ``<workdir>/damaged_checkpoints`` and
+passed over for the next older one.
 
 ``trainable/`` alone is what ships: ``restore_trainable`` puts it back onto a
 base for evaluation. A save killed half-way leaves a
@@ -44,8 +50,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -53,6 +60,7 @@ import orbax.checkpoint as ocp
 from lorajax import spec as spec_lib
 from lorajax import adapters as adapters_lib
 from lorajax.io import spec_json
+from lorajax.training import integrity
 from lorajax.training import step as step_lib
 
 PyTree = Any
@@ -118,6 +126,7 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
       trainable=ocp.args.StandardSave(state.trainable),
       opt=ocp.args.StandardSave(opt),
       meta=ocp.args.JsonSave(dict(meta, step=step))))
+  seal_finished(manager)   # At once when the save was synchronous.
 
 
 def save_best(manager: ocp.CheckpointManager, trainable: PyTree,
@@ -141,6 +150,7 @@ def save_best(manager: ocp.CheckpointManager, trainable: PyTree,
       trainable=ocp.args.StandardSave(trainable),
       meta=ocp.args.JsonSave(dict(meta, step=step))))
   manager.wait_until_finished()
+  seal_finished(manager)
 
 
 def keep_only(manager: ocp.CheckpointManager, step: int | None) -> None:
@@ -211,41 +221,117 @@ def check_compatible(stored: dict[str, Any], expected: dict[str, Any],
                      '. Use a fresh --workdir or the config that wrote it')
 
 
+def seal_finished(manager: ocp.CheckpointManager) -> list[int]:
+  """Seals (``integrity.seal``) every finished step that has no manifest.
+
+  Called after each training step and at the end of a run: a save runs in
+  the background, and its manifest can be written only once Orbax has
+  renamed it into place. Returns the steps sealed (none while a save is in
+  progress, and none on a process other than 0).
+  """
+  if manager.is_saving_in_progress() or jax.process_index() != 0:
+    return []
+  sealed = []
+  for step in manager.all_steps():
+    folder = os.path.join(str(manager.directory), str(step))
+    if os.path.isdir(folder) and not integrity.is_sealed(folder):
+      integrity.seal(folder)
+      sealed.append(step)
+  return sealed
+
+
+def _read_step_meta(manager: ocp.CheckpointManager, step: int
+                    ) -> dict[str, Any]:
+  return manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta']
+
+
 def restore_latest(manager: ocp.CheckpointManager,
-                   target: step_lib.TrainState, expected: dict[str, Any]
+                   target: step_lib.TrainState, expected: dict[str, Any],
+                   *, check_meta: Callable[[dict[str, Any], str], None]
+                   | None = None,
+                   note: Callable[[str], None] = logging.warning,
                    ) -> tuple[step_lib.TrainState | None, dict[str, Any] | None]:
-  """Restores the newest complete checkpoint, if there is one.
+  """Restores the newest intact checkpoint, if there is one.
+
+  Every step folder is checked against its manifest (``integrity.verify``),
+  newest first. One that is damaged or was never sealed is reported through
+  ``note`` (which files, how) and moved to ``<workdir>/damaged_checkpoints``;
+  the next older one is tried. Entries of the folder that are not steps are
+  left alone, with a note. A folder written before checkpoints were sealed
+  (no step has a manifest) is restored as it is, newest first, and a step
+  Orbax cannot read is reported and moved aside the same way.
 
   Args:
     manager: from ``make_manager``.
     target: a ``TrainState`` (arrays or ``ShapeDtypeStruct``s) giving the
       structure, dtypes and shardings to restore into.
     expected: this run's meta, checked with ``check_compatible`` first.
+    check_meta: called as ``check_meta(meta, where)`` before any array is
+      read (e.g. the run-defining config fields); raises to refuse.
+    note: receives each sentence about a skipped or ignored entry.
 
   Returns:
-    ``(state, meta)``, or ``(None, None)`` when the folder has no complete
+    ``(state, meta)``, or ``(None, None)`` when the folder has no intact
     checkpoint.
 
   Raises:
     ValueError: if the checkpoint does not fit this run.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None, None
-  where = os.path.join(str(manager.directory), str(step))
-  meta = manager.restore(step, args=ocp.args.Composite(
-      meta=ocp.args.JsonRestore()))['meta']
-  check_compatible(meta, expected, where)
+  directory = str(manager.directory)
+  steps, unknown = integrity.scan(directory)
+  for name in unknown:
+    note(f'{os.path.join(directory, name)} is not a checkpoint step; '
+         'ignored')
+  legacy = bool(steps) and not any(
+      integrity.is_sealed(os.path.join(directory, str(s))) for s in steps)
+  if legacy:
+    note(f'no checkpoint in {directory} has a manifest (written by an older '
+         'lorajax): restoring without verifying the files')
   target = abstract(target)
   opt_target = {'opt_state': target.opt_state, 'step': target.step,
                 'rng': target.rng}
-  out = manager.restore(step, args=ocp.args.Composite(
-      trainable=ocp.args.StandardRestore(target.trainable),
-      opt=ocp.args.StandardRestore(opt_target)))
-  opt = out['opt']
-  state = step_lib.TrainState(step=opt['step'], trainable=out['trainable'],
-                              opt_state=opt['opt_state'], rng=opt['rng'])
-  return state, meta
+  for step in steps:
+    where = os.path.join(directory, str(step))
+    problem = None if legacy else integrity.verify(where)
+    if problem is None:
+      manager.reload()
+      try:
+        meta = _read_step_meta(manager, step)
+        check_compatible(meta, expected, where)
+        if check_meta is not None:
+          check_meta(meta, where)
+        try:
+          out = manager.restore(step, args=ocp.args.Composite(
+              trainable=ocp.args.StandardRestore(target.trainable),
+              opt=ocp.args.StandardRestore(opt_target)))
+        except ValueError as e:
+          raise ValueError(
+              f'checkpoint {where} does not fit this run\'s state: '
+              f'{" ".join(str(e).split())[:400]}. The optimizer state has '
+              'another structure when an optimizer field that adds or '
+              'removes a transformation changed (e.g. clipping turned on or '
+              'off); resume with the config that wrote it or use a fresh '
+              '--workdir') from None
+      except ValueError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        if not legacy:
+          raise
+        problem = f'Orbax cannot read it ({type(e).__name__}: {str(e)[:300]})'
+    if problem is None:
+      opt = out['opt']
+      state = step_lib.TrainState(step=opt['step'], trainable=out['trainable'],
+                                  opt_state=opt['opt_state'], rng=opt['rng'])
+      return state, meta
+    moved = integrity.quarantine(where) if jax.process_index() == 0 else where
+    note(f'checkpoint {where} is damaged: {problem}. Moved to {moved}; '
+         'trying the next older checkpoint')
+  manager.reload()
+  if steps:
+    note(f'no intact checkpoint left in {directory}: the run starts from '
+         'step 0')
+  return None, None
 
 
 def read_meta(directory: str | os.PathLike[str], step: int | None = None
@@ -283,6 +369,8 @@ def restore_trainable(directory: str | os.PathLike[str], target: PyTree,
   """
   step, meta = read_meta(directory, step)
   where = os.path.join(os.fspath(directory), str(step))
+  if integrity.is_sealed(where) and (problem := integrity.verify(where)):
+    raise ValueError(f'checkpoint {where} is damaged: {problem}')
   check_compatible(meta, expected, where)
   manager = ocp.CheckpointManager(
       os.path.abspath(os.fspath(directory)), item_names=ITEMS,

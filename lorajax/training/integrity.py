@@ -1,0 +1,165 @@
+"""Checkpoints that prove themselves: a digest of every file, written last.
+
+A finished save is *sealed*: ``seal(step_dir)`` hashes every file of its
+items (``trainable/``, ``opt/``, ``meta/``) and writes ``MANIFEST``
+(``{'files': {relative path: [bytes, sha256]}}``) into the step folder,
+last, through a temporary file and a rename. ``verify(step_dir)`` reads it
+back and says what is wrong, by file: a file missing (a deleted ``opt/``, a
+lost ``manifest.ocdbt``), of another size (truncated, emptied by a power
+loss) or with another sha256 (a bit flip), or no manifest at all (an empty
+folder a copy tool left, a save killed before it was sealed).
+
+Orbax's own ``_CHECKPOINT_METADATA`` beside the items is left out: Orbax
+rewrites it after the rename that finishes a save.
+
+A damaged checkpoint is never deleted: ``quarantine`` moves it out of the
+checkpoints folder, to ``<workdir>/damaged_checkpoints/<step>-<time>``,
+where a person can look at it.
+
+Example:
+
+  >>> import tempfile, pathlib
+  >>> step = pathlib.Path(tempfile.mkdtemp()) / '3'
+  >>> (step / 'meta').mkdir(parents=True)
+  >>> _ = (step / 'meta' / 'metadata').write_text('{"step": 3}')
+  >>> seal(step)
+  >>> verify(step) is None
+  True
+  >>> _ = (step / 'meta' / 'metadata').write_text('{"step": 4}')
+  >>> print(verify(step))
+  meta/metadata has another sha256 than when it was written (a bit flip or an overwrite)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+
+MANIFEST = 'lorajax_manifest.json'
+DAMAGED_DIR = 'damaged_checkpoints'   # <workdir>/damaged_checkpoints/
+# Written by Orbax after a save is renamed into place; not ours to hash.
+_UNHASHED = ('_CHECKPOINT_METADATA', MANIFEST)
+_STEP = re.compile(r'\d+')
+_ORBAX_TMP = '.orbax-checkpoint-tmp'
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+  """Hex sha256 of a file's bytes."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+  """Relative paths of the files a manifest covers, sorted."""
+  out = []
+  for folder, dirs, files in os.walk(step_dir):
+    dirs.sort()
+    for name in files:
+      rel = os.path.relpath(os.path.join(folder, name), step_dir)
+      if rel not in _UNHASHED and not name.endswith('.manifest-tmp'):
+        out.append(rel)
+  return sorted(out)
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes ``obj`` as JSON to ``path`` through a synced temporary file."""
+  tmp = path + '.manifest-tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def seal(step_dir: str | os.PathLike[str]) -> None:
+  """Writes the manifest of a finished save: every file's size and sha256."""
+  step_dir = os.fspath(step_dir)
+  files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
+                 file_digest(os.path.join(step_dir, rel))]
+           for rel in _files(step_dir)}
+  write_json_atomic(os.path.join(step_dir, MANIFEST),
+                    {'format': 1, 'files': files})
+
+
+def is_sealed(step_dir: str | os.PathLike[str]) -> bool:
+  return os.path.isfile(os.path.join(os.fspath(step_dir), MANIFEST))
+
+
+def verify(step_dir: str | os.PathLike[str]) -> str | None:
+  """What is wrong with a checkpoint folder, or None if its files are intact.
+
+  Returns:
+    A sentence naming the damaged files (up to three) and how each differs,
+    or saying the folder has no (readable) manifest.
+  """
+  step_dir = os.fspath(step_dir)
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.isfile(path):
+    present = _files(step_dir)
+    return (f'it has no {MANIFEST}: '
+            + ('the folder is empty (left by a copy tool?)' if not present
+               else f'the save was not sealed ({len(present)} files; killed '
+                    'before it finished, or written by an older lorajax)'))
+  try:
+    with open(path, encoding='utf-8') as f:
+      files = json.load(f)['files']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f'its {MANIFEST} cannot be read ({type(e).__name__}: {e})'
+  problems = []
+  for rel, (size, digest) in sorted(files.items()):
+    full = os.path.join(step_dir, rel)
+    if not os.path.isfile(full):
+      problems.append(f'{rel} is missing')
+    elif (have := os.path.getsize(full)) != size:
+      problems.append(f'{rel} has {have} bytes, {size} when it was written '
+                      '(truncated or emptied)' if have < size else
+                      f'{rel} has {have} bytes, {size} when it was written')
+    elif file_digest(full) != digest:
+      problems.append(f'{rel} has another sha256 than when it was written '
+                      '(a bit flip or an overwrite)')
+  if not problems:
+    return None
+  more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
+  return '; '.join(problems[:3]) + more
+
+
+def scan(directory: str | os.PathLike[str]) -> tuple[list[int], list[str]]:
+  """``(steps, unknown)`` of a checkpoints folder: the step folders, newest
+  first, and the names of entries that are neither a step nor an Orbax
+  temporary folder."""
+  steps, unknown = [], []
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return [], []
+  for name in sorted(os.listdir(directory)):
+    full = os.path.join(directory, name)
+    if _STEP.fullmatch(name) and os.path.isdir(full):
+      steps.append(int(name))
+    elif _ORBAX_TMP not in name:
+      unknown.append(name)
+  return sorted(steps, reverse=True), unknown
+
+
+def quarantine(step_dir: str | os.PathLike[str]) -> str:
+  """Moves a damaged step folder to ``<workdir>/damaged_checkpoints/``
+  (beside the checkpoints folder); returns where it went."""
+  step_dir = os.path.abspath(os.fspath(step_dir))
+  checkpoints = os.path.dirname(step_dir)
+  target_dir = os.path.join(os.path.dirname(checkpoints), DAMAGED_DIR)
+  os.makedirs(target_dir, exist_ok=True)
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  target = os.path.join(target_dir,
+                        f'{os.path.basename(checkpoints)}-'
+                        f'{os.path.basename(step_dir)}-{stamp}')
+  n = 0
+  while os.path.exists(target + (f'.{n}' if n else '')):
+    n += 1
+  target += f'.{n}' if n else ''
+  os.replace(step_dir, target)
+  return target
