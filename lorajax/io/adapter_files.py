@@ -14,9 +14,14 @@ paths and shapes, then the weights, and names what differs.
 
 Example:
 
-  >>> save_adapter('/tmp/ad', spec, adapters, params)           # doctest: +SKIP
-  >>> bundle = load_adapter('/tmp/ad', params)                  # doctest: +SKIP
-  >>> fn(bundle.params_for(params), bundle.adapters, batch)     # doctest: +SKIP
+  >>> import tempfile, jax, jax.numpy as jnp, lorajax
+  >>> params = {'w': jnp.ones((3, 2)), 'head': jnp.zeros(2)}
+  >>> spec = lorajax.LoraSpec([('w', lorajax.Lora(rank=1)), ('head', 'train')])
+  >>> adapters = lorajax.init(spec, params, jax.random.key(0))
+  >>> directory = save_adapter(tempfile.mkdtemp(), spec, adapters, params)
+  >>> bundle = load_adapter(directory, params)       # checks the base
+  >>> bundle.spec == spec, bundle.adapters['w'].layout.describe()
+  (True, '[in, out]')
 """
 
 from __future__ import annotations

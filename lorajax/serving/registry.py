@@ -11,10 +11,22 @@ registered adapters, in one compiled function whatever the mix.
 
 Example:
 
-  >>> reg = AdapterRegistry(apply_fn, params)                  # doctest: +SKIP
-  >>> reg.add('pos', ad1, spec1); reg.add('neg', ad2, spec2)   # doctest: +SKIP
-  >>> reg.activate('pos'); y = reg(x)                          # doctest: +SKIP
-  >>> y_mix = reg.apply_mixed(['pos', None, 'neg'], x3)        # doctest: +SKIP
+  >>> import jax, jax.numpy as jnp, lorajax
+  >>> params = {'w': jnp.eye(2)}
+  >>> apply_fn = lambda p, x: x @ p['w']
+  >>> spec = lorajax.LoraSpec([('w', lorajax.Lora(rank=1))])
+  >>> ad = lorajax.init(spec, params, jax.random.key(0))
+  >>> pos = jax.tree.map(jnp.ones_like, ad)           # +1·(x·1)·1ᵀ
+  >>> neg = jax.tree.map(lambda v: -jnp.ones_like(v) if v.shape == (1, 2)
+  ...                    else jnp.ones_like(v), ad)   # b = -1
+  >>> reg = AdapterRegistry(apply_fn, params)
+  >>> reg.add('pos', pos, spec); reg.add('neg', neg, spec)
+  >>> reg.activate('pos'); reg(jnp.ones((1, 2)))
+  Array([[3., 3.]], dtype=float32)
+  >>> reg.apply_mixed(['pos', None, 'neg'], jnp.ones((3, 2)))
+  Array([[ 3.,  3.],
+         [ 1.,  1.],
+         [-1., -1.]], dtype=float32)
 """
 
 from __future__ import annotations

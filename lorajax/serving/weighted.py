@@ -27,9 +27,17 @@ that do.
 
 Example:
 
-  >>> adapters, spec = weighted_adapter(  # doctest: +SKIP
-  ...     [(ad1, spec1), (ad2, spec2)], params, weights=[0.7, 0.3],
-  ...     method='svd', rank=8)
+  >>> import jax, jax.numpy as jnp, lorajax
+  >>> params = {'w': jnp.zeros((3, 2))}
+  >>> spec = lorajax.LoraSpec([('w', lorajax.Lora(rank=1))])
+  >>> ad = jax.tree.map(jnp.ones_like, lorajax.init(spec, params,
+  ...                                                jax.random.key(0)))
+  >>> both, bspec = weighted_adapter([(ad, spec), (ad, spec)], params,
+  ...                                weights=[0.7, 0.3], method='svd', rank=1)
+  >>> lorajax.merge(params, both, bspec)['w'].round(4)   # 1.0·(1·1ᵀ)
+  Array([[1., 1.],
+         [1., 1.],
+         [1., 1.]], dtype=float32)
 """
 
 from __future__ import annotations
