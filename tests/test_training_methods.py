@@ -93,8 +93,8 @@ def test_methods_sweep_expands_to_one_run_per_method(tmp_path):
   runs = grid.expand(os.path.join(ROOT, 'configs', f'{METHODS_CONFIG}.py'),
                      str(tmp_path))
   assert [r.config.method for r in runs] == [
-      'lora', 'dora', 'qlora', 'bottleneck', 'prefix', 'prompt', 'full',
-      'head']
+      'lora', 'dora', 'qlora', 'bottleneck', 'prefix', 'prompt', 'loha',
+      'ia3', 'full', 'head']
   assert runs[1].command().endswith(
       '--config.method=dora --config.optim.learning_rate=0.005')
 
