@@ -452,6 +452,20 @@ def principal_factors(w: jax.Array, layout: KernelLayout, rank: int,
           'b': b.reshape(*lead, rank, *fshape)}
 
 
+def orthonormal_factors(w: jax.Array, layout: KernelLayout, rank: int
+                        ) -> dict[str, jax.Array]:
+  """OLoRA's factors (Büyükakyüz, 2024): the QR decomposition of the kernel
+  as ``[out, in]``, ``W = Q·R``, gives ``b = Q[:, :r]ᵀ`` (orthonormal) and
+  ``a = R[:r]ᵀ``, float32, shaped as ``principal_factors``' (PEFT's
+  ``init_lora_weights='olora'``)."""
+  lead, cshape, fshape = layout.split_shape(w.shape)
+  q, r = jnp.linalg.qr(jnp.swapaxes(kernel_matrix(w, layout), -1, -2))
+  a = jnp.swapaxes(r[..., :rank, :], -1, -2)              # [*lead, in, r]
+  b = jnp.swapaxes(q[..., :, :rank], -1, -2)              # [*lead, r, out]
+  return {'a': a.reshape(*lead, *cshape, rank),
+          'b': b.reshape(*lead, rank, *fshape)}
+
+
 def column_norm(w: jax.Array, layout: KernelLayout) -> jax.Array:
   """L2 norm over the contracted axes, one per output unit (per stacked
   layer): ``[*stack, *free]`` float32 for a layout without batch axes."""
@@ -463,4 +477,5 @@ def column_norm(w: jax.Array, layout: KernelLayout) -> jax.Array:
 __all__ = ['AdapterParams', 'DotDims', 'FrozenKernel', 'KernelLayout',
            'base_dot', 'column_norm', 'delta_weight', 'dropout',
            'is_kernel_node', 'kernel_dot', 'kernel_matrix', 'kernel_value',
-           'layout_of', 'low_rank_dot', 'principal_factors', 'prod']
+           'layout_of', 'low_rank_dot', 'orthonormal_factors',
+           'principal_factors', 'prod']

@@ -62,3 +62,30 @@ def test_ia3_spec_round_trips_json():
                            ('.*output.*', lorajax.Ia3(feedforward=True)),
                            ('.*', 'freeze')])
   assert spec_json.spec_from_json(spec_json.spec_to_json(spec)) == spec
+
+
+def test_olora_starts_where_peft_does_and_on_the_residual():
+  torch = pytest.importorskip('torch')
+  peft = pytest.importorskip('peft')
+  torch.manual_seed(0)
+  net = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False))
+  w = net[0].weight.detach().numpy().copy()          # [out, in]
+  model = peft.get_peft_model(net, peft.LoraConfig(
+      r=2, lora_alpha=4, target_modules=['0'], init_lora_weights='olora'))
+  layer = model.base_model.model[0]
+  params = {'w': jnp.asarray(w.T)}                   # Flax [in, out]
+  spec = lorajax.LoraSpec([('w', lorajax.Lora(rank=2, alpha=4, init='olora'))])
+  adapters = lorajax.init(spec, params, KEY)
+  np.testing.assert_allclose(adapters['w']['a'],
+                             layer.lora_A['default'].weight.detach().T,
+                             atol=1e-5)
+  np.testing.assert_allclose(adapters['w']['b'],
+                             layer.lora_B['default'].weight.detach().T,
+                             atol=1e-5)
+  base = lorajax.pissa.residual_base(spec, params, adapters)
+  np.testing.assert_allclose(base['w'],
+                             layer.base_layer.weight.detach().T, atol=1e-5)
+  fn = lambda p, x: x @ p['w']  # pylint: disable=unnecessary-lambda-assignment
+  x = jax.random.normal(KEY, (3, 6))
+  np.testing.assert_allclose(lorajax.lora(fn, spec)(base, adapters, x),
+                             fn(params, x), atol=1e-5)

@@ -77,9 +77,9 @@ class Dora(spec_lib.Adapter):
 
   def __post_init__(self):
     _ = self.lora  # Bad rank, dropout or init fail here, as for Lora.
-    if self.init == 'pissa':
-      raise ValueError("Dora does not take init='pissa' (its magnitude is "
-                       'the norm of the whole kernel); use Lora')
+    if self.init in low_rank.RESIDUAL_INITS:
+      raise ValueError(f'Dora does not take init={self.init!r} (its '
+                       'magnitude is the norm of the whole kernel); use Lora')
 
   @property
   def scale(self) -> float:

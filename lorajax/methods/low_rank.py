@@ -32,7 +32,10 @@ import numpy as np
 from lorajax import kernels
 from lorajax import spec as spec_lib
 
-INITS = ('kaiming', 'gaussian', 'pissa')
+INITS = ('kaiming', 'gaussian', 'pissa', 'olora')
+# Inits whose factors are a function of the kernel: the frozen base becomes
+# the residual W - s·a·b (lorajax.pissa.residual_base).
+RESIDUAL_INITS = ('pissa', 'olora')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +53,9 @@ class Lora(spec_lib.Adapter):
       (Meng et al., 2024): ``a``, ``b`` start at the kernel's top-r singular
       directions, ``s·a·b = U_r·S_r·V_rᵀ``, and the frozen base must become
       the residual ``W - s·a·b`` (``lorajax.pissa.residual_base``) so that
-      the adapted function still equals the base at initialization.
+      the adapted function still equals the base at initialization;
+      ``'olora'`` the same with ``a``, ``b`` from the kernel's QR
+      decomposition (``b`` orthonormal).
     batch_axes: kernel axes (of the per-call kernel, after any ``scan``
       stacking) that get an adapter of their own per index even where a
       product leaves them free, e.g. ``(0,)`` for an ensemble made with
@@ -102,11 +107,11 @@ class Lora(spec_lib.Adapter):
     return {'a': (*stack, *cshape, self.rank), 'b': (*stack, self.rank, *fshape)}
 
   def init_params(self, key, kernel, layout):
-    if self.init == 'pissa':
+    if self.init in RESIDUAL_INITS:
       if isinstance(kernel, spec_lib.FrozenKernel):
-        raise ValueError("Lora(init='pissa') needs a float kernel, not a "
-                         f'quantized {type(kernel).__name__}')
-      return kernels.principal_factors(kernel, layout, self.rank, self.scale)
+        raise ValueError(f"Lora(init={self.init!r}) needs a float kernel, "
+                         f'not a quantized {type(kernel).__name__}')
+      return self.start_factors(kernel, layout)
     shape = self.kernel_aval(kernel).shape
     stack, cshape, fshape = layout.split_shape(shape)
     fan_in = kernels.prod(cshape)
@@ -119,6 +124,14 @@ class Lora(spec_lib.Adapter):
       a = jax.random.normal(key, a_shape, jnp.float32) / self.rank
     b = jnp.zeros((*stack, self.rank, *fshape), jnp.float32)
     return {'a': a, 'b': b}
+
+  def start_factors(self, kernel, layout) -> dict[str, jax.Array]:
+    """The factors a residual init (PiSSA, OLoRA) starts from."""
+    if self.init == 'pissa':
+      return kernels.principal_factors(kernel, layout, self.rank, self.scale)
+    if self.init == 'olora':
+      return kernels.orthonormal_factors(kernel, layout, self.rank)
+    raise ValueError(f'init={self.init!r} does not start from the kernel')
 
   def dot(self, x, kernel, params, dims, *, rng, context=None):
     del context

@@ -43,9 +43,10 @@ PyTree = Any
 
 
 def is_pissa(provider: Any) -> bool:
-  """True for a provider whose factors start at the principal directions."""
+  """True for a provider whose factors start as a function of the kernel
+  (PiSSA or OLoRA), so that the frozen base must be the residual."""
   return (isinstance(provider, low_rank.Lora)
-          and getattr(provider, 'init', None) == 'pissa')
+          and getattr(provider, 'init', None) in low_rank.RESIDUAL_INITS)
 
 
 def uses_pissa(spec: spec_lib.LoraSpec) -> bool:
@@ -122,8 +123,7 @@ def to_lora(spec: spec_lib.LoraSpec, params: PyTree, adapters: PyTree, *,
   for path, provider, kernel, factors, layout in _pissa_leaves(
       spec, params, adapters):
     if start is None:
-      first = kernels.principal_factors(kernel, layout, provider.rank,
-                                        provider.scale)
+      first = provider.start_factors(kernel, layout)
     else:
       first = spec_lib.get_by_path(start, path)
     a = jnp.concatenate([factors['a'].astype(jnp.float32),

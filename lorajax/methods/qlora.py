@@ -118,9 +118,10 @@ class QLora(low_rank.Lora):
   def __post_init__(self):
     super().__post_init__()
     _check_method(self.quant)
-    if self.init == 'pissa':
-      raise ValueError("QLora does not take init='pissa': the residual "
-                       'kernel would have to be re-quantized; use Lora')
+    if self.init in low_rank.RESIDUAL_INITS:
+      raise ValueError(f'QLora does not take init={self.init!r}: the '
+                       'residual kernel would have to be re-quantized; use '
+                       'Lora')
 
   def quantize(self, w: jax.Array, layout: spec_lib.KernelLayout
                ) -> quant.QuantizedKernel:

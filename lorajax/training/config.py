@@ -133,8 +133,9 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # Dropout on the adapter input.
   c.lora.dropout = 0.0
   # Start of the factors: 'kaiming' (a uniform, b zero; PEFT's default),
-  # 'gaussian', or 'pissa' (a·b = the kernel's top-r singular part, the
-  # frozen base holds the residual; method 'lora' only).
+  # 'gaussian', 'pissa' (a·b = the kernel's top-r singular part) or
+  # 'olora' (a, b from the kernel's QR decomposition); with the last two the
+  # frozen base holds the residual (method 'lora' only).
   c.lora.init = 'kaiming'
   # Format of the frozen base under method 'qlora': 'nf4' (4-bit NormalFloat,
   # double-quantized block scales) or 'int8' (one scale per output unit).
