@@ -113,6 +113,21 @@ class HfModel:
   def check_expressible(self) -> None:
     """Raises ValueError if ``architecture`` computes other logits than
     lorajax's model of this config (whatever the weights)."""
+    # Fields of other Hugging Face families (lorajax.models.load) that the
+    # BERT / Llama config.json written here does not say: refused, so an
+    # export never computes other numbers in transformers.
+    unsaid = {'bert': {'head': 'bert', 'position_padding_idx': None},
+              'llama': {'qkv_bias': False, 'out_bias': False,
+                        'mlp_bias': False, 'qk_norm': False,
+                        'sliding_window': None, 'rope_scaling': None}}
+    for field, plain in unsaid[self.family].items():
+      value = getattr(self.config, field, plain)
+      if value != plain:
+        raise ValueError(
+            f'{field}={value!r} cannot be exported as {self.architecture}: '
+            f'the Hugging Face export writes plain {self.family} configs '
+            f'only (a model of another family, from lorajax.models.load); '
+            f'keep the adapter in lorajax\'s own format')
     pooling = getattr(self.config, 'pooling', 'cls')
     if self.family == 'bert' and pooling != 'cls':
       raise ValueError(

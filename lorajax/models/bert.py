@@ -22,6 +22,12 @@ Parameter paths (under the ``'params'`` collection)::
   pooler/{kernel,bias}
   classifier/{kernel,bias}
 
+``BertConfig.head='roberta'`` is RoBERTa's classification head instead of
+the pooler and classifier (``classifier/dense/*``, ``classifier/out_proj/*``:
+dense + tanh on the first token, then the output dense), and
+``position_padding_idx`` numbers positions as RoBERTa does (from
+``padding_idx + 1`` over the tokens that are not padding).
+
 Prompt and prefix tuning enter as optional call arguments (``prompt=``,
 ``prefix=``, see ``lorajax.methods.prompts``); without them the model is the
 plain encoder.
@@ -51,6 +57,8 @@ from lorajax.models import ops
 Dtype = Any
 # What ``BertConfig.pooling`` may be: the [CLS] pooler, or the token mean.
 POOLINGS = ('cls', 'mean')
+# What ``BertConfig.head`` may be: BERT's pooler + classifier, or RoBERTa's.
+HEADS = ('bert', 'roberta')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +98,13 @@ class BertConfig:
       ``'mean'``: the float32 mean of the real tokens' hidden states, no
       dropout, classifier in float32 (the pooler's parameters still exist,
       unused).
+    head: ``'bert'`` (pooler, then ``classifier``) or ``'roberta'``
+      (``RobertaClassificationHead``: ``classifier/dense`` + tanh on the
+      first token, then ``classifier/out_proj``; no pooler parameters).
+    position_padding_idx: None numbers positions ``0..T-1`` (BERT). An id
+      numbers them as RoBERTa does: tokens other than this id get
+      ``padding_idx + 1, padding_idx + 2, ...``, padding gets
+      ``padding_idx``; ``max_position`` then counts those offset slots.
   """
   vocab_size: int = 30522
   hidden_size: int = 768
@@ -109,6 +124,8 @@ class BertConfig:
   lean_backward: bool = True
   save_attention_probs: bool = False
   pooling: str = 'cls'
+  head: str = 'bert'
+  position_padding_idx: int | None = None
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -120,6 +137,11 @@ class BertConfig:
     if self.pooling not in POOLINGS:
       raise ValueError(f'pooling={self.pooling!r}; expected one of '
                        f'{POOLINGS}')
+    if self.head not in HEADS:
+      raise ValueError(f'head={self.head!r}; expected one of {HEADS}')
+    if self.head == 'roberta' and self.pooling != 'cls':
+      raise ValueError(f"head='roberta' reads the first token; "
+                       f"pooling={self.pooling!r} is not implemented for it")
     # Normalise 'bfloat16' / jnp.bfloat16 / np.dtype to one hashable np.dtype.
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
     object.__setattr__(self, 'param_dtype', jnp.dtype(self.param_dtype))
@@ -204,6 +226,11 @@ class BertEmbeddings(nn.Module):
       token_type_ids = jnp.concatenate(
           [jnp.zeros((batch, n), token_type_ids.dtype), token_type_ids], 1)
     positions = jnp.arange(words.shape[1])[None, :]
+    if cfg.position_padding_idx is not None:  # RoBERTa: from the ids.
+      real = (input_ids != cfg.position_padding_idx).astype(jnp.int32)
+      if prompt is not None:
+        real = jnp.concatenate([jnp.ones((batch, n), jnp.int32), real], 1)
+      positions = jnp.cumsum(real, 1) * real + cfg.position_padding_idx
     x = (words
          + embed(cfg.max_position, 'position_embeddings')(positions)
          + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids))
@@ -296,6 +323,23 @@ class BertEncoder(nn.Module):
     return x
 
 
+class RobertaHead(nn.Module):
+  """RoBERTa's classifier: dropout, dense + tanh, dropout, ``out_proj``."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, first: jax.Array, *, deterministic: bool
+               ) -> tuple[jax.Array, jax.Array]:
+    """Maps the first token's ``[B, H]`` state to ``(logits, pooled)``."""
+    cfg = self.config
+    rate = (cfg.hidden_dropout if cfg.classifier_dropout is None
+            else cfg.classifier_dropout)
+    h = nn.Dropout(rate)(first, deterministic=deterministic)
+    pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, 'dense')(h))
+    h = nn.Dropout(rate)(pooled, deterministic=deterministic)
+    return _dense(cfg, cfg.num_labels, 'out_proj')(h), pooled
+
+
 class Bert(nn.Module):
   """BERT encoder with pooler and sequence classifier.
 
@@ -364,6 +408,11 @@ class Bert(nn.Module):
     hidden = BertEncoder(cfg, name='encoder')(
         x, mask, deterministic=deterministic, prefix=prefix)
     hidden = hidden[:, n_prompt:]
+    if cfg.head == 'roberta':
+      logits, pooled = RobertaHead(cfg, name='classifier')(
+          hidden[:, 0], deterministic=deterministic)
+      return BertOutput(logits=logits.astype(jnp.float32), pooled=pooled,
+                        hidden=hidden)
     # The pooler runs (and has parameters) with either pooling, so one
     # checkpoint fits both; unused, jit drops it.
     pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, 'pooler')(hidden[:, 0]))

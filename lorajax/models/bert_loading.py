@@ -52,6 +52,11 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> bert.BertConfig:
     ValueError: if the checkpoint uses a variant this model does not
       implement (activation, position embedding type).
   """
+  model_type = hf.get('model_type', 'bert')
+  if model_type != 'bert':
+    raise ValueError(f'config.json model_type={model_type!r}; this loader '
+                     'reads BERT only (lorajax.models.load reads RoBERTa, '
+                     'whose positions and head differ)')
   act = hf.get('hidden_act', 'gelu')
   if act != 'gelu':
     raise ValueError(f'config.json hidden_act={act!r}; only the exact erf '

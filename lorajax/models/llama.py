@@ -14,6 +14,14 @@ collection)::
   final_norm/scale                      [d]
   lm_head/kernel                        [d, vocab]  (only when untied)
 
+Optional per family (``LlamaConfig`` fields, all off for Llama/SmolLM2):
+``qkv_bias`` adds ``attn/{q,k,v}_proj/bias`` (Qwen2), ``out_bias``
+``attn/o_proj/bias``, ``mlp_bias`` ``mlp/{gate,up,down}_proj/bias``,
+``qk_norm`` ``attn/{q,k}_norm/scale`` ``[hd]`` (Qwen3: RMSNorm of each head
+before RoPE); ``sliding_window`` limits every query to itself and the
+``sliding_window - 1`` slots before it (Mistral), and ``rope_scaling``
+(``Llama3Rope``) rescales the RoPE frequencies as Llama 3.1 does.
+
 With ``scan_layers=True`` the layers are one ``nn.scan`` named ``layers`` and
 every layer leaf gains a leading axis of length ``num_layers``
 (``layers/attn/q_proj/kernel`` is ``[L, d, h*hd]``); ``llama_layout.scan_params``
@@ -56,6 +64,20 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class Llama3Rope:
+  """Llama 3.1 RoPE frequency scaling (``rope_type: llama3``).
+
+  Wavelengths longer than ``original_max_position / low_freq_factor`` are
+  divided by ``factor``, those shorter than ``original_max_position /
+  high_freq_factor`` kept, and the ones between interpolated smoothly.
+  """
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position: int
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Architecture of a Llama decoder.
 
@@ -78,6 +100,15 @@ class LlamaConfig:
       float32, logits are returned as float32.
     scan_layers: run the layers as one ``nn.scan`` (stacked parameters).
     remat: rematerialize each layer in the backward pass.
+    qkv_bias: the q, k and v projections have biases (Qwen2).
+    out_bias: the output projection ``o_proj`` has a bias.
+    mlp_bias: the gate, up and down projections have biases.
+    qk_norm: RMSNorm (over ``head_dim``) of every query and key head before
+      RoPE (Qwen3).
+    sliding_window: if set, a query sees only keys fewer than this many
+      slots before it (itself included: ``q - window < k <= q``), as
+      Mistral's sliding-window attention.
+    rope_scaling: ``Llama3Rope`` frequency scaling, or None.
   """
   vocab_size: int
   hidden_size: int
@@ -93,6 +124,12 @@ class LlamaConfig:
   dtype: Any = jnp.float32
   scan_layers: bool = False
   remat: bool = False
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False
+  sliding_window: int | None = None
+  rope_scaling: Llama3Rope | None = None
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -100,6 +137,9 @@ class LlamaConfig:
                        f'num_kv_heads={self.num_kv_heads}')
     if self.head_dim % 2:
       raise ValueError(f'head_dim={self.head_dim} must be even for RoPE')
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f'sliding_window={self.sliding_window}; expected a '
+                       'positive number of slots or None')
 
   @classmethod
   def smollm2_135m(cls, **overrides) -> LlamaConfig:
@@ -160,10 +200,33 @@ class RMSNorm(nn.Module):
     return (x32 * scale).astype(self.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, base: float
+def rope_inv_freq(head_dim: int, base: float,
+                  scaling: Llama3Rope | None = None) -> np.ndarray:
+  """The ``[head_dim / 2]`` float32 RoPE frequencies, scaled if asked.
+
+  >>> rope_inv_freq(4, 10000.0).tolist()
+  [1.0, 0.009999999776482582]
+  """
+  inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+  if scaling is None:
+    return inv_freq
+  s = scaling
+  wavelen = 2 * np.pi / inv_freq
+  low_wavelen = s.original_max_position / s.low_freq_factor
+  high_wavelen = s.original_max_position / s.high_freq_factor
+  scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+  smooth = ((s.original_max_position / wavelen - s.low_freq_factor)
+            / (s.high_freq_factor - s.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, base: float,
+                scaling: Llama3Rope | None = None
                 ) -> tuple[jax.Array, jax.Array]:
   """Returns ``(sin, cos)``, each ``[B, T, head_dim]`` float32."""
-  inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+  inv_freq = rope_inv_freq(head_dim, base, scaling)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
   angles = jnp.concatenate([angles, angles], -1)
   return jnp.sin(angles), jnp.cos(angles)
@@ -178,8 +241,9 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
-  return nn.Dense(features, use_bias=False, dtype=dtype, name=name,
+def _dense(features: int, name: str, dtype: Any,
+           bias: bool = False) -> nn.Dense:
+  return nn.Dense(features, use_bias=bias, dtype=dtype, name=name,
                   kernel_init=nn.initializers.normal(0.02))
 
 
@@ -210,11 +274,19 @@ class Attention(nn.Module):
     """
     cfg = self.config
     b, t, _ = x.shape
-    q = _dense(cfg.num_heads * cfg.head_dim, 'q_proj', cfg.dtype)(x)
-    k = _dense(cfg.num_kv_heads * cfg.head_dim, 'k_proj', cfg.dtype)(x)
-    v = _dense(cfg.num_kv_heads * cfg.head_dim, 'v_proj', cfg.dtype)(x)
-    q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
-    k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), *rope)
+    q = _dense(cfg.num_heads * cfg.head_dim, 'q_proj', cfg.dtype,
+               cfg.qkv_bias)(x)
+    k = _dense(cfg.num_kv_heads * cfg.head_dim, 'k_proj', cfg.dtype,
+               cfg.qkv_bias)(x)
+    v = _dense(cfg.num_kv_heads * cfg.head_dim, 'v_proj', cfg.dtype,
+               cfg.qkv_bias)(x)
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.rms_eps, cfg.dtype, name='q_norm')(q)
+      k = RMSNorm(cfg.rms_eps, cfg.dtype, name='k_norm')(k)
+    q = apply_rope(q, *rope)
+    k = apply_rope(k, *rope)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if layer_cache is not None:
       cache_k, cache_v = layer_cache
@@ -236,7 +308,8 @@ class Attention(nn.Module):
     weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
     out = jnp.einsum('bkgts,bskd->btkgd', weights, v.astype(cfg.dtype))
     out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
-    return _dense(cfg.hidden_size, 'o_proj', cfg.dtype)(out), layer_cache
+    return _dense(cfg.hidden_size, 'o_proj', cfg.dtype,
+                  cfg.out_bias)(out), layer_cache
 
 
 class Mlp(nn.Module):
@@ -246,9 +319,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    gate = _dense(cfg.intermediate_size, 'gate_proj', cfg.dtype)(x)
-    up = _dense(cfg.intermediate_size, 'up_proj', cfg.dtype)(x)
-    return _dense(cfg.hidden_size, 'down_proj', cfg.dtype)(nn.silu(gate) * up)
+    gate = _dense(cfg.intermediate_size, 'gate_proj', cfg.dtype,
+                  cfg.mlp_bias)(x)
+    up = _dense(cfg.intermediate_size, 'up_proj', cfg.dtype, cfg.mlp_bias)(x)
+    return _dense(cfg.hidden_size, 'down_proj', cfg.dtype,
+                  cfg.mlp_bias)(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -304,6 +379,8 @@ class Llama(nn.Module):
       and values that every query of every layer sees, before the others.
       They are not rotated and not stored in the cache: pass the prefix on
       every call, decoding steps included.
+    hidden_only: return the final-normed hidden states ``[B, T, d]``
+      (float32) instead of logits (a bare ``LlamaModel``'s output).
 
   Returns:
     ``logits`` ``[B, T, vocab]`` float32, or ``(logits, new_cache)`` when
@@ -316,7 +393,8 @@ class Llama(nn.Module):
                cache: KVCache | None = None, cache_len: int | None = None,
                prompt: jax.Array | None = None,
                prefix: jax.Array | None = None,
-               segment_ids: jax.Array | None = None):
+               segment_ids: jax.Array | None = None,
+               hidden_only: bool = False):
     cfg = self.config
     b, t = tokens.shape
     if segment_ids is not None:
@@ -358,13 +436,17 @@ class Llama(nn.Module):
       positions = jnp.maximum(positions, 0)
     query_slots = index + jnp.arange(t)
     causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+    if cfg.sliding_window is not None:  # Mistral: only the last W slots.
+      causal = causal & (key_slots[None, :]
+                         > query_slots[:, None] - cfg.sliding_window)
     mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
     if segment_ids is not None:  # No attention across packed sequences.
       mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     if prefix is not None:  # [B, T, n + S]: the prefix is always visible.
       mask = jnp.concatenate(
           [jnp.ones((b, t, prefix.shape[2]), bool), mask], -1)
-    rope = rope_tables(positions, cfg.head_dim, cfg.rope_base)
+    rope = rope_tables(positions, cfg.head_dim, cfg.rope_base,
+                       cfg.rope_scaling)
 
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      embedding_init=nn.initializers.normal(0.02), name='embed')
@@ -395,7 +477,9 @@ class Llama(nn.Module):
         kv = (jnp.stack([x[0] for x in new_kv]),
               jnp.stack([x[1] for x in new_kv]))
     h = RMSNorm(cfg.rms_eps, cfg.dtype, name='final_norm')(h)
-    if cfg.tie_embeddings:
+    if hidden_only:
+      logits = h
+    elif cfg.tie_embeddings:
       logits = embed.attend(h)
     else:
       logits = _dense(cfg.vocab_size, 'lm_head', cfg.dtype)(h)

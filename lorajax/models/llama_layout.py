@@ -33,6 +33,16 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
            'attn/o_proj/kernel': (q, d), 'mlp_norm/scale': (d,),
            'mlp/gate_proj/kernel': (d, f), 'mlp/up_proj/kernel': (d, f),
            'mlp/down_proj/kernel': (f, d)}
+  if config.qkv_bias:
+    layer.update({'attn/q_proj/bias': (q,), 'attn/k_proj/bias': (kv,),
+                  'attn/v_proj/bias': (kv,)})
+  if config.out_bias:
+    layer['attn/o_proj/bias'] = (d,)
+  if config.mlp_bias:
+    layer.update({'mlp/gate_proj/bias': (f,), 'mlp/up_proj/bias': (f,),
+                  'mlp/down_proj/bias': (d,)})
+  if config.qk_norm:
+    layer.update({'attn/q_norm/scale': (hd,), 'attn/k_norm/scale': (hd,)})
   out = {'embed/embedding': (config.vocab_size, d), 'final_norm/scale': (d,)}
   if not config.tie_embeddings:
     out['lm_head/kernel'] = (d, config.vocab_size)

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 from typing import Any
@@ -34,9 +33,10 @@ import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
 from lorajax import assets
+from lorajax.models import hf_decoders
+from lorajax.models import hf_files
 from lorajax.models import llama
 from lorajax.models import llama_layout
 
@@ -234,39 +234,24 @@ def load_smollm2(**overrides: Any) -> tuple[llama.LlamaConfig, PyTree]:
 
 
 def hf_config(hf: dict) -> llama.LlamaConfig:
-  """Builds a ``LlamaConfig`` from a Hugging Face ``config.json`` dict."""
-  for key in ('rope_scaling',):
-    if hf.get(key):
-      raise ValueError(f'config.json sets {key}={hf[key]!r}, which this '
-                       'model does not implement')
-  for key in ('attention_bias', 'mlp_bias'):
-    if hf.get(key):
-      raise ValueError(f'config.json sets {key}=true; biases are not '
-                       'implemented')
-  if hf.get('hidden_act', 'silu') != 'silu':
-    raise ValueError(f'config.json hidden_act={hf["hidden_act"]!r}, expected '
-                     'silu')
-  heads = hf['num_attention_heads']
-  return llama.LlamaConfig(
-      vocab_size=hf['vocab_size'],
-      hidden_size=hf['hidden_size'],
-      num_layers=hf['num_hidden_layers'],
-      num_heads=heads,
-      num_kv_heads=hf.get('num_key_value_heads') or heads,
-      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
-      intermediate_size=hf['intermediate_size'],
-      rope_base=float(hf.get('rope_theta', 10000.0)),
-      rms_eps=float(hf.get('rms_norm_eps', 1e-6)),
-      max_position=hf.get('max_position_embeddings', 2048),
-      tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
+  """Builds a ``LlamaConfig`` from a Hugging Face ``config.json`` dict.
+
+  The strict reading of ``hf_decoders.decoder_config``: Llama, Mistral,
+  Qwen2 and Qwen3, ``rope_parameters``; what is not implemented is refused.
+  """
+  return hf_decoders.decoder_config(hf)
 
 
 def load_hf_llama(directory: str | pathlib.Path, **overrides: Any
                   ) -> tuple[llama.LlamaConfig, PyTree]:
-  """Loads a local Hugging Face Llama checkpoint directory.
+  """Loads a local Hugging Face decoder checkpoint directory (float32).
+
+  ``lorajax.models.load`` is the general entry point (any head, stored
+  dtypes, tokenizer); this returns the ``(config, params)`` pair.
 
   Args:
-    directory: folder with ``config.json`` and one or more ``*.safetensors``.
+    directory: folder with ``config.json`` and ``model.safetensors`` (or a
+      sharded index).
     **overrides: ``LlamaConfig`` fields, as for ``load_gguf_llama``.
 
   Returns:
@@ -275,46 +260,14 @@ def load_hf_llama(directory: str | pathlib.Path, **overrides: Any
   Raises:
     FileNotFoundError: if ``config.json`` or the safetensors are missing.
     ValueError: naming the key and both shapes when a tensor is missing or has
-      the wrong shape, or when the config uses unsupported features.
+      the wrong shape, or the field and value the config sets that is not
+      implemented.
   """
-  directory = pathlib.Path(directory)
-  config_file = directory / 'config.json'
-  files = sorted(directory.glob('*.safetensors'))
-  if not config_file.exists() or not files:
-    raise FileNotFoundError(f'{directory} needs config.json and '
-                            '*.safetensors files')
-  config = hf_config(json.loads(config_file.read_text()))
-  handles = {}
-  for f in files:
-    handle = safe_open(str(f), framework='numpy')
-    handles.update({key: handle for key in handle.keys()})
-  expected = hf_shapes(config)
-
-  def get(key: str) -> np.ndarray:
-    if key not in handles:
-      raise ValueError(f'checkpoint {directory} has no tensor {key!r} '
-                       f'(expected shape {expected[key]})')
-    value = handles[key].get_tensor(key)
-    if value.shape != expected[key]:
-      raise ValueError(f'checkpoint tensor {key!r} has shape {value.shape}, '
-                       f'expected {expected[key]} for {config}')
-    return np.asarray(value, np.float32)
-
-  params: dict = {'embed': {'embedding': get('model.embed_tokens.weight')},
-                  'final_norm': {'scale': get('model.norm.weight')}}
-  if not config.tie_embeddings:
-    params['lm_head'] = {'kernel': get('lm_head.weight').T}
-  for i in range(config.num_layers):
-    layer: dict = {}
-    for ours, (_, hf_name) in _LAYER_TENSORS.items():
-      w = get(f'model.layers.{i}.{hf_name}.weight')
-      _set(layer, ours, w.T if ours[-1] == 'kernel' else w)
-    params[f'layers_{i}'] = layer
-  unknown = sorted(set(handles) - set(expected) - {'lm_head.weight'})
-  unknown = [k for k in unknown if not k.endswith('rotary_emb.inv_freq')]
-  if unknown:
-    raise ValueError(f'checkpoint {directory} has {len(unknown)} unexpected '
-                     f'tensors, e.g. {unknown[:5]}')
+  files = hf_files.CheckpointFiles(directory)
+  config = hf_config(files.config)
+  params: dict = {}
+  for path, value in hf_decoders.read_decoder(files, config).items():
+    _set(params, tuple(path.split('/')), value)
   return _finish(config, params, overrides)
 
 

@@ -1,0 +1,273 @@
+"""Hugging Face decoder checkpoints (Llama, Mistral, Qwen2, Qwen3) as ``Llama``.
+
+The four families are one Flax module, ``lorajax.models.llama.Llama``, with
+``LlamaConfig`` fields for what differs: Qwen2 has biases on q/k/v, Qwen3
+RMS-normalizes each query and key head, Mistral attends within a sliding
+window, Llama 3.1 rescales its RoPE frequencies (``rope_type: llama3``).
+
+``decoder_config(hf)`` reads ``config.json`` strictly: a value that changes
+the computation and is not implemented (another rope type, a partial
+rotary factor, soft-capping, an activation, sliding windows on some layers
+only, dropout in attention) raises ``ValueError`` naming the field and its
+value, and a model type that is not one of ``DECODER_TYPES`` is refused by
+name. ``read_decoder`` maps the tensors one at a time and refuses any
+tensor it has no place for, and a ``tie_word_embeddings`` that the tensors
+contradict.
+
+Example:
+
+  >>> config = decoder_config({'model_type': 'qwen2', 'vocab_size': 64,
+  ...     'hidden_size': 32, 'num_hidden_layers': 1,
+  ...     'num_attention_heads': 4, 'intermediate_size': 64,
+  ...     'rope_parameters': {'rope_theta': 1e6, 'rope_type': 'default'}})
+  >>> config.qkv_bias, config.rope_base, config.head_dim
+  (True, 1000000.0, 8)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lorajax.models import hf_files
+from lorajax.models import llama
+from lorajax.models import llama_layout
+
+PyTree = Any
+
+# model_type -> what its attention does beyond Llama's.
+DECODER_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3')
+# Families transformers has that this module does not compute (yet).
+REFUSED_TYPES = {
+    'gemma': 'embeddings scaled by sqrt(d), RMSNorm with (1 + weight), '
+             'GELU-tanh MLP',
+    'gemma2': 'logit soft-capping, alternating local/global attention, '
+              'pre/post feed-forward norms',
+    'gemma3': 'alternating local/global attention, q/k norms, two RoPE bases',
+    'gemma3_text': 'alternating local/global attention, q/k norms, two RoPE '
+                   'bases',
+    'phi3': 'fused qkv_proj and gate_up_proj, partial RoPE',
+    'phi': 'parallel attention/MLP with LayerNorm and partial RoPE',
+    'mixtral': 'mixture-of-experts MLP',
+    'qwen2_moe': 'mixture-of-experts MLP',
+    'qwen3_moe': 'mixture-of-experts MLP',
+    'olmoe': 'mixture-of-experts MLP',
+    'deepseek_v3': 'multi-head latent attention and experts',
+}
+
+# Our path inside a layer -> Hugging Face name inside ``layers.{i}``.
+_LAYER = {
+    'attn_norm/scale': 'input_layernorm.weight',
+    'attn/q_proj/kernel': 'self_attn.q_proj.weight',
+    'attn/q_proj/bias': 'self_attn.q_proj.bias',
+    'attn/k_proj/kernel': 'self_attn.k_proj.weight',
+    'attn/k_proj/bias': 'self_attn.k_proj.bias',
+    'attn/v_proj/kernel': 'self_attn.v_proj.weight',
+    'attn/v_proj/bias': 'self_attn.v_proj.bias',
+    'attn/o_proj/kernel': 'self_attn.o_proj.weight',
+    'attn/o_proj/bias': 'self_attn.o_proj.bias',
+    'attn/q_norm/scale': 'self_attn.q_norm.weight',
+    'attn/k_norm/scale': 'self_attn.k_norm.weight',
+    'mlp_norm/scale': 'post_attention_layernorm.weight',
+    'mlp/gate_proj/kernel': 'mlp.gate_proj.weight',
+    'mlp/gate_proj/bias': 'mlp.gate_proj.bias',
+    'mlp/up_proj/kernel': 'mlp.up_proj.weight',
+    'mlp/up_proj/bias': 'mlp.up_proj.bias',
+    'mlp/down_proj/kernel': 'mlp.down_proj.weight',
+    'mlp/down_proj/bias': 'mlp.down_proj.bias',
+}
+# Keys transformers may store that are buffers, not parameters.
+_BUFFERS = ('rotary_emb.inv_freq',)
+
+
+def _refuse(field: str, value: Any, why: str) -> ValueError:
+  return ValueError(f'config.json {field}={value!r}: {why}')
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, llama.Llama3Rope | None]:
+  """The RoPE base and scaling of ``rope_parameters`` / legacy fields."""
+  params = hf.get('rope_parameters')
+  field = 'rope_parameters'
+  if not params and hf.get('rope_scaling'):
+    params, field = hf['rope_scaling'], 'rope_scaling'
+  params = dict(params or {})
+  if params and not ({'rope_type', 'type', 'rope_theta', 'factor'}
+                     & set(params)):
+    raise _refuse(field, params, 'RoPE parameters per layer type are not '
+                  'implemented')
+  theta = params.get('rope_theta', hf.get('rope_theta')) or 10000.0
+  partial = params.get('partial_rotary_factor',
+                       hf.get('partial_rotary_factor', 1.0))
+  if partial not in (None, 1, 1.0):
+    raise _refuse('partial_rotary_factor', partial,
+                  'RoPE on part of each head is not implemented')
+  rope_type = params.get('rope_type', params.get('type', 'default'))
+  if rope_type == 'default':
+    return float(theta), None
+  if rope_type == 'llama3':
+    return float(theta), llama.Llama3Rope(
+        factor=float(params['factor']),
+        low_freq_factor=float(params['low_freq_factor']),
+        high_freq_factor=float(params['high_freq_factor']),
+        original_max_position=int(params.get(
+            'original_max_position_embeddings',
+            hf.get('max_position_embeddings', 2048))))
+  raise _refuse(f'{field}.rope_type', rope_type,
+                "only 'default' and 'llama3' RoPE are implemented")
+
+
+def _sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
+  """The window every layer uses, or None; refuses per-layer windows."""
+  if model_type == 'mistral':
+    # Every layer uses the window (transformers' Mistral ignores
+    # layer_types; 'ministral' is the model type that alternates).
+    window = hf.get('sliding_window')
+    return None if window is None else int(window)
+  if model_type in ('qwen2', 'qwen3'):
+    window = hf.get('sliding_window') if hf.get('use_sliding_window') else None
+    types = hf.get('layer_types')
+    if types is None:
+      start = hf.get('max_window_layers', 28)
+      types = ['sliding_attention' if window is not None and i >= start
+               else 'full_attention' for i in range(hf['num_hidden_layers'])]
+    if set(types) == {'full_attention'}:
+      return None
+    if set(types) == {'sliding_attention'} and window is not None:
+      return int(window)
+    raise _refuse('layer_types', types, f'sliding_window={window} on some '
+                  'layers only (or without a window) is not implemented')
+  return None
+
+
+def decoder_config(hf: dict[str, Any], **overrides: Any) -> llama.LlamaConfig:
+  """Builds a ``LlamaConfig`` from a decoder's ``config.json`` dict.
+
+  Args:
+    hf: the parsed ``config.json``; ``model_type`` picks the family
+      (``'llama'`` if absent).
+    **overrides: ``LlamaConfig`` fields that win (``dtype``,
+      ``scan_layers``, ``remat``).
+
+  Raises:
+    ValueError: naming the field and value of anything not implemented.
+  """
+  model_type = hf.get('model_type', 'llama')
+  if model_type in REFUSED_TYPES:
+    raise _refuse('model_type', model_type, 'not implemented ('
+                  f'{REFUSED_TYPES[model_type]}); lorajax loads '
+                  f'{DECODER_TYPES} decoders')
+  if model_type not in DECODER_TYPES:
+    raise _refuse('model_type', model_type,
+                  f'not a decoder lorajax knows; expected one of '
+                  f'{DECODER_TYPES}')
+  act = hf.get('hidden_act', 'silu')
+  if act != 'silu':
+    raise _refuse('hidden_act', act, "only 'silu' (SwiGLU) is implemented")
+  for field in ('attn_logit_softcapping', 'final_logit_softcapping'):
+    if hf.get(field) is not None:
+      raise _refuse(field, hf[field], 'soft-capping is not implemented')
+  if hf.get('attention_dropout'):
+    raise _refuse('attention_dropout', hf['attention_dropout'],
+                  'dropout inside attention is not implemented')
+  if hf.get('is_encoder_decoder') or hf.get('cross_attention_hidden_size'):
+    raise _refuse('is_encoder_decoder', True, 'not a decoder-only model')
+  rope_base, rope_scaling = _rope(hf)
+  heads = hf['num_attention_heads']
+  default_head_dim = 128 if model_type == 'qwen3' else hf['hidden_size'] // heads
+  biased = bool(hf.get('attention_bias', False))
+  fields = dict(
+      vocab_size=hf['vocab_size'],
+      hidden_size=hf['hidden_size'],
+      num_layers=hf['num_hidden_layers'],
+      num_heads=heads,
+      num_kv_heads=hf.get('num_key_value_heads') or heads,
+      head_dim=hf.get('head_dim') or default_head_dim,
+      intermediate_size=hf['intermediate_size'],
+      rope_base=rope_base,
+      rope_scaling=rope_scaling,
+      rms_eps=float(hf.get('rms_norm_eps', 1e-6)),
+      max_position=hf.get('max_position_embeddings', 2048),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      # What each family's attention and MLP carry (transformers' modeling
+      # code, not the config, fixes Qwen2's biases and Mistral's none).
+      qkv_bias=model_type == 'qwen2' or (
+          biased and model_type in ('llama', 'qwen3')),
+      out_bias=biased and model_type in ('llama', 'qwen3'),
+      mlp_bias=bool(hf.get('mlp_bias', False)) and model_type == 'llama',
+      qk_norm=model_type == 'qwen3',
+      sliding_window=_sliding_window(hf, model_type))
+  return llama.LlamaConfig(**(fields | overrides))
+
+
+def hf_keys(config: llama.LlamaConfig, prefix: str = 'model.'
+            ) -> dict[str, str]:
+  """Our path -> Hugging Face key of every parameter of ``config``.
+
+  ``prefix`` is ``'model.'`` for ``*ForCausalLM`` and ``''`` for a bare
+  ``*Model`` checkpoint (which has no ``lm_head``).
+  """
+  shapes = llama_layout.expected_shapes(config.replace(scan_layers=False))
+  keys = {}
+  for path in shapes:
+    if path == 'embed/embedding':
+      keys[path] = f'{prefix}embed_tokens.weight'
+    elif path == 'final_norm/scale':
+      keys[path] = f'{prefix}norm.weight'
+    elif path == 'lm_head/kernel':
+      keys[path] = 'lm_head.weight'
+    else:
+      layer, rest = path.split('/', 1)
+      keys[path] = f'{prefix}layers.{layer.split("_")[1]}.{_LAYER[rest]}'
+  return keys
+
+
+def read_decoder(files: hf_files.CheckpointFiles, config: llama.LlamaConfig,
+                 *, prefix: str = 'model.', head: bool = True
+                 ) -> dict[str, np.ndarray]:
+  """Reads every parameter of ``config`` from ``files``, one at a time.
+
+  ``head=False`` reads the base model only (``lm_head.weight`` unused).
+
+  Returns:
+    ``{path: array}`` (unscanned paths, stored dtype, kernels ``[in, out]``).
+
+  Raises:
+    ValueError: a missing tensor, a shape that does not fit, a tensor with
+      no place in the model, or ``tie_word_embeddings`` contradicted.
+  """
+  shapes = llama_layout.expected_shapes(config.replace(scan_layers=False))
+  keys = hf_keys(config, prefix)
+  present = set(files.keys())
+  if head and config.tie_embeddings and 'lm_head.weight' in present:
+    head = files.get('lm_head.weight')
+    if not np.array_equal(head, files.get(f'{prefix}embed_tokens.weight')):
+      raise _refuse('tie_word_embeddings', True, 'but the checkpoint has an '
+                    'lm_head.weight that differs from the input embeddings')
+  if head and not config.tie_embeddings and 'lm_head.weight' not in present:
+    raise _refuse('tie_word_embeddings', False,
+                  'but the checkpoint has no lm_head.weight')
+  unknown = sorted(k for k in present - set(keys.values()) - {'lm_head.weight'}
+                   if not k.endswith(_BUFFERS))
+  if unknown:
+    raise ValueError(
+        f'{files.directory}: {len(unknown)} tensors have no place in '
+        f'{config.__class__.__name__}(qkv_bias={config.qkv_bias}, '
+        f'out_bias={config.out_bias}, mlp_bias={config.mlp_bias}, '
+        f'qk_norm={config.qk_norm}), e.g. {unknown[:4]}; a bias or norm '
+        'config.json does not declare is not loaded silently')
+  flat = {}
+  for path, key in keys.items():
+    if key not in present:
+      raise ValueError(f'{files.directory}: no tensor {key!r} for {path} '
+                       f'{shapes[path]}')
+    value = files.get(key)
+    if path.endswith('/kernel'):
+      value = value.T
+    if value.shape != shapes[path]:
+      want = shapes[path][::-1] if path.endswith('/kernel') else shapes[path]
+      raise ValueError(f'{files.directory}: tensor {key!r} has shape '
+                       f'{files.shape(key)}, expected {want} from '
+                       f'config.json (for {path})')
+    flat[path] = np.ascontiguousarray(value)
+  return flat
