@@ -78,6 +78,11 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.model = config_dict.ConfigDict()
   # 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M-Instruct).
   c.model.name = 'minilm' if task == 'classification' else 'smollm2'
+  # A local Hugging Face checkpoint directory (config.json, safetensors,
+  # tokenizer.json) to train instead of model.name: an encoder (BERT,
+  # RoBERTa, XLM-R) for classification, a decoder (Llama, Mistral, Qwen2,
+  # Qwen3) for lm/sft (lorajax.models.load); '' uses model.name.
+  c.model.path = ''
   # Load the pretrained weights; False gives a random model of that shape.
   c.model.pretrained = True
   # 'base' is the real architecture; 'tiny' a 2-layer toy for tests.

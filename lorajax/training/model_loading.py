@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import assets
+from lorajax.models import auto
 from lorajax.models import bert
 from lorajax.models import bert_loading
 from lorajax.models import bert_tokenizer
@@ -145,6 +146,59 @@ def load_smollm2(config) -> Model:
                bpe_tokenizer.special_tokens_map(tok, special_ids))
 
 
+def load_checkpoint(config, labels: Sequence[str] = ()) -> Model:
+  """The Hugging Face checkpoint directory ``config.model.path``
+  (``lorajax.models.load``): an encoder with a sequence classifier of
+  ``len(labels)`` classes (the checkpoint's own classifier, or a new one
+  when it has none; one of another width is refused), or a causal-LM
+  decoder for ``lm``/``sft``.
+  The checkpoint's head is used as it is: ``model.pooling``, ``size`` and
+  ``pretrained`` are the shipped models' fields.
+
+  Raises:
+    ValueError: a family the task cannot train (a decoder for
+      classification, an encoder for the LM), and whatever ``load``
+      refuses.
+  """
+  m = config.model
+  start = time.perf_counter()
+  overrides = {'key': jax.random.key(config.seed), 'dtype': jnp.dtype(m.dtype)}
+  if config.task == 'classification':
+    overrides.update(head='classification', hidden_dropout=m.dropout,
+                     attention_dropout=m.dropout)
+    if labels:
+      overrides['num_labels'] = len(labels)
+  else:
+    overrides['head'] = 'causal_lm'
+  try:
+    loaded = auto.load(m.path, **overrides)
+  except ValueError as e:
+    raise ValueError(f'model.path={m.path!r} (task {config.task}): '
+                     f'{e}') from e
+  decoder = isinstance(loaded.config, llama.LlamaConfig)
+  if decoder != (config.task != 'classification'):
+    raise ValueError(f'model.path={m.path!r} is a {loaded.family} '
+                     f'{"decoder" if decoder else "encoder"}; task '
+                     f'{config.task!r} trains '
+                     f'{"an encoder" if decoder else "a decoder"}')
+  if loaded.tokenizer is None:
+    raise ValueError(f'model.path={m.path!r} has no tokenizer.json; the data '
+                     'pipeline needs one')
+  if decoder:
+    embedding = loaded.params['embed']['embedding']
+  else:
+    embedding = loaded.params['embeddings']['word_embeddings']['embedding']
+  info = {'name': loaded.family, 'path': str(m.path),
+          'architecture': loaded.architecture,
+          **_arch(loaded.config, ('dtype', 'param_dtype', 'remat')),
+          **({'labels': list(labels)} if labels else {})}
+  logging.info('%s loaded from %s in %.1f s', loaded.architecture, m.path,
+               time.perf_counter() - start)
+  return Model(loaded.family, loaded.module, loaded.params, loaded.config,
+               info, loaded.tokenizer, embedding, loaded.eos_id,
+               loaded.chat_template, loaded.special_tokens)
+
+
 # The model each task trains, by config.task.
 _LOADERS = {'classification': ('minilm', load_minilm),
             'lm': ('smollm2', load_smollm2),
@@ -165,6 +219,8 @@ def load_model(config, labels: Sequence[str] = ()) -> Model:
   if config.task not in _LOADERS:
     raise ValueError(f'config.task={config.task!r}; expected one of '
                      f'{sorted(_LOADERS)}')
+  if config.model.get('path'):
+    return load_checkpoint(config, labels)
   name, load = _LOADERS[config.task]
   if config.model.name != name:
     raise ValueError(f'model.name={config.model.name!r}; {config.task} '
