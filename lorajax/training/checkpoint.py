@@ -122,6 +122,10 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
   """Starts saving ``state`` and ``meta`` as step ``state.step`` (async)."""
   step = int(jax.device_get(state.step))
   opt = {'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng}
+  # Orbax waits for the previous save before starting one anyway: seal it
+  # first, so that only the newest step can ever be unsealed.
+  manager.wait_until_finished()
+  seal_finished(manager)
   manager.save(step, force=True, args=ocp.args.Composite(
       trainable=ocp.args.StandardSave(state.trainable),
       opt=ocp.args.StandardSave(opt),

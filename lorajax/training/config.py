@@ -252,6 +252,11 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # Show progress: a tqdm bar when stdout is a terminal, else a plain line
   # every ~10% of the run (lorajax.training.console.Progress).
   c.progress_bar = True
+  # Resume from a checkpoint whose run-defining fields (all but how often to
+  # log, evaluate and save) differ from this config's: the changes are
+  # listed and recorded in the run's checkpoints; False refuses such a
+  # resume (lorajax.training.validate).
+  c.allow_config_change = False
 
   # The optimizer: AdamW with warmup, decay, clipping and accumulation.
   c.optim = config_dict.ConfigDict()

@@ -26,6 +26,14 @@ losses and the same final adapters as a run never interrupted. A NaN or inf
 loss stops the run with ``FloatingPointError`` before anything of that step
 is saved.
 
+Before anything runs the config is checked (``validate.check_config``: every
+invalid field listed) and the workdir locked (``workdir_lock``: a second
+run there refuses, naming the first). A resume restores the newest
+checkpoint whose files match its manifest (``integrity``) and refuses a
+config whose run-defining fields changed unless
+``config.allow_config_change``. SIGTERM or Ctrl-C finishes the step under
+way, checkpoints it and exits with status 143 / 130 (``signals``).
+
 Example:
 
   >>> summary = train_and_evaluate(config, '/tmp/run')  # doctest: +SKIP
@@ -34,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -57,8 +66,11 @@ from lorajax.training import model_loading
 from lorajax.training import optim
 from lorajax.training import parallel
 from lorajax.training import saved_run
+from lorajax.training import signals
 from lorajax.training import step as step_lib
 from lorajax.training import tasks
+from lorajax.training import validate as validate_lib
+from lorajax.training import workdir_lock
 
 PyTree = Any
 
@@ -175,25 +187,42 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     The summary dict (also written to ``summary.json`` and printed).
 
   Raises:
-    ValueError: unknown mode or method, an unwritable workdir, or a
-      checkpoint in ``workdir`` from another spec or model.
+    ValueError: invalid config fields (all of them listed), an unwritable
+      workdir, an empty training split, a checkpoint in ``workdir`` from
+      another spec or model, or from a config whose run-defining fields
+      differ (unless ``config.allow_config_change``).
+    workdir_lock.WorkdirLocked: another live process runs in ``workdir``.
+    signals.RunStopped: SIGTERM or SIGINT came; the step under way was
+      finished and checkpointed (a ``SystemExit`` of status 143 / 130).
     FloatingPointError: a non-finite loss or gradient; the checkpoints
       written before it are kept and complete.
   """
   wall_start = time.perf_counter()
+  validate_lib.check_config(config)
   workdir = check_workdir(workdir)
   if config.mode not in parallel.MODES:
     raise ValueError(f'config.mode={config.mode!r}; available: '
                      f'{parallel.MODES}')
-  with console.capture_logs(workdir) as log_file:
+  lock = (workdir_lock.hold(workdir, note=_note) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock, signals.stop_requests() as stop, \
+      console.capture_logs(workdir) as log_file:
     logging.info('config:\n%s', config)
-    return _train(config, workdir, log_file, wall_start)
+    return _train(config, workdir, log_file, wall_start, stop)
 
 
-def _train(config, workdir: str, log_file: str, wall_start: float
-           ) -> dict[str, Any]:
+def _note(message: str) -> None:
+  """A sentence a person should read (stderr and the log file)."""
+  logging.warning('%s', message)
+
+
+def _train(config, workdir: str, log_file: str, wall_start: float,
+           stop: signals.StopRequest) -> dict[str, Any]:
   """The body of ``train_and_evaluate``, with logging captured."""
   task = tasks.build_task(config)
+  if not _rows(task.data['train']):
+    raise ValueError(f'config.data.train_split={config.data.train_split!r} '
+                     'has no rows; nothing to train on')
   trainable, frozen = task.split_params()
   report = lorajax.trainable_report(task.spec, task.params, task.adapters)
   logging.info('%s', report)
@@ -222,8 +251,11 @@ def _train(config, workdir: str, log_file: str, wall_start: float
   manager = ckpt_lib.make_manager(ckpt_dir, max_to_keep=config.max_to_keep,
                                   async_save=config.async_checkpoint)
   meta = _meta(config, task.spec, task.model_info, trainable)
+  accepted = []   # Config changes allowed by config.allow_config_change.
   restored, stored = ckpt_lib.restore_latest(
-      manager, runner.to_checkpoint(state), meta)
+      manager, runner.to_checkpoint(state), meta, note=_note,
+      check_meta=lambda stored, where: accepted.extend(
+          validate_lib.check_resume(stored.get('config'), config, where)))
   train_it = loader.BatchIterator(task.data['train'],
                                   batch_size=config.batch_size,
                                   seed=config.seed, train=True)
@@ -237,6 +269,13 @@ def _train(config, workdir: str, log_file: str, wall_start: float
     best, best_step = stored.get('best'), stored.get('best_step')
     initial = stored.get('initial_validation')
     tokens_seen = stored.get('tokens_seen', 0)
+    history = list(stored.get('config_changes', []))
+    if accepted:
+      history.append({'step': stored['step'], 'changes': accepted})
+      _note(f'resuming step {stored["step"]} with changed config fields '
+            '(allow_config_change): ' + '; '.join(accepted))
+    if history:   # Kept in every later checkpoint of the run.
+      meta['config_changes'] = history
     logging.info('resumed from %s at step %d', ckpt_dir, stored['step'])
     console.say(f'resumed at step {stored["step"]} from {ckpt_dir}')
   # A best step saved after the checkpoint resumed from is recomputed.
@@ -264,10 +303,29 @@ def _train(config, workdir: str, log_file: str, wall_start: float
                          dict(meta, best=best, best_step=best_step), step)
     return m
 
+  last_saved = None
+
   def save(step: int) -> None:
+    nonlocal last_saved
     ckpt_lib.save(manager, runner.to_checkpoint(state), dict(
         meta, data_state=train_it.get_state(), best=best, best_step=best_step,
         initial_validation=initial, tokens_seen=tokens_seen))
+    last_saved = step
+
+  def stop_here(step: int) -> None:
+    """Checkpoints ``step`` (if not yet) and raises ``RunStopped``."""
+    if last_saved != step:
+      save(step)
+    manager.wait_until_finished()
+    ckpt_lib.seal_finished(manager)
+    progress.close()
+    message = (f'stopped by {stop.name} after step {step}; checkpoint '
+               f'{os.path.join(ckpt_dir, str(step))} written. Run the same '
+               f'command (same --config and --workdir {workdir}) to resume '
+               'from it.')
+    logging.info('%s', message)
+    console.say(message)
+    raise signals.RunStopped(signals.exit_code(stop.signum), step, message)
 
   if config.eval_at_start and start_step == 0:
     initial = validate(0)
@@ -312,6 +370,9 @@ def _train(config, workdir: str, log_file: str, wall_start: float
         final_val = validate(step)
       if step % config.checkpoint_every == 0 or step == num_steps:
         save(step)
+      ckpt_lib.seal_finished(manager)   # The last save, once it is done.
+      if stop:
+        stop_here(step)
     progress.close()
     if final_val is None:  # Resumed after the last step.
       final_val = validate(num_steps)
@@ -341,6 +402,7 @@ def _train(config, workdir: str, log_file: str, wall_start: float
   finally:
     progress.close()
     manager.wait_until_finished()
+    ckpt_lib.seal_finished(manager)
     writer.close()
   ckpt_lib.keep_only(best_manager, test_step)
   best_manager.close()
@@ -371,6 +433,9 @@ def _train(config, workdir: str, log_file: str, wall_start: float
       'checkpoint_bytes': sum(ckpt_lib.item_size(ckpt_dir, last, item)
                               for item in ckpt_lib.ITEMS),
       'workdir': workdir,
+      # Run-defining config fields changed on a resume (allow_config_change):
+      # [{'step': resumed step, 'changes': ['field: old -> new', ...]}].
+      'config_changes': meta.get('config_changes', []),
       # VmHWM of this process: the run's own peak when it is a subprocess.
       'peak_rss_bytes': memory.peak_rss_bytes(),
   }
