@@ -239,7 +239,14 @@ def seal_finished(manager: ocp.CheckpointManager) -> list[int]:
   for step in manager.all_steps():
     folder = os.path.join(str(manager.directory), str(step))
     if os.path.isdir(folder) and not integrity.is_sealed(folder):
-      integrity.seal(folder)
+      try:
+        integrity.seal(folder)
+      except OSError as e:   # A full disk, most often.
+        raise OSError(e.errno, (
+            f'cannot write the manifest of checkpoint {folder} '
+            f'({e.strerror or e}); a rerun passes over that step and resumes '
+            'from the newest sealed one. Free space and rerun the same '
+            'command')) from e
       sealed.append(step)
   return sealed
 

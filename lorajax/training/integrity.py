@@ -70,11 +70,16 @@ def _files(step_dir: str) -> list[str]:
 def write_json_atomic(path: str, obj) -> None:
   """Writes ``obj`` as JSON to ``path`` through a synced temporary file."""
   tmp = path + '.manifest-tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(obj, f, indent=1, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def seal(step_dir: str | os.PathLike[str]) -> None:
