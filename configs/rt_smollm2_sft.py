@@ -24,7 +24,19 @@ Run:
   python -m experiments.train --config configs/rt_smollm2_sft.py \
       --workdir /tmp/lorajax_rt_sft
 
-Measured: see the "Expected" lines below when recorded.
+Expected (measured on 2026-11-30 at f991b32, load 5.6-8.6 on the shared
+2-core machine: 779 s wall, 385 s user CPU, of which 286 s training):
+validation exact match 0.000 zero-shot (step 0) -> 0.823 after 24 steps;
+test 0.835 (test[:200]); adapter 1.7 MB. Zero-shot the model answers in
+sentences ("This review is positive"), so strict exact match is 0 (first
+word right: 0.06 on test[:32]). Decoding for real
+(``python -m experiments.sft_answers --workdir ... --n 32``) gives the same
+exact match as the one-pass score on test[:32] (0.688 both). The MiniLM
+classifier (configs/rt_minilm_lora.py) scores 0.810 on the whole test split
+after 400 steps. Packing: 10,238 training conversations fill 7,241 rows
+(78% of slots real tokens) against 55% one a row, so a step trains 1.41x
+the conversations at the same cost; summary tokens/s counts trained
+(assistant) tokens only: 2 a conversation here, ~1/s.
 
 ``--config configs/rt_smollm2_sft.py:smoke`` shrinks it to a tiny random
 model and a few steps (seconds; for tests).
