@@ -22,6 +22,7 @@ import lorajax.models
 from lorajax.models import bert_loading
 from lorajax.models import llama
 from lorajax.models import llama_loading
+from lorajax.models import lm
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -316,3 +317,20 @@ def test_missing_directory_files_are_named(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
   with pytest.raises(FileNotFoundError, match='model.safetensors'):
     lorajax.models.load(pathlib.Path(tmp_path))
+
+
+@pytest.mark.parametrize('name', ['mistral_sliding_window', 'qwen3'])
+def test_greedy_generation_with_cache_matches_transformers(tmp_path, name):
+  config_cls, model_cls, fields, _ = DECODER_CASES[name]
+  peer = _save(tmp_path, getattr(transformers, config_cls),
+               getattr(transformers, model_cls), **DECODER, **fields)
+  prompt = _ids((1, 6), 97)
+  peer.generation_config.eos_token_id = None  # 12 tokens, no early stop.
+  with torch.no_grad():
+    want = peer.generate(torch.tensor(prompt), max_new_tokens=12,
+                         do_sample=False, pad_token_id=0)[0, 6:].numpy()
+  model = lorajax.models.load(tmp_path)
+  apply = lambda p, *a, **k: model.module.apply({'params': p}, *a, **k)
+  got = lm.generate(apply, model.params, jnp.asarray(prompt),
+                                   12)  # 18 tokens: past the window of 4.
+  np.testing.assert_array_equal(np.asarray(got)[0], want)
