@@ -37,6 +37,15 @@ MISTRAL_STYLE = (
     "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
     "{% endfor %}")
 
+# A template that marks assistant text with {% generation %} (as SmolLM3's).
+GENERATION_TAGS = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
 CONVERSATIONS = {
     'single_turn': [
         {'role': 'user', 'content': 'Is this review positive or negative? '
@@ -87,13 +96,15 @@ def test_gguf_carries_smollm2_default_system_prompt(smollm2):
 
 
 @pytest.mark.parametrize('name', sorted(CONVERSATIONS))
-@pytest.mark.parametrize('style', ['smollm2', 'llama3_style', 'mistral_style'])
+@pytest.mark.parametrize('style', ['smollm2', 'llama3_style', 'mistral_style',
+                                   'generation_tags'])
 @pytest.mark.parametrize('generation_prompt', [False, True])
 def test_ids_equal_transformers(tmp_path, smollm2, name, style,
                                 generation_prompt):
   tok, specials, template = smollm2
   template = {'smollm2': template, 'llama3_style': LLAMA3_STYLE,
-              'mistral_style': MISTRAL_STYLE}[style]
+              'mistral_style': MISTRAL_STYLE,
+              'generation_tags': GENERATION_TAGS}[style]
   messages = CONVERSATIONS[name]
   if generation_prompt:
     messages = messages[:-1]
@@ -106,6 +117,17 @@ def test_ids_equal_transformers(tmp_path, smollm2, name, style,
                             add_generation_prompt=generation_prompt)
   assert ids.tolist() == hf_ids(hf, messages,
                                 add_generation_prompt=generation_prompt)
+
+
+def test_mask_equals_transformers_generation_mask(tmp_path, smollm2):
+  tok, specials, _ = smollm2
+  hf = hf_tokenizer(tmp_path, tok, specials, GENERATION_TAGS)
+  messages = CONVERSATIONS['multi_turn_with_system']
+  out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                               return_assistant_tokens_mask=True)
+  _, mask = chat.encode_chat(tok, chat.ChatTemplate(GENERATION_TAGS, specials),
+                             messages)
+  assert mask.astype(int).tolist() == list(out['assistant_masks'])
 
 
 def test_load_template_reads_what_transformers_saves(tmp_path, smollm2):
@@ -134,7 +156,8 @@ def test_sandbox_refuses_unsafe_attribute_access(smollm2):
 def test_assistant_mask_counts_the_assistant_tokens(smollm2, name):
   tok, specials, template = smollm2
   # A reply's leading spaces may merge with the header's newline into one
-  # token that starts before the reply (not trained): strip them here.
+  # token (trained, as transformers marks it) that the reply alone does not
+  # have: strip them here.
   messages = [dict(m, content=m['content'].lstrip())
               for m in CONVERSATIONS[name]]
   ids, mask = chat.encode_chat(tok, chat.ChatTemplate(template, specials),

@@ -6,7 +6,7 @@ A chat template is the Jinja source a checkpoint ships (``chat_template`` in
 transformers renders it -- a sandboxed, immutable Jinja environment with
 ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, a
 ``tojson`` that does not escape HTML, ``raise_exception``,
-``strftime_now``, and the tokenizer's special tokens (``bos_token``,
+``strftime_now``, ``{% generation %}`` blocks, and the tokenizer's special tokens (``bos_token``,
 ``eos_token``, ...) as variables -- and the text is tokenized whole, with no
 special tokens added, so the ids equal ``apply_chat_template``'s
 (``tests/test_chat.py`` checks this against transformers).
@@ -68,6 +68,22 @@ def _strftime_now(fmt: str) -> str:
   return datetime.datetime.now().strftime(fmt)
 
 
+class _Generation(jinja2.ext.Extension):
+  """``{% generation %}...{% endgeneration %}`` renders its body unchanged
+  (transformers marks assistant text with it; spans come from
+  ``assistant_spans`` here, whatever the template marks)."""
+  tags = {'generation'}
+
+  def parse(self, parser):
+    lineno = next(parser.stream).lineno
+    body = parser.parse_statements(('name:endgeneration',), drop_needle=True)
+    return jinja2.nodes.CallBlock(self.call_method('_body'), [], [],
+                                  body).set_lineno(lineno)
+
+  def _body(self, caller):
+    return caller()
+
+
 @functools.lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
   """Compiles a chat template the way transformers does (cached).
@@ -77,7 +93,7 @@ def compile_template(source: str) -> jinja2.Template:
   """
   env = sandbox.ImmutableSandboxedEnvironment(
       trim_blocks=True, lstrip_blocks=True,
-      extensions=[jinja2.ext.loopcontrols])
+      extensions=[_Generation, jinja2.ext.loopcontrols])
   env.filters['tojson'] = _tojson
   env.globals['raise_exception'] = _raise_exception
   env.globals['strftime_now'] = _strftime_now
@@ -174,8 +190,9 @@ def encode_chat(tokenizer: Tokenizer, template: ChatTemplate,
   """Token ids of a conversation and which of them are assistant tokens.
 
   The whole rendering is tokenized at once (so the ids equal transformers'
-  ``apply_chat_template``); a token is an assistant token when it starts
-  inside an assistant span (``assistant_spans``). With a tokenizer that
+  ``apply_chat_template``); a token is an assistant token when any of its
+  characters is in an assistant span (``assistant_spans``), as
+  transformers marks ``{% generation %}`` text. With a tokenizer that
   gives no offsets (a plain ``encode`` returning ids) each token is taken
   as one character.
 
@@ -196,11 +213,15 @@ def encode_chat(tokenizer: Tokenizer, template: ChatTemplate,
   else:
     text, spans = assistant_spans(template, messages, roles=roles)
   ids, offsets = _ids_offsets(tokenizer, text)
-  starts = (np.arange(len(ids)) if offsets is None
-            else np.array([o[0] for o in offsets], np.int64))
+  if offsets is None:
+    starts = np.arange(len(ids))
+    ends = starts + 1
+  else:
+    starts = np.array([o[0] for o in offsets], np.int64).reshape(-1)
+    ends = np.array([o[1] for o in offsets], np.int64).reshape(-1)
   mask = np.zeros(len(ids), bool)
   for a, b in spans:
-    mask |= (starts >= a) & (starts < b)
+    mask |= (starts < b) & (ends > a)
   return np.asarray(ids, np.int32), mask
 
 
