@@ -296,6 +296,28 @@ def test_second_process_on_a_workdir_refuses_naming_the_holder(tmp_path):
   assert not os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
 
 
+def test_command_line_refusals_have_no_traceback(tmp_path):
+  """What a person sees: the reason on stderr, status 1."""
+  workdir = str(tmp_path / 'run')
+  base = [sys.executable, '-m', 'lorajax.cli.train',
+          f'--config={CONFIG}:smoke', f'--workdir={workdir}']
+  bad = subprocess.run(base + ['--config.optim.learning_rate=-1',
+                               '--config.eval_every=0'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr
+  assert 'config.optim.learning_rate=-1.0: expected a finite number > 0' \
+      in bad.stderr and 'config.eval_every=0' in bad.stderr
+  holder = _start_holder(tmp_path, workdir)
+  try:
+    busy = subprocess.run(base, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert busy.returncode == 1 and 'Traceback' not in busy.stderr
+  assert f'is in use by another run: pid {holder.pid}' in busy.stderr
+
+
 def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
   workdir = str(tmp_path / 'run')
   holder = _start_holder(tmp_path, workdir)

@@ -9,7 +9,10 @@ r"""Trains and evaluates one config: ``python -m lorajax.cli.train``.
 ``python -m experiments.train`` still runs it.
 
 Without ``--workdir`` the run goes to ``workdirs/<config file name>``. A run
-whose workdir holds checkpoints resumes from the newest one.
+whose workdir holds checkpoints resumes from the newest intact one.
+A config with invalid fields, a resume whose run-defining fields changed,
+or a workdir another run holds is refused with the reason and status 1;
+SIGTERM / Ctrl-C checkpoint the step under way and exit 143 / 130.
 
 On several hosts, start the same command on each with
 ``--coordinator=HOST:PORT --num_processes=N --process_id=I`` (and
@@ -29,6 +32,8 @@ import jax
 
 from lorajax.sweeps import runner
 from lorajax.training import train
+from lorajax.training import validate
+from lorajax.training import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/rt_minilm_lora.py', 'Training config file (path[:arg]).',
@@ -65,7 +70,11 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
     logging.info('process %d of %d', jax.process_index(), jax.process_count())
-  train.train_and_evaluate(_CONFIG.value, workdir)
+  try:
+    train.train_and_evaluate(_CONFIG.value, workdir)
+  except (validate.ConfigError, workdir_lock.WorkdirLocked) as e:
+    # Refused before anything ran: the reason, without a traceback.
+    raise SystemExit(f'lorajax-train: {e}') from None
 
 
 def run() -> None:

@@ -4,7 +4,7 @@
 (a learning rate > 0 and finite, intervals >= 1, ``max_to_keep >= 1``, a
 rank >= 1, finite ``lora.alpha``), the enums each field accepts, and split
 slices that select nothing. Every problem found is listed in one
-``ValueError``, each naming the field, its value and what is expected.
+``ConfigError`` (a ``ValueError``), each naming the field, its value and what is expected.
 
 ``check_resume(stored, config, where)`` compares the run-defining fields
 of a checkpoint's stored config with this run's (everything but
@@ -22,7 +22,7 @@ Example:
   >>> check_config(c)
   Traceback (most recent call last):
   ...
-  ValueError: config has 2 invalid fields:
+  lorajax.training.validate.ConfigError: config has 2 invalid fields:
     config.eval_every=0: expected an integer >= 1
     config.optim.learning_rate=-1.0: expected a finite number > 0
 """
@@ -64,6 +64,10 @@ _INTS_AT_LEAST = {
 }
 _SPLITS = ('data.train_split', 'data.validation_split', 'data.test_split')
 _SLICE = re.compile(r'[\w/.-]+\[(-?\d*)(%?):(-?\d*)(%?)\]')
+
+
+class ConfigError(ValueError):
+  """A config field that makes no sense, or a resume with a changed one."""
 
 
 def _get(config, dotted: str) -> Any:
@@ -144,7 +148,7 @@ def check_config(config) -> None:
   """Raises ValueError listing every invalid field of ``config``."""
   found = problems(config)
   if found:
-    raise ValueError(f'config has {len(found)} invalid field'
+    raise ConfigError(f'config has {len(found)} invalid field'
                      f'{"s" if len(found) > 1 else ""}:\n  '
                      + '\n  '.join(found))
 
@@ -182,7 +186,7 @@ def check_resume(stored: dict[str, Any], config, where: str) -> list[str]:
   """
   changes = config_changes(stored, config)
   if changes and not bool(_get(config, 'allow_config_change') is True):
-    raise ValueError(
+    raise ConfigError(
         f'checkpoint {where} was written with another config; '
         f'{len(changes)} run-defining field{"s differ" if len(changes) > 1 else " differs"}'
         ' (checkpoint -> this run):\n  ' + '\n  '.join(changes[:20])
