@@ -35,6 +35,9 @@ import numbers
 import re
 from typing import Any
 
+from lorajax.methods import low_rank
+from lorajax.methods import quant
+from lorajax.models import bert
 from lorajax.training import config as config_lib
 from lorajax.training import optim
 
@@ -50,10 +53,10 @@ _ENUMS = {
     'method': config_lib.METHODS,
     'mode': config_lib.MODES,
     'optim.decay': optim.DECAYS,
-    'model.dtype': ('float32', 'bfloat16'),
-    'model.pooling': ('mean', 'cls'),
-    'lora.init': ('kaiming', 'gaussian', 'pissa'),
-    'quant': ('nf4', 'int8'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.pooling': bert.POOLINGS,
+    'lora.init': low_rank.INITS,
+    'quant': quant.METHODS,
     'bottleneck.style': ('houlsby', 'pfeiffer'),
 }
 _INTS_AT_LEAST = {
