@@ -2,6 +2,7 @@
 and the shipped config's smoke run."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -129,3 +130,68 @@ def test_template_override_and_missing_template(tiny_task):
   with pytest.raises(ValueError, match='ships no chat template'):
     sft.chat_template(config, bare)
   assert isinstance(sft.chat_template(config, task.model), chat.ChatTemplate)
+
+
+# A Qwen2-style template (default system prompt, whitespace control, attribute
+# access), written here for the test.
+QWEN_STYLE = """{%- if messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- else %}
+    {{- '<|im_start|>system\\nYou are a tiny test model.<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role != 'system' %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+
+@pytest.fixture(scope='module')
+def qwen2_chat_dir(tmp_path_factory):
+  """A tiny random Qwen2ForCausalLM whose tokenizer has its own template."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  from lorajax import assets  # pylint: disable=g-import-not-at-top
+  from lorajax.models import bpe_tokenizer, llama_loading  # pylint: disable=g-import-not-at-top
+  directory = tmp_path_factory.mktemp('qwen2_chat')
+  reader = llama_loading.as_reader(
+      assets.asset_path('smollm2', llama_loading.SMOLLM2_GGUF))
+  tok = bpe_tokenizer.gguf_tokenizer(reader)
+  eos = bpe_tokenizer.gguf_special_ids(reader)['eos']
+  torch.manual_seed(0)
+  config = transformers.Qwen2Config(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, intermediate_size=64,
+      vocab_size=tok.get_vocab_size(), eos_token_id=eos,
+      tie_word_embeddings=True)
+  transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
+  tok.save(str(directory / 'tokenizer.json'))
+  (directory / 'tokenizer_config.json').write_text(json.dumps(
+      {'tokenizer_class': 'PreTrainedTokenizerFast',
+       'eos_token': tok.id_to_token(eos), 'chat_template': QWEN_STYLE}))
+  return directory
+
+
+def test_a_checkpoint_directory_brings_its_own_template(qwen2_chat_dir,
+                                                        tmp_path):
+  transformers = pytest.importorskip('transformers')
+  config = load_config('rt_smollm2_sft', **{'model.path': str(qwen2_chat_dir)})
+  task = tasks.build_task(config, splits=())
+  rows = sft.encode_rows(config, task.model, ROWS[:4], train=False)
+  # The folder's tokenizer.json as it is (AutoTokenizer would take
+  # Qwen2Tokenizer from config.json's model_type, whose own pre-tokenizer
+  # regex is not this SmolLM2 file's).
+  hf = transformers.PreTrainedTokenizerFast.from_pretrained(
+      str(qwen2_chat_dir))
+  for i, messages in enumerate(sft.conversations(config, ROWS[:4])):
+    out = hf.apply_chat_template(messages, tokenize=True)
+    want = list(out['input_ids'] if hasattr(out, 'keys') else out)
+    n = int((rows['segment_ids'][i] > 0).sum())
+    got = rows['inputs'][i, :n].tolist() + [int(rows['targets'][i, n - 1])]
+    assert got == want
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= summary['test']['accuracy'] <= 1.0
