@@ -18,6 +18,6 @@ settings.register_profile(
     'ci', max_examples=12, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
-    'thorough', max_examples=300, deadline=None,
+    'thorough', max_examples=150, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile('ci')
