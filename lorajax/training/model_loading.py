@@ -13,9 +13,12 @@ without touching a data set.
 
 Example:
 
-  >>> model = load_model(config)  # doctest: +SKIP
-  >>> model.params['encoder']['layer_0']['attention']['query']['kernel'].shape  # doctest: +SKIP
-  (384, 384)
+  >>> from lorajax.training import config as config_lib
+  >>> config = config_lib.base_config('classification')
+  >>> config.model.pretrained, config.model.size = False, 'tiny'
+  >>> model = load_model(config)
+  >>> model.name, model.params['encoder']['layer_0']['attention']['query']['kernel'].shape
+  ('minilm', (32, 32))
 """
 
 from __future__ import annotations

@@ -25,11 +25,20 @@ Parameter paths are those of the inner ``'params'`` dict
 ``layers_0/attn/q_proj/kernel``): the model is wrapped as
 ``apply(p, batch) = model.apply({'params': p}, ...)`` before ``lorajax.lora``.
 
-Example:
+Example (a tiny random model and no data):
 
-  >>> task = build_task(config)  # doctest: +SKIP
-  >>> loss, stats = task.loss_fn(trainable, task.frozen, batch, key)  # doctest: +SKIP
-  >>> scorer = build_task(config, splits=('test',))  # doctest: +SKIP
+  >>> from lorajax.training import config as config_lib
+  >>> config = config_lib.base_config('classification')
+  >>> config.model.pretrained, config.model.size = False, 'tiny'
+  >>> task = build_task(config, splits=())
+  >>> trainable, frozen = task.split_params()
+  >>> batch = {'input_ids': np.ones((2, 8), np.int32),
+  ...          'attention_mask': np.ones((2, 8), np.int32),
+  ...          'token_type_ids': np.zeros((2, 8), np.int32),
+  ...          'label': np.array([0, 1])}
+  >>> loss, stats = task.loss_fn(trainable, frozen, batch, jax.random.key(0))
+  >>> float(stats['count']), task.data
+  (2.0, {})
 """
 
 from __future__ import annotations
