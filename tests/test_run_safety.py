@@ -176,6 +176,17 @@ def test_empty_step_folder_and_unknown_folder(reference, target, tmp_path):
   assert os.path.isdir(os.path.join(ckpt_dir, 'old_runs'))
 
 
+def test_checkpoints_of_an_older_lorajax_restore_unverified(
+    reference, target, tmp_path):
+  workdir = _copy_run(reference, tmp_path)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  for manifest in glob.glob(os.path.join(ckpt_dir, '*', integrity.MANIFEST)):
+    os.remove(manifest)
+  state, meta, notes = _restore(ckpt_dir, target)
+  assert meta['step'] == 10 and int(state.step) == 10
+  assert 'restoring without verifying the files' in notes
+
+
 def test_damaged_checkpoints_resume_exactly_from_intact_one(
     reference, tmp_path, caplog):
   """Step 10: a flipped tensor bit, step 9: a flipped bit of the data
