@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lorajax.data import chat
+from lorajax.training import input_pipeline
 from lorajax.training import sft
 from lorajax.training import tasks
 from lorajax.training import train
@@ -195,3 +196,49 @@ def test_a_checkpoint_directory_brings_its_own_template(qwen2_chat_dir,
     assert got == want
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert 0.0 <= summary['test']['accuracy'] <= 1.0
+
+
+def _chat_file(path, n=40, bad=()):
+  """A JSONL file of conversations: messages rows and prompt/completion
+  rows, with ``bad`` rows (line index -> row) in between."""
+  rows = []
+  for i in range(n):
+    if i % 2:
+      rows.append({'messages': [
+          {'role': 'user', 'content': f'Is {i} even?'},
+          {'role': 'assistant', 'content': 'no' if i % 2 else 'yes'},
+          {'role': 'user', 'content': 'Sure?'},
+          {'role': 'assistant', 'content': 'yes'}]})
+    else:
+      rows.append({'prompt': f'Is {i} even?', 'completion': 'yes'})
+  for line, row in bad:
+    rows.insert(line, row)
+  path.write_text('\n'.join(json.dumps(r) for r in rows) + '\n')
+  return str(path)
+
+
+def _file_config(path, **overrides):
+  return load_config('rt_smollm2_sft', **{
+      'data.path': path, 'data.validation_fraction': 0.2,
+      'data.test_fraction': 0.2, 'data.train_split': 'train',
+      'data.validation_split': 'validation', 'data.test_split': 'test',
+      **overrides})
+
+
+def test_conversations_from_a_file_train(tmp_path):
+  config = _file_config(_chat_file(tmp_path / 'chat.jsonl'))
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert np.isfinite(summary['test']['loss'])
+
+
+@pytest.mark.parametrize('row,problem', [
+    ({'messages': [{'role': 'user', 'content': 'hi'}]}, 'no assistant'),
+    ({'messages': [{'role': 'user'}, {'role': 'assistant', 'content': 'x'}]},
+     'message 0 .user. has no text content'),
+    ({'prompt': 'hi'}, "missing field 'completion'"),
+    ({'text': 'plain'}, 'needs messages, or prompt and completion'),
+])
+def test_bad_conversation_rows_name_file_and_line(tmp_path, row, problem):
+  path = _chat_file(tmp_path / 'chat.jsonl', bad=[(3, row)])
+  with pytest.raises(ValueError, match=rf'chat.jsonl:4: .*{problem}'):
+    input_pipeline.load_split(_file_config(path), None, 'train')

@@ -71,13 +71,19 @@ class Fields:
     text_pair: a second text (sentence pairs); '' for none.
     label: the label field; '' for unlabeled rows (language modelling).
     group: rows sharing its value stay in one split; '' for none.
+    chat: rows are conversations: ``messages`` (a list of ``{'role',
+      'content'}``) or ``prompt`` and ``completion`` (instruction tuning);
+      ``text`` is then not read.
   """
   text: str = 'text'
   text_pair: str = ''
   label: str = ''
   group: str = ''
+  chat: bool = False
 
   def named(self) -> list[str]:
+    if self.chat:
+      return [f for f in (self.group,) if f]
     return [f for f in (self.text, self.text_pair, self.label, self.group)
             if f]
 
@@ -263,10 +269,44 @@ def _label(value: Any, field: str) -> tuple[str | None, str | None]:
   return None, f'label {value!r} is neither an int nor a string'
 
 
+def _chat(row: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+  """A conversation row: ``messages`` or ``prompt``/``completion``."""
+  if 'messages' in row:
+    messages = row['messages']
+    if not isinstance(messages, list) or not messages:
+      return None, "'messages' is not a non-empty list"
+    for i, m in enumerate(messages):
+      if not isinstance(m, dict) or not isinstance(m.get('role'), str):
+        return None, f'message {i} has no role'
+      if not isinstance(m.get('content'), str):
+        return None, f'message {i} ({m["role"]}) has no text content'
+    if not any(m['role'] == 'assistant' for m in messages):
+      return None, 'no assistant message to train on'
+    return {'messages': [{'role': m['role'], 'content': m['content']}
+                         for m in messages]}, None
+  out = {}
+  for field in ('prompt', 'completion'):
+    out[field], problem = _string(row, field, 'text')
+    if problem:
+      return None, (f'{problem} (a chat row needs messages, or prompt and '
+                    f'completion)')
+  return out, None
+
+
 def normalize(row: dict[str, Any], fields: Fields
-              ) -> tuple[dict[str, str] | None, str | None]:
+              ) -> tuple[dict[str, Any] | None, str | None]:
   """``({'text', ['text_pair'], ['label'], ['group']}, None)`` or
-  ``(None, problem)``; a label is kept as a string."""
+  ``(None, problem)``; a label is kept as a string. A chat row gives
+  ``{'messages'}`` or ``{'prompt', 'completion'}`` (and ``group``)."""
+  if fields.chat:
+    out, problem = _chat(row)
+    if problem:
+      return None, problem
+    if fields.group:
+      if row.get(fields.group) is None:
+        return None, f'missing field {fields.group!r}'
+      out['group'] = str(row[fields.group])
+    return out, None
   out = {}
   for key, field, what in (('text', fields.text, 'text'),
                            ('text_pair', fields.text_pair, 'text')):

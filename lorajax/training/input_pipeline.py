@@ -47,7 +47,7 @@ def file_data(config) -> file_splits.FileData:
   labeled = config.task == 'classification'
   fields = files.Fields(text=d.text_field, text_pair=d.text_pair_field,
                         label=d.label_field if labeled else '',
-                        group=d.group_field)
+                        group=d.group_field, chat=config.task == 'sft')
   names = tuple(n.strip() for n in d.label_names.split(',') if n.strip())
   return file_splits.FileData(
       d.path, d.format, fields, d.validation_path, d.test_path,
