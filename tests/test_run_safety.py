@@ -247,6 +247,12 @@ def test_damaged_best_checkpoint_is_refused_by_name(reference, tmp_path):
     train.evaluate_checkpoint(load_config(), workdir, step='best')
   assert f'checkpoint {best[0]} is damaged: ' \
       f'{os.path.relpath(tensor, best[0])} has another sha256' in str(err.value)
+  # An emptied meta JSON is named too, not a raw JSON error.
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  _truncate(os.path.join(ckpt_dir, '10', 'meta', 'metadata'), 0)
+  with pytest.raises(ValueError, match=f'checkpoint {ckpt_dir}/10 is '
+                     'damaged: meta/metadata has 0 bytes'):
+    ckpt_lib.read_meta(ckpt_dir)
 
 
 def _run_stopped(tmp_path, signum, stop_at):

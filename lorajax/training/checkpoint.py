@@ -353,6 +353,8 @@ def read_meta(directory: str | os.PathLike[str], step: int | None = None
 
   Raises:
     FileNotFoundError: if the folder holds no complete checkpoint.
+    ValueError: naming the files of that step that differ from its
+      manifest.
   """
   manager = ocp.CheckpointManager(
       os.path.abspath(os.fspath(directory)), item_names=ITEMS,
@@ -360,6 +362,10 @@ def read_meta(directory: str | os.PathLike[str], step: int | None = None
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no complete checkpoint in {directory}')
+  where = os.path.join(os.fspath(directory), str(step))
+  if integrity.is_sealed(where) and (problem := integrity.verify(where)):
+    manager.close()
+    raise ValueError(f'checkpoint {where} is damaged: {problem}')
   meta = manager.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))['meta']
   manager.close()
@@ -380,10 +386,8 @@ def restore_trainable(directory: str | os.PathLike[str], target: PyTree,
   Returns:
     ``(trainable, meta)``.
   """
-  step, meta = read_meta(directory, step)
+  step, meta = read_meta(directory, step)   # Verified against its manifest.
   where = os.path.join(os.fspath(directory), str(step))
-  if integrity.is_sealed(where) and (problem := integrity.verify(where)):
-    raise ValueError(f'checkpoint {where} is damaged: {problem}')
   check_compatible(meta, expected, where)
   manager = ocp.CheckpointManager(
       os.path.abspath(os.fspath(directory)), item_names=ITEMS,
