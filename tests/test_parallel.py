@@ -159,9 +159,10 @@ def _stacked_case(kernel_shape, rank=2):
   spec = lorajax.LoraSpec([(r'layers/q/kernel', lorajax.Lora(rank=rank)),
                            (r'head/.*', lorajax.TRAIN),
                            (r'.*', lorajax.FREEZE)])
-  adapters = {'layers': {'q': {'kernel': {
+  adapters = {'layers': {'q': {'kernel': lorajax.AdapterParams({
       'a': np.zeros((s, i, rank), np.float32),
-      'b': np.zeros((s, rank, o), np.float32)}}}}
+      'b': np.zeros((s, rank, o), np.float32)},
+      layout=lorajax.KernelLayout(1, (0,), (1,)))}}}
   train, frozen = lorajax.partition(params, spec)
   return spec, {'adapters': adapters, 'params': train}, frozen
 

@@ -54,8 +54,8 @@ def test_method_is_a_spec(method, trained, adapted):
 
 def test_unknown_method_raises():
   config = config_lib.base_config('classification')
-  config.method = 'ia3'
-  with pytest.raises(ValueError, match="'ia3'.*'dora'"):
+  config.method = 'vera'
+  with pytest.raises(ValueError, match="'vera'.*'dora'"):
     config_lib.make_spec(config)
 
 
