@@ -33,11 +33,13 @@ import math
 import os
 import sys
 import time
-from typing import Iterator, TextIO
+from typing import Callable, Iterator, TextIO, TypeVar
 
 from absl import logging as absl_logging
 import jax
 import tqdm
+
+T = TypeVar('T')
 
 LOG_FILE = 'info.log'
 
@@ -56,6 +58,21 @@ def _prints_to_terminal(handler: logging.Handler) -> bool:
     return True
   return (isinstance(handler, logging.StreamHandler)
           and not isinstance(handler, logging.FileHandler))
+
+
+def quietly(fn: Callable[[], T]) -> T:
+  """``fn()`` with the console's log handlers at WARNING: for a call that
+  starts JAX's backend (``jax.process_index()``) before ``capture_logs``
+  has a file to send its INFO records to."""
+  root = logging.getLogger()
+  quieted = [(h, h.level) for h in root.handlers if _prints_to_terminal(h)]
+  try:
+    for handler, level in quieted:
+      handler.setLevel(max(level, logging.WARNING))
+    return fn()
+  finally:
+    for handler, level in quieted:
+      handler.setLevel(level)
 
 
 @contextlib.contextmanager

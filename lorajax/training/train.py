@@ -203,7 +203,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if config.mode not in parallel.MODES:
     raise ValueError(f'config.mode={config.mode!r}; available: '
                      f'{parallel.MODES}')
-  lock = (workdir_lock.hold(workdir, note=_note) if jax.process_index() == 0
+  chief = console.quietly(jax.process_index) == 0  # Starts the backend.
+  lock = (workdir_lock.hold(workdir, note=_note) if chief
           else contextlib.nullcontext())
   with lock, signals.stop_requests() as stop, \
       console.capture_logs(workdir) as log_file:
