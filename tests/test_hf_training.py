@@ -1,18 +1,15 @@
 """config.model.path: LoRA trains a Hugging Face checkpoint directory."""
 
-import json
 
 import numpy as np
 import pytest
 
-from lorajax import assets
-from lorajax.models import bpe_tokenizer
-from lorajax.models import llama_loading
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import model_loading
 from lorajax.training import train
 
 from toy_models import load_config
+from toy_models import tiny_qwen2_dir
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -21,23 +18,7 @@ transformers = pytest.importorskip('transformers')
 @pytest.fixture(scope='module')
 def qwen2_dir(tmp_path_factory):
   """A tiny random Qwen2ForCausalLM with SmolLM2's tokenizer beside it."""
-  directory = tmp_path_factory.mktemp('qwen2')
-  reader = llama_loading.as_reader(
-      assets.asset_path('smollm2', llama_loading.SMOLLM2_GGUF))
-  tok = bpe_tokenizer.gguf_tokenizer(reader)
-  eos = bpe_tokenizer.gguf_special_ids(reader)['eos']
-  torch.manual_seed(0)
-  config = transformers.Qwen2Config(
-      hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, intermediate_size=64,
-      vocab_size=tok.get_vocab_size(), eos_token_id=eos,
-      tie_word_embeddings=True)
-  transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
-  tok.save(str(directory / 'tokenizer.json'))
-  (directory / 'tokenizer_config.json').write_text(json.dumps(
-      {'eos_token': tok.id_to_token(eos),
-       'chat_template': bpe_tokenizer.gguf_chat_template(reader)}))
-  return directory
+  return tiny_qwen2_dir(tmp_path_factory.mktemp('qwen2'))
 
 
 def test_lora_trains_a_qwen2_directory(qwen2_dir, tmp_path):

@@ -15,6 +15,7 @@ from lorajax.training import tasks
 from lorajax.training import train
 
 from toy_models import load_config
+from toy_models import tiny_qwen2_dir
 
 ROWS = [
     {'text': 'A gorgeous, witty film.', 'label': 1},
@@ -154,27 +155,11 @@ QWEN_STYLE = """{%- if messages[0]['role'] == 'system' %}
 @pytest.fixture(scope='module')
 def qwen2_chat_dir(tmp_path_factory):
   """A tiny random Qwen2ForCausalLM whose tokenizer has its own template."""
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
-  from lorajax import assets  # pylint: disable=g-import-not-at-top
-  from lorajax.models import bpe_tokenizer, llama_loading  # pylint: disable=g-import-not-at-top
-  directory = tmp_path_factory.mktemp('qwen2_chat')
-  reader = llama_loading.as_reader(
-      assets.asset_path('smollm2', llama_loading.SMOLLM2_GGUF))
-  tok = bpe_tokenizer.gguf_tokenizer(reader)
-  eos = bpe_tokenizer.gguf_special_ids(reader)['eos']
-  torch.manual_seed(0)
-  config = transformers.Qwen2Config(
-      hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, intermediate_size=64,
-      vocab_size=tok.get_vocab_size(), eos_token_id=eos,
-      tie_word_embeddings=True)
-  transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
-  tok.save(str(directory / 'tokenizer.json'))
-  (directory / 'tokenizer_config.json').write_text(json.dumps(
-      {'tokenizer_class': 'PreTrainedTokenizerFast',
-       'eos_token': tok.id_to_token(eos), 'chat_template': QWEN_STYLE}))
-  return directory
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  return tiny_qwen2_dir(tmp_path_factory.mktemp('qwen2_chat'),
+                        tokenizer_class='PreTrainedTokenizerFast',
+                        chat_template=QWEN_STYLE)
 
 
 def test_a_checkpoint_directory_brings_its_own_template(qwen2_chat_dir,

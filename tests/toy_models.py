@@ -99,3 +99,35 @@ def set_fields(config, fields):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def tiny_qwen2_dir(directory, **tokenizer_config):
+  """Writes a tiny random Qwen2ForCausalLM (transformers' save_pretrained)
+  with SmolLM2's BPE tokenizer beside it, into ``directory``.
+
+  ``tokenizer_config`` goes into ``tokenizer_config.json`` with the EOS
+  token; without a ``chat_template`` the GGUF's own template is written.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from lorajax import assets  # pylint: disable=g-import-not-at-top
+  from lorajax.models import bpe_tokenizer  # pylint: disable=g-import-not-at-top
+  from lorajax.models import llama_loading  # pylint: disable=g-import-not-at-top
+  reader = llama_loading.as_reader(
+      assets.asset_path('smollm2', llama_loading.SMOLLM2_GGUF))
+  tok = bpe_tokenizer.gguf_tokenizer(reader)
+  eos = bpe_tokenizer.gguf_special_ids(reader)['eos']
+  torch.manual_seed(0)
+  config = transformers.Qwen2Config(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, intermediate_size=64,
+      vocab_size=tok.get_vocab_size(), eos_token_id=eos,
+      tie_word_embeddings=True)
+  transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
+  tok.save(str(directory / 'tokenizer.json'))
+  tokenizer_config.setdefault('chat_template',
+                              bpe_tokenizer.gguf_chat_template(reader))
+  (directory / 'tokenizer_config.json').write_text(json.dumps(
+      {'eos_token': tok.id_to_token(eos), **tokenizer_config}))
+  return directory
