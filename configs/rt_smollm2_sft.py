@@ -37,6 +37,11 @@ after 400 steps. Packing: 10,238 training conversations fill 7,241 rows
 (78% of slots real tokens) against 55% one a row, so a step trains 1.41x
 the conversations at the same cost; summary tokens/s counts trained
 (assistant) tokens only: 2 a conversation here, ~1/s.
+Measured at 2026-11-30 (load 1.5-2, 8 steps each, first-step compile
+included): packed 2.99 trained tokens/s, unpacked 1.70 (1.76x; of which
+1.41x is more conversations a row, the rest step-time noise over 8 steps):
+``--config configs/rt_smollm2_sft.py:steps=8,test=16
+--config.sft.packing=False --config.eval_at_start=False``.
 
 ``--config configs/rt_smollm2_sft.py:smoke`` shrinks it to a tiny random
 model and a few steps (seconds; for tests).
