@@ -65,7 +65,16 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> bert.BertConfig:
   if pos != 'absolute':
     raise ValueError(f'config.json position_embedding_type={pos!r}; only '
                      "'absolute' is implemented")
-  fields = dict(
+  fields = hf_fields(hf)
+  if 'id2label' in hf:
+    fields['num_labels'] = len(hf['id2label'])
+  return bert.BertConfig(**(fields | overrides))
+
+
+def hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  """The ``BertConfig`` fields a BERT-family ``config.json`` gives, by
+  transformers' names and defaults (shared by every encoder loader)."""
+  return dict(
       vocab_size=hf['vocab_size'],
       hidden_size=hf['hidden_size'],
       num_layers=hf['num_hidden_layers'],
@@ -77,11 +86,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> bert.BertConfig:
       hidden_dropout=hf.get('hidden_dropout_prob', 0.1),
       attention_dropout=hf.get('attention_probs_dropout_prob', 0.1),
       classifier_dropout=hf.get('classifier_dropout'),
-      initializer_range=hf.get('initializer_range', 0.02),
-  )
-  if 'id2label' in hf:
-    fields['num_labels'] = len(hf['id2label'])
-  return bert.BertConfig(**(fields | overrides))
+      initializer_range=hf.get('initializer_range', 0.02))
 
 
 def hf_key_map(config: bert.BertConfig) -> dict[str, str]:

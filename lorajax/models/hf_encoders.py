@@ -85,18 +85,7 @@ def encoder_config(hf: dict[str, Any], **overrides: Any) -> bert.BertConfig:
                     'implemented')
   roberta = model_type != 'bert'
   fields = dict(
-      vocab_size=hf['vocab_size'],
-      hidden_size=hf['hidden_size'],
-      num_layers=hf['num_hidden_layers'],
-      num_heads=hf['num_attention_heads'],
-      intermediate_size=hf['intermediate_size'],
-      max_position=hf.get('max_position_embeddings', 512),
-      type_vocab_size=hf.get('type_vocab_size', 2),
-      layer_norm_eps=hf.get('layer_norm_eps', 1e-12),
-      hidden_dropout=hf.get('hidden_dropout_prob', 0.1),
-      attention_dropout=hf.get('attention_probs_dropout_prob', 0.1),
-      classifier_dropout=hf.get('classifier_dropout'),
-      initializer_range=hf.get('initializer_range', 0.02),
+      bert_loading.hf_fields(hf),
       pooling='cls',
       head='roberta' if roberta else 'bert',
       position_padding_idx=hf.get('pad_token_id', 1) if roberta else None)
