@@ -48,6 +48,7 @@ from lorajax import spec as spec_lib
 from lorajax import spec_paths
 from lorajax.io import adapter_files
 from lorajax.io import hf_models
+from lorajax.io import peft_codecs
 from lorajax.methods import dora as dora_lib
 from lorajax.methods import ia3 as ia3_lib
 from lorajax.methods import loha as loha_lib
@@ -58,7 +59,8 @@ from lorajax.methods import qlora
 PyTree = Any
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
-PREFIX = 'base_model.model.'
+PREFIX = peft_codecs.PREFIX
+PeftFormatError = peft_codecs.PeftFormatError
 PEFT_TYPES = ('LORA', 'IA3', 'LOHA')
 # Tensor names of each method's factors (after the module name).
 _FACTOR = re.compile(r'(.+)\.(lora_A|lora_B|ia3_l|hada_w[12]_[ab]|hada_t[12])'
@@ -69,10 +71,6 @@ _MUST_BE = (('fan_in_fan_out', False), ('bias', 'none'),
             ('lora_bias', False), ('layer_replication', None),
             ('target_parameters', None), ('trainable_token_indices', None),
             ('use_qalora', False), ('use_bdlora', None))
-
-
-class PeftFormatError(ValueError):
-  """A PEFT directory lorajax cannot read, or an adapter it cannot write."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,18 +101,6 @@ def _copy_dicts(tree: PyTree) -> PyTree:
   if isinstance(tree, dict):
     return {k: _copy_dicts(v) for k, v in tree.items()}
   return tree
-
-
-def _target_modules(chosen: list[str], universe: list[str]) -> Any:
-  """PEFT ``target_modules``: name suffixes if exact, else a regex string."""
-  chosen_set = set(chosen)
-  for depth in (1, 2, 3):
-    suffixes = sorted({'.'.join(m.split('.')[-depth:]) for m in chosen})
-    hits = {m for m in universe
-            if any(m == s or m.endswith('.' + s) for s in suffixes)}
-    if hits == chosen_set:
-      return suffixes
-  return spec_paths.exact_regex(chosen, universe)
 
 
 def export_peft(directory: str | pathlib.Path, config: Any,
@@ -164,7 +150,7 @@ def export_peft(directory: str | pathlib.Path, config: Any,
           f'{path}: {type(provider).__name__} adapters have no PEFT format '
           f'lorajax writes; Lora, Dora, Ia3 and LoHa adapters are exported')
     providers[path] = provider
-  kinds = {_peft_type(p) for p in providers.values()}
+  kinds = {peft_codecs.peft_type(p) for p in providers.values()}
   if len(kinds) > 1:
     raise PeftFormatError(f'a PEFT directory holds one method; this spec '
                           f'mixes {sorted(kinds)}')
@@ -199,8 +185,8 @@ def export_peft(directory: str | pathlib.Path, config: Any,
                        'layout', None)
       if peft_type != 'LORA':
         if peft_type == 'IA3' and not provider.feedforward:
-          _check_no_bias(hf, params, module)
-        tensors.update(_method_tensors(
+          peft_codecs.check_no_bias(hf, params, module)
+        tensors.update(peft_codecs.method_tensors(
             peft_type, provider, module, layer_path, flat_ad, layout,
             shapes[layer_path]))
         targets[module] = provider
@@ -255,7 +241,7 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       'revision': None,
   }
   if peft_type != 'LORA':
-    cfg = {**_method_config(peft_type, targets, universe), **common_cfg}
+    cfg = {**peft_codecs.method_config(peft_type, targets, universe), **common_cfg}
     hf_models.write_files(directory, {WEIGHTS_FILE: tensors, CONFIG_FILE: cfg})
     return pathlib.Path(directory)
   common = collections.Counter(
@@ -266,7 +252,7 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       'base_model_name_or_path': base_model_name_or_path,
       'r': int(r), 'lora_alpha': alpha,
       'lora_dropout': max((d for _, _, d in targets.values()), default=0.0),
-      'target_modules': _target_modules(sorted(targets), universe),
+      'target_modules': peft_codecs.target_modules(sorted(targets), universe),
       'rank_pattern': {m: int(t[0]) for m, t in targets.items() if t[0] != r},
       'alpha_pattern': {m: t[1] for m, t in targets.items() if t[1] != alpha},
       'use_rslora': bool(providers and next(iter(
@@ -280,103 +266,12 @@ def export_peft(directory: str | pathlib.Path, config: Any,
   return pathlib.Path(directory)
 
 
-def _peft_type(provider: Any) -> str:
-  if isinstance(provider, ia3_lib.Ia3):
-    return 'IA3'
-  if isinstance(provider, loha_lib.LoHa):
-    return 'LOHA'
-  return 'LORA'
-
-
-def _bias_path(hf: hf_models.HfModel, module: str) -> str | None:
-  """The Flax path of ``module``'s bias, if the model has one."""
-  for path, key in hf.keys.items():
-    if key == f'{module}.bias':
-      return path
-  return None
-
-
-def _check_no_bias(hf: hf_models.HfModel, params: PyTree, module: str) -> None:
-  """PEFT's IA3 scales a module's whole output, ``(x·W + b)·l``; lorajax's
-  ``Ia3`` scales ``x·W``. They agree only where the bias is zero."""
-  path = _bias_path(hf, module)
-  if path is not None and np.any(np.asarray(spec_lib.get_by_path(params,
-                                                                 path))):
-    raise PeftFormatError(
-        f'{module}: PEFT\'s IA3 scales the module\'s output with its bias, '
-        f'(x·W + b)·l, and lorajax\'s Ia3 scales x·W only; with the non-zero '
-        f'bias {path} the PEFT model would differ. Use Ia3(feedforward=True) '
-        f'there, or export format \'merged\'')
-
-
-def _method_tensors(peft_type: str, provider: Any, module: str,
-                    layer_path: str, flat_ad: dict[str, Any], layout: Any,
-                    kernel: tuple[int, int]) -> dict[str, np.ndarray]:
-  """The PEFT tensors of one module's IA3 or LoHa adapter."""
-  if layout is not None and (layout.contract, layout.free,
-                             layout.batch) != ((0,), (1,), ()):
-    raise PeftFormatError(
-        f'{layer_path}: the adapter was made for the kernel used as '
-        f'{layout.describe()}, but {module} is a Linear that PEFT adapts as '
-        f'[in, out]; its logits would differ')
-  get = lambda name: np.asarray(flat_ad[f'{layer_path}/{name}'], np.float32)  # pylint: disable=unnecessary-lambda-assignment
-  if peft_type == 'IA3':
-    l = get('l')
-    want = kernel[0] if provider.feedforward else kernel[1]
-    if l.shape != (want,):
-      raise PeftFormatError(f'{layer_path}: IA3 scale of shape {l.shape} '
-                            f'does not fit the [in, out] = {kernel} kernel')
-    shape = (1, want) if provider.feedforward else (want, 1)
-    return {f'{PREFIX}{module}.ia3_l': np.ascontiguousarray(l.reshape(shape))}
-  out = {}
-  for i in (1, 2):
-    a, b = get(f'a{i}'), get(f'b{i}')
-    if (a.shape[0], b.shape[1]) != kernel:
-      raise PeftFormatError(f'{layer_path}: LoHa factors a{i} {a.shape}, '
-                            f'b{i} {b.shape} do not fit the kernel {kernel}')
-    out[f'{PREFIX}{module}.hada_w{i}_a'] = np.ascontiguousarray(b.T)
-    out[f'{PREFIX}{module}.hada_w{i}_b'] = np.ascontiguousarray(a.T)
-  return out
-
-
-def _method_config(peft_type: str, targets: dict[str, Any],
-                   universe: list[str]) -> dict[str, Any]:
-  """``adapter_config.json`` fields of an IA3 or LoHa adapter."""
-  modules = sorted(targets)
-  if peft_type == 'IA3':
-    ff = sorted(m for m, p in targets.items() if p.feedforward)
-    return {'peft_type': 'IA3', 'target_modules': _target_modules(
-        modules, universe), 'feedforward_modules': (
-            _target_modules(ff, universe) if ff else []),
-            'fan_in_fan_out': False, 'init_ia3_weights': True}
-  groups = collections.Counter(
-      (p.rank, p.rank if p.alpha is None else p.alpha)
-      for p in targets.values())
-  r, alpha = groups.most_common(1)[0][0]
-  return {'peft_type': 'LOHA', 'r': int(r), 'alpha': float(alpha),
-          'target_modules': _target_modules(modules, universe),
-          'rank_pattern': {m: int(p.rank) for m, p in targets.items()
-                           if p.rank != r},
-          'alpha_pattern': {m: float(p.alpha or p.rank)
-                            for m, p in targets.items()
-                            if (p.alpha or p.rank) != alpha},
-          'rank_dropout': 0.0, 'module_dropout': 0.0,
-          'use_effective_conv2d': False, 'init_weights': True}
-
-
 def _unscanned_paths(hf: hf_models.HfModel, path: str) -> list[str]:
   """``layers/x`` of a scanned Llama -> ``layers_{i}/x`` for every layer."""
   if hf.scanned and path.startswith('layers/'):
     rest = path[len('layers/'):]
     return [f'layers_{i}/{rest}' for i in range(hf.config.num_layers)]
   return [path]
-
-
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-  for key, value in patterns.items():
-    if re.fullmatch(rf'(?:.*\.)?(?:{key})', module):
-      return value
-  return default
 
 
 def _with_dense_layouts(adapters: PyTree) -> PyTree:
@@ -507,7 +402,7 @@ def import_peft(directory: str | pathlib.Path, config: Any,
           f'{directory / WEIGHTS_FILE}: tensor {key!r} is neither a LoRA '
           f'factor nor a parameter of {hf.architecture}')
   if cfg['peft_type'] != 'LORA':
-    adapters, groups, folded = _import_method(cfg, lora, modules, directory,
+    adapters, groups, folded = peft_codecs.import_method(cfg, lora, modules, directory,
                                               hf, params)
     saved.update(folded)
   else:
@@ -566,11 +461,11 @@ def _import_lora(cfg, lora, modules, hf):
     if b.shape[0] != r:
       raise PeftFormatError(f'{module}: lora_A {pair["lora_A"].shape} and '
                             f'lora_B {pair["lora_B"].shape} disagree on r')
-    r_cfg = _pattern_value(cfg.get('rank_pattern') or {}, module, cfg.get('r'))
+    r_cfg = peft_codecs.pattern_value(cfg.get('rank_pattern') or {}, module, cfg.get('r'))
     if r_cfg is not None and int(r_cfg) != r:
       raise PeftFormatError(f'{module}: factors have rank {r} but the config '
                             f'says r={r_cfg}')
-    alpha = _pattern_value(cfg.get('alpha_pattern') or {}, module,
+    alpha = peft_codecs.pattern_value(cfg.get('alpha_pattern') or {}, module,
                            cfg.get('lora_alpha', r))
     ad = {'a': a, 'b': b}
     if use_dora:
@@ -581,69 +476,3 @@ def _import_lora(cfg, lora, modules, hf):
                   dropout=float(cfg.get('lora_dropout') or 0.0))].append(path)
   return adapters, groups
 
-
-def _matches(patterns: Any, module: str) -> bool:
-  """PEFT's target matching: a regex string (full match) or name suffixes."""
-  if not patterns:
-    return False
-  if isinstance(patterns, str):
-    return re.fullmatch(patterns, module) is not None
-  return any(module == p or module.endswith('.' + p) for p in patterns)
-
-
-def _import_method(cfg, found, modules, directory, hf, params):
-  """IA3 or LoHa factors per module: ``(adapters, provider -> paths,
-  folded biases)``.
-
-  PEFT's IA3 scales a non-feed-forward module's output with its bias,
-  ``(x·W + b)·l``; lorajax's ``Ia3`` scales ``x·W``, so the scaled bias
-  ``b·l`` is returned as a trained leaf (exact, and it needs ``params``).
-  """
-  kind = cfg['peft_type']
-  adapters, groups, folded = {}, collections.defaultdict(list), {}
-  want = {'ia3_l'} if kind == 'IA3' else {'hada_w1_a', 'hada_w1_b',
-                                         'hada_w2_a', 'hada_w2_b'}
-  for module, parts in sorted(found.items()):
-    if module not in modules:
-      raise PeftFormatError(
-          f'{directory}: target module {module!r} is not a Linear kernel of '
-          f'this model; kernels: {sorted(modules)[:6]} ...')
-    if set(parts) != want:
-      raise PeftFormatError(f'{directory}: {module} has {sorted(parts)} but '
-                            f'a {kind} adapter needs {sorted(want)}')
-    path = modules[module]
-    if kind == 'IA3':
-      l = parts['ia3_l']
-      feedforward = _matches(cfg.get('feedforward_modules'), module)
-      if l.ndim != 2 or l.shape[0 if feedforward else 1] != 1:
-        raise PeftFormatError(
-            f'{directory}: {module}.ia3_l has shape {l.shape}, but the '
-            f'config says the module is '
-            f'{"" if feedforward else "not "}a feed-forward module '
-            f'({"[1, in]" if feedforward else "[out, 1]"})')
-      spec_lib.set_by_path(adapters, path, {'l': l.reshape(-1)})
-      groups[ia3_lib.Ia3(feedforward=feedforward)].append(path)
-      bias = None if feedforward else _bias_path(hf, module)
-      if bias is not None:
-        if params is None:
-          raise PeftFormatError(
-              f'{directory}: IA3 scales {module} with its bias; pass the '
-              f'base params to import_peft so the scaled bias can be kept')
-        folded[bias] = np.asarray(spec_lib.get_by_path(params, bias),
-                                  np.float32) * l.reshape(-1)
-      continue
-    r = parts['hada_w1_a'].shape[1]
-    r_cfg = _pattern_value(cfg.get('rank_pattern') or {}, module, cfg.get('r'))
-    if r_cfg is not None and int(r_cfg) != r:
-      raise PeftFormatError(f'{directory}: {module} has LoHa rank {r} but '
-                            f'the config says r={r_cfg}')
-    alpha = _pattern_value(cfg.get('alpha_pattern') or {}, module,
-                           cfg.get('alpha', r))
-    if alpha is None or not isinstance(alpha, (int, float)):
-      raise PeftFormatError(f'{directory}: alpha={alpha!r} for {module} is '
-                            f'not a number')
-    spec_lib.set_by_path(adapters, path, {
-        'a1': parts['hada_w1_b'].T, 'b1': parts['hada_w1_a'].T,
-        'a2': parts['hada_w2_b'].T, 'b2': parts['hada_w2_a'].T})
-    groups[loha_lib.LoHa(rank=int(r), alpha=float(alpha))].append(path)
-  return adapters, groups, folded
