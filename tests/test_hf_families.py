@@ -157,6 +157,16 @@ ENCODER_CASES = {
     'xlm_roberta_cls': ('XLMRobertaConfig',
                         'XLMRobertaForSequenceClassification',
                         dict(num_labels=2)),
+    # DistilBERT names its widths dim/hidden_dim (intermediate_size is
+    # ignored by its config); one ReLU and one sinusoidal case.
+    'distilbert': ('DistilBertConfig', 'DistilBertModel', dict(hidden_dim=37)),
+    'distilbert_cls': ('DistilBertConfig',
+                       'DistilBertForSequenceClassification',
+                       dict(hidden_dim=37, num_labels=3)),
+    'distilbert_relu_sinusoidal_cls': (
+        'DistilBertConfig', 'DistilBertForSequenceClassification',
+        dict(hidden_dim=37, num_labels=2, activation='relu',
+             sinusoidal_pos_embds=True)),
 }
 
 
@@ -250,7 +260,11 @@ REFUSALS = [
     ('bert', {'position_embedding_type': 'relative_key'},
      "position_embedding_type='relative_key'"),
     ('bert', {'is_decoder': True}, 'is_decoder=True'),
-    ('bert', {'model_type': 'distilbert'}, "model_type='distilbert'"),
+    ('bert', {'model_type': 'distilbert'}, r'has shape \(99, 32\)'),
+    ('distilbert', {'activation': 'gelu_new'}, "activation='gelu_new'"),
+    ('distilbert', {'is_decoder': True}, 'is_decoder=True'),
+    ('distilbert', {'architectures': ['DistilBertForMaskedLM']},
+     'DistilBertForMaskedLM'),
     ('bert', {'model_type': 'modernbert'}, "model_type='modernbert'"),
     ('bert', {'architectures': ['BertForMaskedLM']}, 'BertForMaskedLM'),
     ('roberta', {'model_type': 'bert'}, 'no tensor'),
@@ -263,6 +277,8 @@ _CHECKPOINTS = {
     'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM', DECODER),
     'bert': ('BertConfig', 'BertModel', ENCODER),
     'roberta': ('RobertaConfig', 'RobertaForSequenceClassification', ENCODER),
+    'distilbert': ('DistilBertConfig', 'DistilBertForSequenceClassification',
+                   ENCODER | {'hidden_dim': 37}),
 }
 
 

@@ -9,6 +9,7 @@ from lorajax.training import model_loading
 from lorajax.training import train
 
 from toy_models import load_config
+from toy_models import tiny_distilbert_dir
 from toy_models import tiny_qwen2_dir
 
 torch = pytest.importorskip('torch')
@@ -45,3 +46,22 @@ def test_an_encoder_path_is_refused_for_the_lm(tmp_path):
                        **{'model.path': str(tmp_path)})
   with pytest.raises(ValueError, match='model.path=.*task lm.*bert encoder'):
     model_loading.load_model(config)
+
+
+def test_lora_trains_a_distilbert_classifier_directory(tmp_path):
+  """An encoder family other than the shipped BERT, through the config
+  system: the checkpoint's own classifier, LoRA on its q/v kernels."""
+  (tmp_path / 'model').mkdir()
+  tiny_distilbert_dir(tmp_path / 'model')
+  config = load_config('rt_minilm_lora',
+                       **{'model.path': str(tmp_path / 'model')})
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  rows = metrics_lib.read_jsonl(str(tmp_path / 'run' / 'metrics.jsonl'))
+  assert list(rows) == list(range(1, config.num_train_steps + 1))
+  assert all(np.isfinite(r['loss']) for r in rows.values())
+  # Rank-8 LoRA on q and v of 2 layers, (32 + 32) * 8 each, plus the whole
+  # classifier: pre_classifier 32 * 32 + 32 and the output 32 * 2 + 2.
+  assert summary['trainable_params'] == 4 * 64 * 8 + 1056 + 66
+  model = model_loading.load_model(config, labels=('neg', 'pos'))
+  assert model.name == 'distilbert'
+  assert model.info['architecture'] == 'DistilBertForSequenceClassification'

@@ -131,3 +131,25 @@ def tiny_qwen2_dir(directory, **tokenizer_config):
   (directory / 'tokenizer_config.json').write_text(json.dumps(
       {'eos_token': tok.id_to_token(eos), **tokenizer_config}))
   return directory
+
+
+def tiny_distilbert_dir(directory, num_labels=2):
+  """Writes a tiny random ``DistilBertForSequenceClassification`` (d 32, 2
+  layers) with a WordPiece ``tokenizer.json`` trained on a few movie-review
+  words beside it, into ``directory``; returns the transformers model."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from tokenizers import implementations  # pylint: disable=g-import-not-at-top
+  words = ('the a movie film good bad great boring fun dull plot actor '
+           'story is was not very and of').split()
+  tok = implementations.BertWordPieceTokenizer(lowercase=True)
+  tok.train_from_iterator([' '.join(words)] * 10, vocab_size=120,
+                          min_frequency=1)
+  tok.save(str(directory / 'tokenizer.json'))
+  torch.manual_seed(0)
+  config = transformers.DistilBertConfig(
+      vocab_size=tok.get_vocab_size(), dim=32, n_layers=2, n_heads=4,
+      hidden_dim=37, max_position_embeddings=128, num_labels=num_labels)
+  model = transformers.DistilBertForSequenceClassification(config).eval()
+  model.save_pretrained(directory)
+  return model

@@ -6,7 +6,7 @@ Dispatch is on ``config.json``'s ``model_type`` (the family) and its first
 | model_type | module | heads |
 |---|---|---|
 | llama, mistral, qwen2, qwen3 | ``llama.Llama`` | ``*ForCausalLM``, bare ``*Model`` |
-| bert, roberta, xlm-roberta | ``bert.Bert`` | ``*ForSequenceClassification``, bare ``*Model`` |
+| bert, roberta, xlm-roberta, distilbert | ``bert.Bert`` | ``*ForSequenceClassification``, bare ``*Model`` |
 
 Anything else, and any configuration value that changes the computation
 and is not implemented, is refused with a ``ValueError`` naming the field

@@ -57,8 +57,11 @@ from lorajax.models import ops
 Dtype = Any
 # What ``BertConfig.pooling`` may be: the [CLS] pooler, or the token mean.
 POOLINGS = ('cls', 'mean')
-# What ``BertConfig.head`` may be: BERT's pooler + classifier, or RoBERTa's.
-HEADS = ('bert', 'roberta')
+# What ``BertConfig.head`` may be: BERT's pooler + classifier, or the
+# first-token heads of RoBERTa (tanh) and DistilBERT (ReLU).
+HEADS = ('bert', 'roberta', 'distilbert')
+# What ``BertConfig.hidden_act`` may be: erf GELU (BERT) or ReLU.
+ACTIVATIONS = ('gelu', 'relu')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,9 @@ class BertConfig:
     num_heads: attention heads; must divide ``hidden_size``.
     intermediate_size: width of the feed-forward hidden layer.
     max_position: number of learned position embeddings (longest input).
-    type_vocab_size: number of token types (segments).
+    type_vocab_size: number of token types (segments); 0 means the model
+      has no token-type table (DistilBERT) and ``token_type_ids`` are
+      ignored.
     layer_norm_eps: epsilon of every LayerNorm.
     hidden_dropout: dropout rate on embeddings and block outputs.
     attention_dropout: dropout rate on attention probabilities.
@@ -98,9 +103,13 @@ class BertConfig:
       ``'mean'``: the float32 mean of the real tokens' hidden states, no
       dropout, classifier in float32 (the pooler's parameters still exist,
       unused).
-    head: ``'bert'`` (pooler, then ``classifier``) or ``'roberta'``
+    head: ``'bert'`` (pooler, then ``classifier``), ``'roberta'``
       (``RobertaClassificationHead``: ``classifier/dense`` + tanh on the
-      first token, then ``classifier/out_proj``; no pooler parameters).
+      first token, then ``classifier/out_proj``; no pooler parameters) or
+      ``'distilbert'`` (the same two denses with ReLU, as
+      ``DistilBertForSequenceClassification``'s ``pre_classifier`` and
+      ``classifier``; dropout only after the ReLU).
+    hidden_act: the feed-forward activation, one of ``ACTIVATIONS``.
     position_padding_idx: None numbers positions ``0..T-1`` (BERT). An id
       numbers them as RoBERTa does: tokens other than this id get
       ``padding_idx + 1, padding_idx + 2, ...``, padding gets
@@ -126,6 +135,7 @@ class BertConfig:
   pooling: str = 'cls'
   head: str = 'bert'
   position_padding_idx: int | None = None
+  hidden_act: str = 'gelu'
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -139,9 +149,12 @@ class BertConfig:
                        f'{POOLINGS}')
     if self.head not in HEADS:
       raise ValueError(f'head={self.head!r}; expected one of {HEADS}')
-    if self.head == 'roberta' and self.pooling != 'cls':
-      raise ValueError(f"head='roberta' reads the first token; "
-                       f"pooling={self.pooling!r} is not implemented for it")
+    if self.head != 'bert' and self.pooling != 'cls':
+      raise ValueError(f'head={self.head!r} reads the first token; '
+                       f'pooling={self.pooling!r} is not implemented for it')
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f'hidden_act={self.hidden_act!r}; expected one of '
+                       f'{ACTIVATIONS}')
     # Normalise 'bfloat16' / jnp.bfloat16 / np.dtype to one hashable np.dtype.
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
     object.__setattr__(self, 'param_dtype', jnp.dtype(self.param_dtype))
@@ -200,7 +213,7 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
 
 
 class BertEmbeddings(nn.Module):
-  """Word + position + token-type embeddings, LayerNorm, dropout."""
+  """Word + position (+ token-type) embeddings, LayerNorm, dropout."""
   config: BertConfig
 
   @nn.compact
@@ -231,9 +244,10 @@ class BertEmbeddings(nn.Module):
       if prompt is not None:
         real = jnp.concatenate([jnp.ones((batch, n), jnp.int32), real], 1)
       positions = jnp.cumsum(real, 1) * real + cfg.position_padding_idx
-    x = (words
-         + embed(cfg.max_position, 'position_embeddings')(positions)
-         + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids))
+    x = words + embed(cfg.max_position, 'position_embeddings')(positions)
+    if cfg.type_vocab_size:
+      x = x + embed(cfg.type_vocab_size,
+                    'token_type_embeddings')(token_type_ids)
     x = _layer_norm(cfg, 'ln')(x)
     return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
 
@@ -302,7 +316,12 @@ class BertLayer(nn.Module):
     x = BertSelfAttention(cfg, name='attention')(
         x, mask, deterministic=deterministic, prefix=prefix)
     h = _dense(cfg, cfg.intermediate_size, 'intermediate')(x)
-    h = ops.gelu(h) if cfg.lean_backward else nn.gelu(h, approximate=False)
+    if cfg.hidden_act == 'relu':
+      h = jax.nn.relu(h)
+    elif cfg.lean_backward:
+      h = ops.gelu(h)
+    else:
+      h = nn.gelu(h, approximate=False)
     h = _dense(cfg, cfg.hidden_size, 'output')(h)
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     return _layer_norm(cfg, 'output_ln')(h + x)
@@ -323,8 +342,10 @@ class BertEncoder(nn.Module):
     return x
 
 
-class RobertaHead(nn.Module):
-  """RoBERTa's classifier: dropout, dense + tanh, dropout, ``out_proj``."""
+class FirstTokenHead(nn.Module):
+  """A classifier on the first token: RoBERTa's (dropout, dense + tanh,
+  dropout, ``out_proj``) or DistilBERT's (dense + ReLU, dropout,
+  ``out_proj``), by ``config.head``."""
   config: BertConfig
 
   @nn.compact
@@ -334,8 +355,11 @@ class RobertaHead(nn.Module):
     cfg = self.config
     rate = (cfg.hidden_dropout if cfg.classifier_dropout is None
             else cfg.classifier_dropout)
-    h = nn.Dropout(rate)(first, deterministic=deterministic)
-    pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, 'dense')(h))
+    if cfg.head == 'distilbert':
+      pooled = jax.nn.relu(_dense(cfg, cfg.hidden_size, 'dense')(first))
+    else:
+      h = nn.Dropout(rate)(first, deterministic=deterministic)
+      pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, 'dense')(h))
     h = nn.Dropout(rate)(pooled, deterministic=deterministic)
     return _dense(cfg, cfg.num_labels, 'out_proj')(h), pooled
 
@@ -408,8 +432,8 @@ class Bert(nn.Module):
     hidden = BertEncoder(cfg, name='encoder')(
         x, mask, deterministic=deterministic, prefix=prefix)
     hidden = hidden[:, n_prompt:]
-    if cfg.head == 'roberta':
-      logits, pooled = RobertaHead(cfg, name='classifier')(
+    if cfg.head != 'bert':
+      logits, pooled = FirstTokenHead(cfg, name='classifier')(
           hidden[:, 0], deterministic=deterministic)
       return BertOutput(logits=logits.astype(jnp.float32), pooled=pooled,
                         hidden=hidden)

@@ -110,8 +110,8 @@ def hf_key_map(config: bert.BertConfig) -> dict[str, str]:
     names[f'{flax}/scale'] = f'{hf}.weight'
     names[f'{flax}/bias'] = f'{hf}.bias'
 
-  for table in ('word_embeddings', 'position_embeddings',
-                'token_type_embeddings'):
+  tables = ('word_embeddings', 'position_embeddings', 'token_type_embeddings')
+  for table in tables[:3 if config.type_vocab_size else 2]:
     names[f'embeddings/{table}/embedding'] = f'embeddings.{table}.weight'
   norm('embeddings/ln', 'embeddings.LayerNorm')
   for i in range(config.num_layers):

@@ -1,4 +1,5 @@
-"""Hugging Face encoder checkpoints (BERT, RoBERTa, XLM-R) as ``Bert``.
+"""Hugging Face encoder checkpoints (BERT, RoBERTa, XLM-R, DistilBERT) as
+``Bert``.
 
 RoBERTa and XLM-RoBERTa are BERT with two differences that change every
 number, both ``BertConfig`` fields: positions are numbered from
@@ -6,6 +7,14 @@ number, both ``BertConfig`` fields: positions are numbered from
 (``position_padding_idx``), and the sequence classifier is
 ``RobertaClassificationHead`` (``head='roberta'``: dense + tanh on the first
 token, then ``out_proj``; no pooler).
+
+DistilBERT is BERT without token types (``type_vocab_size=0``), with its
+own names (``q_lin``, ``sa_layer_norm``, ``ffn.lin1``; ``config.json`` says
+``dim``, ``n_layers``, ``hidden_dim``), LayerNorm epsilon 1e-12 throughout,
+GELU or ReLU (``activation``), and a first-token classifier with ReLU
+(``head='distilbert'``: ``pre_classifier``, ReLU, ``classifier``). Its
+sinusoidal position table, where ``sinusoidal_pos_embds`` is set, is
+stored in the checkpoint like a learned one and read as such.
 
 ``encoder_config(hf)`` reads ``config.json`` strictly (an activation other
 than erf GELU, relative position embeddings, decoder or cross-attention
@@ -37,9 +46,8 @@ from lorajax.models import hf_files
 
 # model_type -> prefix of the base model's keys in task checkpoints.
 ENCODER_TYPES = {'bert': 'bert', 'roberta': 'roberta',
-                 'xlm-roberta': 'roberta'}
+                 'xlm-roberta': 'roberta', 'distilbert': 'distilbert'}
 REFUSED_TYPES = {
-    'distilbert': 'no token types, q_lin/k_lin names, a ReLU pre-classifier',
     'modernbert': 'rotary embeddings, alternating local/global attention, '
                   'GeGLU',
     'deberta-v2': 'disentangled relative attention',
@@ -72,6 +80,8 @@ def encoder_config(hf: dict[str, Any], **overrides: Any) -> bert.BertConfig:
   if model_type not in ENCODER_TYPES:
     raise _refuse('model_type', model_type, 'not an encoder lorajax knows; '
                   f'expected one of {sorted(ENCODER_TYPES)}')
+  if model_type == 'distilbert':
+    return bert.BertConfig(**(_distilbert_fields(hf) | overrides))
   act = hf.get('hidden_act', 'gelu')
   if act != 'gelu':
     raise _refuse('hidden_act', act, "only the erf 'gelu' is implemented")
@@ -94,9 +104,67 @@ def encoder_config(hf: dict[str, Any], **overrides: Any) -> bert.BertConfig:
   return bert.BertConfig(**(fields | overrides))
 
 
+def _distilbert_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  """``BertConfig`` fields of a DistilBERT ``config.json`` (its own names
+  and transformers' defaults)."""
+  act = hf.get('activation', 'gelu')
+  if act not in bert.ACTIVATIONS:
+    raise _refuse('activation', act, f'implemented: {bert.ACTIVATIONS}')
+  for field in ('is_decoder', 'add_cross_attention'):
+    if hf.get(field):
+      raise _refuse(field, hf[field], 'only the bidirectional encoder is '
+                    'implemented')
+  fields = dict(
+      vocab_size=hf.get('vocab_size', 30522),
+      hidden_size=hf.get('dim', 768),
+      num_layers=hf.get('n_layers', 6),
+      num_heads=hf.get('n_heads', 12),
+      intermediate_size=hf.get('hidden_dim', 3072),
+      max_position=hf.get('max_position_embeddings', 512),
+      type_vocab_size=0,
+      layer_norm_eps=1e-12,
+      hidden_dropout=hf.get('dropout', 0.1),
+      attention_dropout=hf.get('attention_dropout', 0.1),
+      classifier_dropout=hf.get('seq_classif_dropout', 0.2),
+      initializer_range=hf.get('initializer_range', 0.02),
+      pooling='cls', head='distilbert', hidden_act=act)
+  if hf.get('id2label'):
+    fields['num_labels'] = len(hf['id2label'])
+  return fields
+
+
+def _distilbert_keys(config: bert.BertConfig, prefix: str) -> dict[str, str]:
+  """Our path -> DistilBERT key (``prefix`` ``'distilbert.'`` or ``''``)."""
+  names = {}
+
+  def pair(ours, theirs, weight='kernel'):
+    names[f'{ours}/{weight}'] = f'{theirs}.weight'
+    names[f'{ours}/bias'] = f'{theirs}.bias'
+
+  for table in ('word_embeddings', 'position_embeddings'):
+    names[f'embeddings/{table}/embedding'] = (
+        f'{prefix}embeddings.{table}.weight')
+  pair('embeddings/ln', f'{prefix}embeddings.LayerNorm', 'scale')
+  for i in range(config.num_layers):
+    ours, theirs = f'encoder/layer_{i}', f'{prefix}transformer.layer.{i}'
+    for proj, lin in (('query', 'q_lin'), ('key', 'k_lin'),
+                      ('value', 'v_lin'), ('output', 'out_lin')):
+      pair(f'{ours}/attention/{proj}', f'{theirs}.attention.{lin}')
+    pair(f'{ours}/attention/output_ln', f'{theirs}.sa_layer_norm', 'scale')
+    pair(f'{ours}/intermediate', f'{theirs}.ffn.lin1')
+    pair(f'{ours}/output', f'{theirs}.ffn.lin2')
+    pair(f'{ours}/output_ln', f'{theirs}.output_layer_norm', 'scale')
+  pair('classifier/dense', 'pre_classifier')
+  pair('classifier/out_proj', 'classifier')
+  return names
+
+
 def hf_keys(config: bert.BertConfig, prefix: str) -> dict[str, str]:
   """Our path -> Hugging Face key; ``prefix`` is ``'bert.'``,
-  ``'roberta.'`` or ``''`` (bare model) for the encoder's keys."""
+  ``'roberta.'``, ``'distilbert.'`` or ``''`` (bare model) for the
+  encoder's keys."""
+  if config.head == 'distilbert':
+    return _distilbert_keys(config, prefix)
   keys = {}
   for path, key in bert_loading.hf_key_map(config).items():
     if path.startswith(('pooler/', 'classifier/')):
