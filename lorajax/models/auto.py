@@ -6,6 +6,7 @@ Dispatch is on ``config.json``'s ``model_type`` (the family) and its first
 | model_type | module | heads |
 |---|---|---|
 | llama, mistral, qwen2, qwen3 | ``llama.Llama`` | ``*ForCausalLM``, bare ``*Model`` |
+| mixtral, qwen3_moe | ``moe.MoeDecoder`` | ``*ForCausalLM``, bare ``*Model`` |
 | bert, roberta, xlm-roberta, distilbert | ``bert.Bert`` | ``*ForSequenceClassification``, bare ``*Model`` |
 
 Anything else, and any configuration value that changes the computation
@@ -43,8 +44,10 @@ from lorajax.models import bert
 from lorajax.models import hf_decoders
 from lorajax.models import hf_encoders
 from lorajax.models import hf_files
+from lorajax.models import hf_moe
 from lorajax.models import llama
 from lorajax.models import llama_layout
+from lorajax.models import moe
 
 PyTree = Any
 # What ``load(head=...)`` may ask for, by kind of model.
@@ -169,8 +172,11 @@ def load(path: str | os.PathLike[str], *, head: str | None = None,
   if family is None:
     raise ValueError(f'{files.directory}/config.json has no model_type')
   archs = hf.get('architectures') or []
-  if family in hf_decoders.DECODER_TYPES or family in hf_decoders.REFUSED_TYPES:
-    config = hf_decoders.decoder_config(hf, dtype=dtype, **overrides)
+  is_moe = family in hf_moe.MOE_TYPES  # Mixtral, Qwen3-MoE: moe.MoeDecoder
+  if (family in hf_decoders.DECODER_TYPES or is_moe
+      or family in hf_decoders.REFUSED_TYPES):
+    config = (hf_moe.moe_config if is_moe else hf_decoders.decoder_config)(
+        hf, dtype=dtype, **overrides)
     default = archs[0] if archs else 'ForCausalLM'
     head = head or _checkpoint_head(default, DECODER_HEADS)
     if head not in DECODER_HEADS:
@@ -179,12 +185,13 @@ def load(path: str | os.PathLike[str], *, head: str | None = None,
     prefix = 'model.' if 'model.embed_tokens.weight' in files else ''
     if head == 'base':  # No LM head: the module must not expect one.
       config = config.replace(tie_embeddings=True)
-    flat = hf_decoders.read_decoder(files, config.replace(scan_layers=False),
-                                    prefix=prefix, head=head == 'causal_lm')
+    read = hf_moe.read_moe if is_moe else hf_decoders.read_decoder
+    flat = read(files, config.replace(scan_layers=False),
+                prefix=prefix, head=head == 'causal_lm')
     params = _unflatten(flat)
     if config.scan_layers:
       params = llama_layout.scan_params(params)
-    module = llama.Llama(config)
+    module = (moe.MoeDecoder if is_moe else llama.Llama)(config)
   else:
     extra = {} if num_labels is None else {'num_labels': num_labels}
     if num_labels is None and 'classifier.weight' in files:
