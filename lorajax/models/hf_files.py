@@ -87,7 +87,12 @@ class CheckpointFiles:
     if key not in self._file_of:
       raise KeyError(f'{self.directory}: no tensor {key!r}; it has '
                      f'{len(self._file_of)} tensors, e.g. {self.keys()[:4]}')
-    return self._handle(key).get_tensor(key)
+    self._handle(key)  # Names a missing shard file.
+    # A handle of its own, closed at once: the file's pages that the read
+    # touched leave the process with the mapping (a kept handle would hold
+    # every shard's pages resident until the end, 1x the checkpoint).
+    with safe_open(str(self._file_of[key]), framework='numpy') as f:
+      return f.get_tensor(key)
 
   def _json(self, name: str) -> dict[str, Any]:
     path = self.directory / name
