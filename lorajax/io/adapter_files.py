@@ -5,7 +5,11 @@ stored tensor, a fingerprint of the base model and free-form metadata) and
 the tensors, either as ``adapter.safetensors`` or as an Orbax checkpoint in
 ``orbax/``. Stored tensors are the adapters (``adapters/<path>/<name>``) and
 the leaves the spec trains outright, such as a classifier head
-(``trained/<path>``); never the frozen base.
+(``trained/<path>``); never the frozen base. The directory is written whole
+or not at all, with ``lorajax_digest.json`` (``io/digests``): loading
+refuses a file that differs from it, naming the file. A directory saved by
+a lorajax from before digests loads with a warning (only its safetensors
+file's sha256 in ``adapter.json``, if any, is checked).
 
 The base fingerprint records every parameter path with its shape and dtype,
 and a digest of a fixed sample of the frozen weights (rounded to bfloat16, so
@@ -33,17 +37,20 @@ import pathlib
 import re
 from typing import Any
 
+from absl import logging
 import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import numpy as st_numpy
 
+from lorajax import checksums
 from lorajax import kernels
 from lorajax import rewrite
 from lorajax import spec as spec_lib
 from lorajax.partition import combine
 from lorajax.partition import partition
+from lorajax.io import digests
 from lorajax.io import spec_json
 from lorajax.methods import pissa
 
@@ -53,6 +60,9 @@ TENSOR_FILE = 'adapter.safetensors'
 ORBAX_DIR = 'orbax'
 FORMATS = ('safetensors', 'orbax')
 _SAMPLE = 256  # weights sampled per frozen leaf for the digest
+# What to run for an intact copy of a damaged adapter directory.
+REWRITE_HINT = ('write it again from its run: lorajax-export '
+                '--workdir=<run> --format=lorajax --out=<this directory>')
 
 
 class AdapterFileError(ValueError):
@@ -185,14 +195,6 @@ def _tensor_dict(adapters: PyTree, trained: PyTree) -> dict[str, np.ndarray]:
   return out
 
 
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def save_adapter(directory: str | pathlib.Path, spec: spec_lib.LoraSpec,
                  adapters: PyTree, params: PyTree, *,
                  format: str = 'safetensors',  # pylint: disable=redefined-builtin
@@ -225,21 +227,21 @@ def save_adapter(directory: str | pathlib.Path, spec: spec_lib.LoraSpec,
                                         path).to_json()
   trained, _ = partition(params, spec)
   tensors = _tensor_dict(adapters, trained)
-  directory.mkdir(parents=True, exist_ok=True)
   meta = {'lorajax_adapter': 1, 'storage': format,
           'spec': spec_json.spec_to_json(spec), 'layouts': layouts,
           'tensors': {k: [list(v.shape), str(v.dtype)]
                       for k, v in tensors.items()},
           'base': fingerprint(params, spec), 'metadata': metadata or {}}
-  if format == 'safetensors':
-    target = directory / TENSOR_FILE
-    st_numpy.save_file(tensors, str(target))
-    meta['sha256'] = _sha256(target)
-  else:
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(directory.absolute() / ORBAX_DIR, tensors, force=True)
-      checkpointer.wait_until_finished()
-  (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+  # Written beside the target, then swapped in whole with a digest file.
+  with digests.writing(directory) as staging:
+    if format == 'safetensors':
+      st_numpy.save_file(tensors, str(staging / TENSOR_FILE))
+      meta['sha256'] = checksums.file_sha256(staging / TENSOR_FILE)
+    else:
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(staging / ORBAX_DIR, tensors, force=True)
+        checkpointer.wait_until_finished()
+    (staging / META_FILE).write_text(json.dumps(meta, indent=1))
   return directory
 
 
@@ -251,7 +253,7 @@ def _read_tensors(directory: pathlib.Path, meta: dict[str, Any]
     if not target.exists():
       raise AdapterFileError(f'{directory}: {META_FILE} names safetensors '
                              f'storage but {TENSOR_FILE} is missing')
-    if meta.get('sha256') and _sha256(target) != meta['sha256']:
+    if meta.get('sha256') and checksums.file_sha256(target) != meta['sha256']:
       raise AdapterFileError(
           f'{target}: contents do not match the sha256 recorded in '
           f'{META_FILE}; the file is corrupted or was replaced')
@@ -318,7 +320,19 @@ def load_adapter(directory: str | pathlib.Path, params: PyTree | None = None,
     hint = (' (it looks like a Hugging Face PEFT adapter: use '
             'lorajax.io.peft_format.import_peft)'
             if (directory / 'adapter_config.json').exists() else '')
+    previous = digests.leftovers(directory)
+    if previous and not directory.exists():
+      hint = (f' (a save into it was interrupted; the version it replaced '
+              f'is {previous[0]})')
     raise AdapterFileError(f'{directory} has no {META_FILE}{hint}')
+  try:
+    if not digests.verify(directory, fix=REWRITE_HINT):
+      logging.warning(
+          '%s has no %s (saved by a lorajax from before digests): only the '
+          'tensor file\'s sha256 in %s, if any, is checked; save it again to '
+          'add a digest', directory, digests.DIGEST_FILE, META_FILE)
+  except digests.DigestError as e:
+    raise AdapterFileError(str(e)) from None
   try:
     meta = json.loads(meta_path.read_text())
     spec = spec_json.spec_from_json(meta['spec'])

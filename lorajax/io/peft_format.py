@@ -47,6 +47,7 @@ import numpy as np
 from lorajax import spec as spec_lib
 from lorajax import spec_paths
 from lorajax.io import adapter_files
+from lorajax.io import digests
 from lorajax.io import hf_models
 from lorajax.io import peft_codecs
 from lorajax.methods import dora as dora_lib
@@ -370,6 +371,12 @@ def import_peft(directory: str | pathlib.Path, config: Any,
       corrupted weights file, inconsistent shapes.
   """
   directory = pathlib.Path(directory)
+  try:   # A directory lorajax wrote carries a digest; PEFT's own do not.
+    digests.verify(directory, fix='export it again from its run: '
+                   'lorajax-export --workdir=<run> --format=peft '
+                   '--out=<this directory>')
+  except digests.DigestError as e:
+    raise PeftFormatError(str(e)) from None
   cfg = _read_config(directory)
   hf = hf_models.hf_model(config)
   try:

@@ -32,11 +32,12 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import time
+
+from lorajax import checksums
 
 MANIFEST = 'lorajax_manifest.json'
 DAMAGED_DIR = 'damaged_checkpoints'   # <workdir>/damaged_checkpoints/
@@ -44,15 +45,8 @@ DAMAGED_DIR = 'damaged_checkpoints'   # <workdir>/damaged_checkpoints/
 _UNHASHED = ('_CHECKPOINT_METADATA', MANIFEST)
 _STEP = re.compile(r'\d+')
 _ORBAX_TMP = '.orbax-checkpoint-tmp'
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-  """Hex sha256 of a file's bytes."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
+file_digest = checksums.file_sha256
+write_json_atomic = checksums.write_json_atomic
 
 
 def _files(step_dir: str) -> list[str]:
@@ -67,27 +61,10 @@ def _files(step_dir: str) -> list[str]:
   return sorted(out)
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Writes ``obj`` as JSON to ``path`` through a synced temporary file."""
-  tmp = path + '.manifest-tmp'
-  try:
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(obj, f, indent=1, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def seal(step_dir: str | os.PathLike[str]) -> None:
   """Writes the manifest of a finished save: every file's size and sha256."""
   step_dir = os.fspath(step_dir)
-  files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
-                 file_digest(os.path.join(step_dir, rel))]
-           for rel in _files(step_dir)}
+  files = checksums.record(step_dir, _files(step_dir))
   write_json_atomic(os.path.join(step_dir, MANIFEST),
                     {'format': 1, 'files': files})
 
@@ -116,22 +93,8 @@ def verify(step_dir: str | os.PathLike[str]) -> str | None:
       files = json.load(f)['files']
   except (OSError, ValueError, KeyError, TypeError) as e:
     return f'its {MANIFEST} cannot be read ({type(e).__name__}: {e})'
-  problems = []
-  for rel, (size, digest) in sorted(files.items()):
-    full = os.path.join(step_dir, rel)
-    if not os.path.isfile(full):
-      problems.append(f'{rel} is missing')
-    elif (have := os.path.getsize(full)) != size:
-      problems.append(f'{rel} has {have} bytes, {size} when it was written '
-                      '(truncated or emptied)' if have < size else
-                      f'{rel} has {have} bytes, {size} when it was written')
-    elif file_digest(full) != digest:
-      problems.append(f'{rel} has another sha256 than when it was written '
-                      '(a bit flip or an overwrite)')
-  if not problems:
-    return None
-  more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
-  return '; '.join(problems[:3]) + more
+  problems = checksums.problems(step_dir, files)
+  return checksums.summary(problems) if problems else None
 
 
 def scan(directory: str | os.PathLike[str]) -> tuple[list[int], list[str]]:
