@@ -8,6 +8,8 @@ value lorajax does not implement is refused by name.
 """
 
 import json
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -108,3 +110,146 @@ def test_greedy_generation_with_cache_matches_transformers(tmp_path, name):
   apply = lambda p, *a, **k: model.module.apply({'params': p}, *a, **k)  # pylint: disable=unnecessary-lambda-assignment
   got = lm.generate(apply, model.params, jnp.asarray(prompt), 12)
   np.testing.assert_array_equal(np.asarray(got)[0], want)
+
+
+# --- refusals -----------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+  """One small checkpoint per family, written once."""
+  out = {}
+  for name in ('mixtral', 'qwen3_moe'):
+    out[name] = tmp_path_factory.mktemp(name)
+    _save(out[name], *CASES[name][:2], **CASES[name][2])
+  return out
+
+
+def _flipped(saved, tmp_path, name, **changes):
+  directory = tmp_path / name
+  shutil.copytree(saved[name], directory)
+  path = directory / 'config.json'
+  config = json.loads(path.read_text())
+  path.write_text(json.dumps(config | changes))
+  return directory
+
+
+@pytest.mark.parametrize('name,field,value,named', [
+    ('mixtral', 'router_jitter_noise', 0.1, None),
+    ('mixtral', 'hidden_act', 'gelu', None),
+    ('mixtral', 'attention_dropout', 0.1, None),
+    ('mixtral', 'rope_parameters', {'rope_type': 'linear', 'factor': 2.0,
+                                    'rope_theta': 1e6},
+     "rope_parameters.rope_type='linear'"),
+    ('qwen3_moe', 'decoder_sparse_step', 2, None),
+    ('qwen3_moe', 'mlp_only_layers', [0], None),
+    ('qwen3_moe', 'shared_expert_intermediate_size', 8, None),
+    ('qwen3_moe', 'partial_rotary_factor', 0.5, None),
+    ('qwen3_moe', 'num_local_experts', 0, 'num_experts=0'),
+])
+def test_unimplemented_config_values_are_refused_by_name(
+    saved, tmp_path, name, field, value, named):
+  directory = _flipped(saved, tmp_path, name, **{field: value})
+  with pytest.raises(ValueError,
+                     match=re.escape(named or f'{field}={value!r}')):
+    lorajax.models.load(directory)
+
+
+def test_tied_embeddings_contradicted_by_the_tensors_are_refused(saved,
+                                                                 tmp_path):
+  directory = _flipped(saved, tmp_path, 'mixtral', tie_word_embeddings=True)
+  with pytest.raises(ValueError, match='tie_word_embeddings=True'):
+    lorajax.models.load(directory)
+
+
+def test_a_tensor_with_no_place_is_refused(saved, tmp_path):
+  directory = _flipped(saved, tmp_path, 'qwen3_moe')
+  tensors = safetensors.numpy.load_file(directory / 'model.safetensors')
+  tensors['model.layers.0.mlp.shared_expert.up_proj.weight'] = np.ones(
+      (8, 32), np.float32)
+  safetensors.numpy.save_file(tensors, directory / 'model.safetensors',
+                              metadata={'format': 'pt'})
+  with pytest.raises(ValueError, match='shared_expert.up_proj'):
+    lorajax.models.load(directory)
+
+
+def test_fused_expert_tensors_load_as_transformers_reads_them(saved,
+                                                              tmp_path):
+  """transformers 5's own names (3-D ``mlp.experts.gate_up_proj``) load to
+  the same numbers as the per-expert files save_pretrained writes."""
+  directory = _flipped(saved, tmp_path, 'mixtral')
+  peer = transformers.MixtralForCausalLM.from_pretrained(directory).eval()
+  fused = {k: v.detach().numpy() for k, v in peer.state_dict().items()}
+  assert 'model.layers.0.mlp.experts.gate_up_proj' in fused
+  (directory / 'model.safetensors').unlink()
+  safetensors.numpy.save_file(fused, directory / 'model.safetensors',
+                              metadata={'format': 'pt'})
+  ids = _ids((1, 7), seed=2)
+  with torch.no_grad():
+    want = peer(torch.tensor(ids)).logits.numpy()
+  model = lorajax.models.load(directory)
+  _assert_logits_close(model.apply(model.params, jnp.asarray(ids)), want)
+
+
+# --- LoRA on the experts ------------------------------------------------------
+
+def _randomize(tree, seed=1):
+  """Every factor random (``b`` starts at zero), drawn with NumPy so that
+  no shape costs a compilation."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda l: jnp.asarray(rng.normal(size=l.shape) / 2, l.dtype), tree)
+
+
+EXPERT_SPEC = lorajax.LoraSpec([
+    (r'.*/mlp/experts/.*/kernel', lorajax.Lora(rank=2, alpha=4)),
+    (r'.*/attn/(q|v)_proj/kernel', lorajax.Lora(rank=2, alpha=4)),
+    (r'.*', 'freeze')])
+
+
+def test_lora_on_experts_gives_one_adapter_per_expert_and_merges():
+  config = moe.MoeConfig.tiny(num_experts=4, expert_size=16)
+  model = moe.MoeDecoder(config)
+  ids = jnp.asarray(_ids((2, 8), vocab=256))
+  variables = jax.jit(model.init)(jax.random.key(0), ids)
+  adapters = lorajax.init(EXPERT_SPEC, variables, jax.random.key(1),
+                          fn=model.apply, args=(ids,))
+  gate_up = adapters['params']['layers_0']['mlp']['experts']['gate_up_proj'][
+      'kernel']
+  down = adapters['params']['layers_1']['mlp']['experts']['down_proj'][
+      'kernel']
+  assert gate_up.layout.describe() == '[E, in, out]'
+  assert gate_up['a'].shape == (4, 32, 2) and gate_up['b'].shape == (4, 2, 32)
+  assert down['a'].shape == (4, 16, 2) and down['b'].shape == (4, 2, 32)
+  adapters = _randomize(adapters)
+  adapted = jax.jit(lorajax.lora(model.apply, EXPERT_SPEC))(variables,
+                                                            adapters, ids)
+  merged = jax.jit(model.apply)(
+      lorajax.merge(variables, adapters, EXPERT_SPEC), ids)
+  np.testing.assert_allclose(adapted, merged, atol=1e-5, rtol=1e-5)
+  plain = jax.jit(model.apply)(variables, ids)
+  assert np.max(np.abs(np.asarray(adapted) - np.asarray(plain))) > 1e-2
+
+
+def test_expert_adapters_get_gradients_exactly_where_tokens_went():
+  # One expert per token and 3 tokens: at most 3 of 4 experts run a layer.
+  config = moe.MoeConfig.tiny(num_experts=4, experts_per_token=1,
+                              num_layers=1)
+  model = moe.MoeDecoder(config)
+  ids = jnp.asarray([[5, 17, 200]])
+  variables = jax.jit(model.init)(jax.random.key(0), ids)
+  adapters = lorajax.init(EXPERT_SPEC, variables, jax.random.key(1),
+                          fn=model.apply, args=(ids,))
+  _, captured = model.apply(
+      variables, ids, capture_intermediates=lambda m, _: m.name == 'gate',
+      mutable=['intermediates'])
+  router_logits = captured['intermediates']['layers_0']['mlp']['gate'][
+      '__call__'][0]
+  hit = set(np.asarray(jnp.argmax(router_logits, -1)).tolist())
+  fn = lorajax.lora(model.apply, EXPERT_SPEC)
+  grads = jax.jit(jax.grad(
+      lambda ad: jnp.sum(fn(variables, ad, ids) ** 2)))(adapters)
+  for name in ('gate_up_proj', 'down_proj'):
+    g = grads['params']['layers_0']['mlp']['experts'][name]['kernel']['b']
+    norms = np.abs(np.asarray(g)).reshape(4, -1).max(1)
+    for e in range(4):
+      assert (norms[e] > 0) == (e in hit), (name, e, hit, norms)
