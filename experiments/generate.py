@@ -113,7 +113,8 @@ def generate_text(prompt: str, *, adapter: str | None = None,
   loaded = time.perf_counter()
   rng = jax.random.key(seed) if temperature > 0 else None
   out = lm.generate(apply, tree, ids, max_new_tokens, temperature=temperature,
-                    top_p=top_p, rng=rng, eos_id=specials.get('eos'))
+                    top_p=top_p, rng=rng, eos_id=specials.get('eos'),
+                    context=config.max_position)
   out = jax.device_get(out)[0].tolist()
   done = time.perf_counter()
   if specials.get('eos') in out:

@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -38,6 +35,7 @@ from safetensors import numpy as st_numpy
 
 from lorajax import adapters as adapters_lib
 from lorajax import spec as spec_lib
+from lorajax.io import digests
 from lorajax.models import bert
 from lorajax.models import bert_loading
 from lorajax.models import llama
@@ -280,24 +278,16 @@ def write_files(directory: str | pathlib.Path,
   """Writes ``{name: tensors or JSON dict}`` into ``directory``, complete
   or not at all.
 
-  The files go to a fresh sibling folder first, then each is moved into
-  ``directory`` (created if needed); a failure on the way leaves
-  ``directory`` as it was. ``.safetensors`` names get float tensors (the
-  ``'pt'`` format PyTorch readers want), others JSON.
+  The files go to a fresh sibling folder first, with ``lorajax_digest.json``
+  (their sizes and sha256, which PEFT and transformers ignore), and that
+  folder is swapped in whole (``digests.writing``): a failure or a SIGKILL
+  on the way leaves ``directory`` as it was. ``.safetensors`` names get
+  float tensors (the ``'pt'`` format PyTorch readers want), others JSON.
   """
-  directory = pathlib.Path(directory)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{directory.name}.',
-                                          dir=directory.parent))
-  try:
+  with digests.writing(directory) as staging:
     for name, content in files.items():
       if name.endswith('.safetensors'):
         st_numpy.save_file(content, str(staging / name),
                            metadata={'format': 'pt'})
       else:
         (staging / name).write_text(json.dumps(content, indent=2))
-    directory.mkdir(exist_ok=True)
-    for name in files:
-      os.replace(staging / name, directory / name)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)

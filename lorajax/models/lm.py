@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 ApplyFn = Callable[..., Any]
@@ -112,8 +113,8 @@ def generate(apply_fn: ApplyFn, params: PyTree, prompt_tokens: jax.Array,
              max_new_tokens: int, *, prompt_mask: jax.Array | None = None,
              use_cache: bool = True, temperature: float = 0.0,
              top_p: float = 1.0, rng: jax.Array | None = None,
-             eos_id: int | None = None, cache: PyTree | None = None
-             ) -> jax.Array:
+             eos_id: int | None = None, cache: PyTree | None = None,
+             context: int | None = None) -> jax.Array:
   """Generates ``max_new_tokens`` tokens after each prompt.
 
   With ``use_cache`` the prompt is run once into a ``KVCache`` of
@@ -138,12 +139,26 @@ def generate(apply_fn: ApplyFn, params: PyTree, prompt_tokens: jax.Array,
       ``llama.init_cache``). By default ``apply_fn`` makes one from the static
       ``cache_len=P + max_new_tokens``; pass one for an ``apply_fn`` that only
       takes array arguments.
+    context: the model's context length (``LlamaConfig.max_position``); a
+      prompt that leaves no room for ``max_new_tokens`` in it is refused
+      before anything is allocated. None: not checked.
 
   Returns:
     ``[B, max_new_tokens]`` int32 generated tokens.
+
+  Raises:
+    ValueError: an empty prompt, ``temperature > 0`` without ``rng``, or
+      ``P + max_new_tokens`` beyond ``context``.
   """
+  b, p = np.shape(prompt_tokens)
+  if context is not None and p + max_new_tokens > context:
+    raise ValueError(
+        f'the prompt has {p} tokens and {max_new_tokens} new tokens were '
+        f'asked for: {p + max_new_tokens} tokens exceed the model\'s context '
+        f'of {context} tokens (max_position); shorten the prompt to at most '
+        f'{max(context - max_new_tokens, 0)} tokens or ask for fewer new '
+        'tokens')
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-  b, p = prompt_tokens.shape
   if p == 0:
     raise ValueError('prompt_tokens must hold at least one token, got shape '
                      f'{prompt_tokens.shape}')

@@ -191,8 +191,10 @@ def generate_answers(config, model: model_loading.Model, apply_fn: Any,
     mask = np.zeros((len(chunk), width), bool)
     for i, p in enumerate(chunk):
       tokens[i, width - len(p):], mask[i, width - len(p):] = p, True
-    out = jax.device_get(lm.generate(apply_fn, tree, tokens, max_new_tokens,
-                                     prompt_mask=mask, eos_id=model.eos_id))
+    out = jax.device_get(lm.generate(
+        apply_fn, tree, tokens, max_new_tokens, prompt_mask=mask,
+        eos_id=model.eos_id,
+        context=getattr(model.config, 'max_position', None)))
     for seq in out.tolist():
       if model.eos_id in seq:
         seq = seq[:seq.index(model.eos_id)]
