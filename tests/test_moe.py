@@ -19,6 +19,7 @@ import safetensors.numpy
 
 import lorajax
 import lorajax.models
+from lorajax.io import peft_moe
 from lorajax.models import hf_moe
 from lorajax.models import lm
 from lorajax.models import moe
@@ -253,3 +254,83 @@ def test_expert_adapters_get_gradients_exactly_where_tokens_went():
     norms = np.abs(np.asarray(g)).reshape(4, -1).max(1)
     for e in range(4):
       assert (norms[e] > 0) == (e in hit), (name, e, hit, norms)
+
+
+# --- PEFT (target_parameters on the experts) ---------------------------------
+
+peft = pytest.importorskip('peft')
+
+ATTN_AND_EXPERTS = lorajax.LoraSpec([
+    (r'.*/mlp/experts/.*/kernel', lorajax.Lora(rank=2, alpha=6)),
+    (r'layers_0/mlp/gate/kernel', lorajax.Lora(rank=2, alpha=6)),
+    (r'.*/attn/(q|o)_proj/kernel', lorajax.Lora(rank=2, alpha=6)),
+    (r'.*', 'freeze')])
+ATTN_ONLY = lorajax.LoraSpec([
+    (r'.*/attn/(q|k|v|o)_proj/kernel', lorajax.Lora(rank=3, alpha=4)),
+    (r'.*', 'freeze')])
+
+
+@pytest.mark.parametrize('which', ['experts', 'attention'])
+def test_peft_export_reproduces_lorajax_logits(saved, tmp_path, which):
+  spec = ATTN_AND_EXPERTS if which == 'experts' else ATTN_ONLY
+  model = lorajax.models.load(saved['mixtral'])
+  ids = jnp.asarray(_ids((2, 9), seed=4))
+  adapters = _randomize(lorajax.init(spec, model.params, jax.random.key(2),
+                                     fn=model.apply, args=(ids,)))
+  ours = jax.jit(lorajax.lora(model.apply, spec))(model.params, adapters,
+                                                    ids)
+  peft_moe.export_moe_lora(tmp_path / 'peft', model.config, spec, adapters,
+                           model.params)
+  base = transformers.MixtralForCausalLM.from_pretrained(saved['mixtral'])
+  peer = peft.PeftModel.from_pretrained(base, tmp_path / 'peft').eval()
+  with torch.no_grad():
+    want = peer(torch.tensor(np.asarray(ids))).logits.numpy()
+  _assert_logits_close(ours, want)
+
+
+def test_peft_adapter_on_experts_imports(saved, tmp_path):
+  base = transformers.Qwen3MoeForCausalLM.from_pretrained(saved['qwen3_moe'])
+  torch.manual_seed(1)
+  config = peft.LoraConfig(
+      r=2, lora_alpha=5, init_lora_weights=False,
+      target_modules=['k_proj', 'v_proj'],
+      target_parameters=['mlp.experts.down_proj', 'mlp.experts.gate_up_proj',
+                         'layers.1.mlp.gate.weight'])
+  peer = peft.get_peft_model(base, config).eval()
+  peer.save_pretrained(tmp_path / 'peft')
+  ids = _ids((2, 9), seed=6)
+  with torch.no_grad():
+    want = peer(torch.tensor(ids)).logits.numpy()
+  model = lorajax.models.load(saved['qwen3_moe'])
+  spec, adapters, _ = peft_moe.import_moe_lora(tmp_path / 'peft',
+                                               model.config)
+  assert adapters['layers_0']['mlp']['experts']['gate_up_proj']['kernel'][
+      'a'].shape == (4, 32, 2)
+  got = jax.jit(lorajax.lora(model.apply, spec))(model.params, adapters,
+                                                   jnp.asarray(ids))
+  _assert_logits_close(got, want)
+  plain = model.apply(model.params, jnp.asarray(ids))
+  assert np.max(np.abs(np.asarray(plain) - want)) > 1e-2  # it adapts
+
+
+def test_peft_export_refuses_what_param_wrapper_cannot_hold(saved, tmp_path):
+  model = lorajax.models.load(saved['mixtral'])
+  ids = jnp.asarray(_ids((1, 4)))
+  spec = lorajax.LoraSpec([
+      (r'.*/mlp/experts/.*/kernel', lorajax.Lora(rank=2, dropout=0.1)),
+      (r'.*', 'freeze')])
+  adapters = lorajax.init(spec, model.params, jax.random.key(2),
+                          fn=model.apply, args=(ids,))
+  with pytest.raises(ValueError, match='dropout=0.1'):
+    peft_moe.export_moe_lora(tmp_path / 'a', model.config, spec, adapters,
+                             model.params)
+  spec = lorajax.LoraSpec([
+      (r'.*/mlp/experts/.*/kernel', lorajax.Lora(rank=2)),
+      (r'.*/attn/q_proj/kernel', lorajax.Lora(rank=4)),
+      (r'.*', 'freeze')])
+  adapters = lorajax.init(spec, model.params, jax.random.key(2),
+                          fn=model.apply, args=(ids,))
+  with pytest.raises(ValueError, match='rank, alpha, use_rslora'):
+    peft_moe.export_moe_lora(tmp_path / 'b', model.config, spec, adapters,
+                             model.params)
+  assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
