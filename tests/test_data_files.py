@@ -12,6 +12,7 @@ import pytest
 
 from lorajax.data import file_splits
 from lorajax.data import files
+from lorajax.io import digests
 from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import saved_run
 from lorajax.training import train
@@ -241,4 +242,5 @@ def test_evaluate_and_export_clis_need_only_the_workdir(csv_run, tmp_path):
        f'--out={tmp_path / "merged"}')
   hf = json.loads((tmp_path / 'merged' / 'config.json').read_text())
   assert hf['id2label'] == {'0': 'mixed', '1': 'neg', '2': 'pos'}
+  assert digests.verify(tmp_path / 'merged')   # Named, then sealed again.
   assert hf['label2id']['pos'] == 2

@@ -56,6 +56,7 @@ import numpy as np
 import lorajax
 from lorajax import io as io_lib
 from lorajax.data import loader
+from lorajax.io import digests
 from lorajax.runtime import memory
 from lorajax.training import attach
 from lorajax.training import checkpoint as ckpt_lib
@@ -492,13 +493,15 @@ EXPORT_FORMATS = ('lorajax', 'peft', 'merged')
 
 def _name_labels(path: str, labels) -> None:
   """Writes the classes' names as ``id2label``/``label2id`` of an exported
-  ``config.json`` (``io.export_merged`` writes ``LABEL_i``)."""
+  ``config.json`` (``io.export_merged`` writes ``LABEL_i``): a new version
+  of the folder, swapped in whole with a new digest (``io.digests``)."""
   with open(path, encoding='utf-8') as f:
     hf = json.load(f)
   hf['id2label'] = {str(i): name for i, name in enumerate(labels)}
   hf['label2id'] = {name: i for i, name in enumerate(labels)}
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(hf, f, indent=2)
+  with digests.writing(os.path.dirname(path)) as staging:
+    with open(staging / os.path.basename(path), 'w', encoding='utf-8') as f:
+      json.dump(hf, f, indent=2)
 
 
 def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
