@@ -83,6 +83,15 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # RoBERTa, XLM-R) for classification, a decoder (Llama, Mistral, Qwen2,
   # Qwen3) for lm/sft (lorajax.models.load); '' uses model.name.
   c.model.path = ''
+  # Your own Flax model instead: 'pkg.module:make_model', a function called
+  # as make_model(key=..., num_labels=..., **model.factory_kwargs) that
+  # returns params and a module or apply (lorajax.training.model_factory;
+  # classification and lm); '' uses model.path or model.name.
+  c.model.factory = ''
+  # Keyword arguments of model.factory; set them in your config file
+  # (c.model.factory_kwargs = ConfigDict({'width': 64})), then
+  # --config.model.factory_kwargs.width=32 overrides one.
+  c.model.factory_kwargs = config_dict.ConfigDict()
   # Load the pretrained weights; False gives a random model of that shape.
   c.model.pretrained = True
   # 'base' is the real architecture; 'tiny' a 2-layer toy for tests.

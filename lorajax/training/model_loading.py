@@ -9,7 +9,10 @@ without touching a data set.
 - ``classification``: a BERT encoder (pretrained all-MiniLM-L6-v2, or a
   random one of that shape or a tiny one) with a 2-way classifier;
 - ``lm``: a Llama decoder (pretrained SmolLM2-135M, or random), with the
-  tokenizer of its GGUF file.
+  tokenizer of its GGUF file;
+- ``config.model.path``: a Hugging Face checkpoint directory;
+- ``config.model.factory``: your own model, from a function the run imports
+  (``lorajax.training.model_factory``).
 
 Example:
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -40,6 +43,7 @@ from lorajax.models import bert_tokenizer
 from lorajax.models import bpe_tokenizer
 from lorajax.models import llama
 from lorajax.models import llama_loading
+from lorajax.training import model_factory
 
 PyTree = Any
 
@@ -49,18 +53,23 @@ class Model:
   """A loaded base model, before any method is attached.
 
   Attributes:
-    name: ``'minilm'`` or ``'smollm2'``.
-    module: the Flax module (``bert.Bert`` or ``llama.Llama``).
+    name: ``'minilm'``, ``'smollm2'``, a checkpoint's family, or the
+      ``model.factory`` string.
+    module: the Flax module (``bert.Bert`` or ``llama.Llama``); None for a
+      factory model.
     params: the base parameters as loaded (the inner ``'params'`` dict).
-    config: the ``BertConfig`` / ``LlamaConfig`` (for PEFT and HF exports).
+    config: the ``BertConfig`` / ``LlamaConfig`` (for PEFT and HF exports);
+      None for a factory model.
     info: JSON-able description of the architecture; stored with every
       checkpoint and checked when one is restored.
     tokenizer: a ``tokenizers.Tokenizer`` for the data pipeline.
     embedding: the word embedding table ``[vocab, hidden]`` (prompt tuning
-      starts from it).
+      starts from it); None for a factory model.
     eos_id: the end-of-sequence token id (decoders; None for encoders).
     chat_template: the checkpoint's chat template (decoders), or None.
     special_tokens: special token strings by name, for the template.
+    apply: a factory model's ``apply(params, batch, *, train, rng) ->
+      logits``; None for the others, whose apply the task builds.
   """
   name: str
   module: nn.Module
@@ -74,6 +83,7 @@ class Model:
   # tokens it may name ({'bos_token': ..., 'eos_token': ...}).
   chat_template: str | None = None
   special_tokens: dict[str, str] | None = None
+  apply: Callable[..., jax.Array] | None = None
 
 
 def _check_size(size: str, pretrained: bool) -> None:
@@ -202,6 +212,14 @@ def load_checkpoint(config, labels: Sequence[str] = ()) -> Model:
                loaded.chat_template, loaded.special_tokens)
 
 
+def load_factory(config, labels: Sequence[str] = ()) -> Model:
+  """Your own model: ``config.model.factory`` called and checked
+  (``model_factory.load``); a classifier of ``len(labels)`` classes."""
+  loaded = model_factory.load(config, labels)
+  return Model(config.model.factory, None, loaded.params, None, loaded.info,
+               loaded.tokenizer, None, loaded.eos_id, apply=loaded.apply)
+
+
 # The model each task trains, by config.task.
 _LOADERS = {'classification': ('minilm', load_minilm),
             'lm': ('smollm2', load_smollm2),
@@ -222,6 +240,8 @@ def load_model(config, labels: Sequence[str] = ()) -> Model:
   if config.task not in _LOADERS:
     raise ValueError(f'config.task={config.task!r}; expected one of '
                      f'{sorted(_LOADERS)}')
+  if config.model.get('factory'):
+    return load_factory(config, labels)
   if config.model.get('path'):
     return load_checkpoint(config, labels)
   name, load = _LOADERS[config.task]

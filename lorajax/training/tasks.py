@@ -23,7 +23,8 @@ A task is three separate steps put together, each usable alone:
 Parameter paths are those of the inner ``'params'`` dict
 (``encoder/layer_0/attention/query/kernel``, ``classifier/kernel``,
 ``layers_0/attn/q_proj/kernel``): the model is wrapped as
-``apply(p, batch) = model.apply({'params': p}, ...)`` before ``lorajax.lora``.
+``apply(p, batch) = model.apply({'params': p}, ...)`` before ``lorajax.lora``
+(a ``config.model.factory`` model brings its own ``apply``).
 
 Example (a tiny random model and no data):
 
@@ -212,8 +213,12 @@ def lm_apply(module: llama.Llama):
 
 def _nll(apply_fn, trainable, frozen, batch, lora_rng):
   params = lorajax.combine(trainable['params'], frozen)
+  # Training (a lora_rng) hands the model its own dropout key; the Llama
+  # ignores both, a model.factory model may use them.
+  train = {} if lora_rng is None else {
+      'train': True, 'rng': jax.random.fold_in(lora_rng, 1)}
   logits = apply_fn(params, trainable['adapters'], batch, lora_rng=lora_rng,
-                    **_prompt_inputs(trainable))
+                    **train, **_prompt_inputs(trainable))
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
   mask = batch['mask'].astype(jnp.float32)
@@ -254,9 +259,8 @@ def build_task(config, *, splits: Iterable[str] = SPLITS,
   method = attach.attach_method(config, model)
   data = input_pipeline.load_splits(config, model, splits)
   if config.task == 'classification':
-    apply_fn = lorajax.lora(classifier_apply(model.module,
-                                             config.model.pooling),
-                            method.spec)
+    apply_fn = lorajax.lora(model.apply or classifier_apply(
+        model.module, config.model.pooling), method.spec)
     return Task('classification', model, method,
                 functools.partial(classification_loss, apply_fn=apply_fn),
                 functools.partial(classification_eval, apply_fn=apply_fn),
@@ -267,7 +271,7 @@ def build_task(config, *, splits: Iterable[str] = SPLITS,
     return Task('sft', model, method, functools.partial(sft.sft_loss, **kw),
                 functools.partial(sft.sft_eval, **kw), data, 'accuracy',
                 'mask')
-  apply_fn = lorajax.lora(lm_apply(model.module), method.spec)
+  apply_fn = lorajax.lora(model.apply or lm_apply(model.module), method.spec)
   return Task('lm', model, method,
               functools.partial(lm_loss, apply_fn=apply_fn),
               functools.partial(lm_eval, apply_fn=apply_fn),

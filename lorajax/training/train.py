@@ -63,6 +63,7 @@ from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
 from lorajax.training import console
 from lorajax.training import metrics as metrics_lib
+from lorajax.training import model_factory
 from lorajax.training import model_loading
 from lorajax.training import optim
 from lorajax.training import parallel
@@ -416,6 +417,8 @@ def _train(config, workdir: str, log_file: str, wall_start: float,
       'trainable_params': int(n_train), 'all_params': int(n_all),
       'trainable_fraction': n_train / max(n_all, 1),
       'metric': task.metric, 'initial_validation': initial,
+      # config.model.factory of a run on your own model, else None.
+      'model_factory': task.model_info.get('factory'),
       # A classifier's classes in id order (its head's outputs).
       'labels': task.model_info.get('labels'),
       'best_validation': best, 'best_validation_step': best_step,
@@ -528,11 +531,12 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
 
   Raises:
     ValueError: an unknown format, a prompt-tuning run (its virtual tokens
-      are written as ``prompts.npz`` by training), or a checkpoint of
-      another spec or model.
+      are written as ``prompts.npz`` by training), ``peft``/``merged`` of a
+      ``model.factory`` model, or a checkpoint of another spec or model.
   """
   if fmt not in EXPORT_FORMATS:
     raise ValueError(f'format {fmt!r}; expected one of {EXPORT_FORMATS}')
+  model_factory.check_export(config, fmt)   # no HF class for your model
   if config.method in config_lib.PROMPT_METHODS:
     raise ValueError(f'method {config.method!r} trains virtual tokens, '
                      'which training writes to <workdir>/prompts.npz; '

@@ -65,6 +65,9 @@ _INTS_AT_LEAST = {
     'max_to_keep': 1, 'lora.rank': 1, 'optim.accum_steps': 1,
     'optim.warmup_steps': 0,
 }
+# Methods a model.factory model cannot take: prompts and bottleneck
+# adapters go into the shipped models' own layers.
+FACTORY_REFUSED_METHODS = ('prompt', 'prefix', 'bottleneck')
 _SPLITS = ('data.train_split', 'data.validation_split', 'data.test_split')
 _SLICE = re.compile(r'[\w/.-]+\[(-?\d*)(%?):(-?\d*)(%?)\]')
 
@@ -136,6 +139,20 @@ def problems(config) -> list[str]:
     value = _get(config, field)
     if value is not _MISSING and value not in allowed:
       bad(field, value, f'one of {allowed}')
+  factory = _get(config, 'model.factory')
+  if factory not in (_MISSING, '', None):
+    if not isinstance(factory, str) or factory.count(':') != 1:
+      bad('model.factory', factory, "'pkg.module:function'")
+    if _get(config, 'model.path') not in (_MISSING, '', None):
+      bad('model.factory', factory, "'' when model.path is set (one model)")
+    method = _get(config, 'method')
+    if method in FACTORY_REFUSED_METHODS:
+      bad('method', method, f'none of {FACTORY_REFUSED_METHODS} with '
+          f'model.factory={factory!r} (they insert into the shipped '
+          "models' own layers)")
+    if _get(config, 'task') not in ('classification', 'lm'):
+      bad('task', _get(config, 'task'), "'classification' or 'lm' with "
+          f'model.factory={factory!r}')
   for field in _SPLITS:
     value = _get(config, field)
     if value is _MISSING:
