@@ -19,6 +19,7 @@ import safetensors.numpy
 
 import lorajax
 import lorajax.models
+from lorajax.io import peft_format
 from lorajax.io import peft_moe
 from lorajax.models import hf_moe
 from lorajax.models import lm
@@ -279,8 +280,8 @@ def test_peft_export_reproduces_lorajax_logits(saved, tmp_path, which):
                                      fn=model.apply, args=(ids,)))
   ours = jax.jit(lorajax.lora(model.apply, spec))(model.params, adapters,
                                                     ids)
-  peft_moe.export_moe_lora(tmp_path / 'peft', model.config, spec, adapters,
-                           model.params)
+  peft_format.export_peft(tmp_path / 'peft', model.config, spec, adapters,
+                          model.params)
   base = transformers.MixtralForCausalLM.from_pretrained(saved['mixtral'])
   peer = peft.PeftModel.from_pretrained(base, tmp_path / 'peft').eval()
   with torch.no_grad():
@@ -302,8 +303,8 @@ def test_peft_adapter_on_experts_imports(saved, tmp_path):
   with torch.no_grad():
     want = peer(torch.tensor(ids)).logits.numpy()
   model = lorajax.models.load(saved['qwen3_moe'])
-  spec, adapters, _ = peft_moe.import_moe_lora(tmp_path / 'peft',
-                                               model.config)
+  imported = peft_format.import_peft(tmp_path / 'peft', model.config)
+  spec, adapters = imported.spec, imported.adapters
   assert adapters['layers_0']['mlp']['experts']['gate_up_proj']['kernel'][
       'a'].shape == (4, 32, 2)
   got = jax.jit(lorajax.lora(model.apply, spec))(model.params, adapters,
