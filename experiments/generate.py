@@ -1,8 +1,15 @@
-r"""Generate text with SmolLM2-135M-Instruct and an adapter.
+r"""Generate text with a decoder (SmolLM2-135M-Instruct by default) and an
+adapter.
 
   python -m experiments.generate --adapter DIR --prompt "Write a haiku."
   python -m experiments.generate --adapter DIR --prompt "..." \
       --temperature=0.8 --top_p=0.9 --seed=1 --max_new_tokens=64
+  python -m experiments.generate --model ~/ckpt/Qwen2.5-0.5B-Instruct \
+      --adapter DIR --prompt "..."
+
+``--model`` is a local Hugging Face checkpoint directory of any decoder
+family ``lorajax.models.load`` reads (Llama, Mistral, Qwen2/3, Gemma, Phi-3,
+the MoE families): its own tokenizer, chat template and EOS ids are used.
 
 ``--adapter`` is a lorajax adapter directory (``adapter.json``, checked
 against the base) or a Hugging Face PEFT directory (``adapter_config.json``);
@@ -26,6 +33,7 @@ import jax.numpy as jnp
 
 from lorajax import assets
 from lorajax import rewrite
+import lorajax.models
 from lorajax.data import chat as chat_lib
 from lorajax.io import adapter_files
 from lorajax.io import peft_format
@@ -36,6 +44,8 @@ from lorajax.models import lm
 
 _ADAPTER = flags.DEFINE_string('adapter', None, 'Adapter directory (lorajax '
                                'or PEFT); none runs the base model.')
+_MODEL = flags.DEFINE_string('model', None, 'A Hugging Face decoder checkpoint '
+                             'directory; none runs the shipped SmolLM2.')
 _PROMPT = flags.DEFINE_string('prompt', 'What is LoRA?', 'The prompt.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 48, 'Tokens to generate.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0,
@@ -63,10 +73,10 @@ def load_adapter(directory: str | pathlib.Path, config: llama.LlamaConfig,
                           f' (lorajax) nor {peft_format.CONFIG_FILE} (PEFT)')
 
 
-def adapted_apply(config: llama.LlamaConfig, params: Any, bundle: Any
+def adapted_apply(model: Any, params: Any, bundle: Any
                   ) -> tuple[Callable[..., Any], Any]:
-  """``(apply, tree)`` for ``lm.generate``: the model with ``bundle`` on."""
-  model = llama.Llama(config)
+  """``(apply, tree)`` for ``lm.generate``: the Flax decoder ``model`` with
+  ``bundle`` on."""
 
   def base(p, *args, **kwargs):
     return model.apply({'params': p}, *args, **kwargs)
@@ -83,25 +93,58 @@ def adapted_apply(config: llama.LlamaConfig, params: Any, bundle: Any
   return apply, tree
 
 
+def _decoder(model_dir: str | None) -> dict[str, Any]:
+  """The base decoder: the shipped SmolLM2 GGUF or a Hugging Face folder.
+
+  Returns ``{config, params, module, tokenizer, eos, template, specials}``.
+  """
+  if model_dir is None:
+    reader = llama_loading.as_reader(
+        assets.asset_path('smollm2', llama_loading.SMOLLM2_GGUF))
+    config, params = llama_loading.load_gguf_llama(reader)
+    tokenizer = bpe_tokenizer.gguf_tokenizer(reader)
+    ids = bpe_tokenizer.gguf_special_ids(reader)
+    return dict(config=config, params=params, module=llama.Llama(config),
+                tokenizer=tokenizer, eos=ids.get('eos'),
+                template=bpe_tokenizer.gguf_chat_template(reader),
+                specials=bpe_tokenizer.special_tokens_map(tokenizer, ids))
+  loaded = lorajax.models.load(model_dir, head='causal_lm')
+  if not loaded.is_decoder:
+    raise ValueError(f'--model {model_dir}: a {loaded.family} encoder; '
+                     'generation needs a decoder')
+  if loaded.tokenizer is None:
+    raise ValueError(f'--model {model_dir} has no tokenizer.json')
+  return dict(config=loaded.config, params=loaded.params,
+              module=loaded.module, tokenizer=loaded.tokenizer,
+              eos=loaded.eos_id, template=loaded.chat_template,
+              specials=loaded.special_tokens or {})
+
+
 def generate_text(prompt: str, *, adapter: str | None = None,
                   max_new_tokens: int = 48, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int = 0, chat: bool = True,
-                  check_weights: bool = True, system: str | None = None
+                  check_weights: bool = True, system: str | None = None,
+                  model: str | None = None
                   ) -> tuple[str, dict[str, float]]:
-  """Returns the generated text and timing figures."""
+  """Returns the generated text and timing figures.
+
+  ``model``: a Hugging Face decoder directory (None: the shipped SmolLM2).
+
+  Raises:
+    ValueError: ``chat`` with a checkpoint that has no chat template, an
+      encoder checkpoint, or a prompt beyond the model's context.
+  """
   start = time.perf_counter()
-  reader = llama_loading.as_reader(
-      assets.asset_path('smollm2', llama_loading.SMOLLM2_GGUF))
-  config, params = llama_loading.load_gguf_llama(reader)
-  tokenizer = bpe_tokenizer.gguf_tokenizer(reader)
-  specials = bpe_tokenizer.gguf_special_ids(reader)
+  base = _decoder(model)
+  config, params, tokenizer = base['config'], base['params'], base['tokenizer']
   bundle = None if adapter is None else load_adapter(
       adapter, config, params, check_weights=check_weights)
-  apply, tree = adapted_apply(config, params, bundle)
+  apply, tree = adapted_apply(base['module'], params, bundle)
   if chat:   # The checkpoint's own template (SmolLM2: with its system prompt).
-    template = chat_lib.ChatTemplate(
-        bpe_tokenizer.gguf_chat_template(reader),
-        bpe_tokenizer.special_tokens_map(tokenizer, specials))
+    if not base['template']:
+      raise ValueError(f'{model}: no chat template in tokenizer_config.json '
+                       'or chat_template.jinja; pass --nochat')
+    template = chat_lib.ChatTemplate(base['template'], base['specials'])
     messages = [{'role': 'user', 'content': prompt}]
     if system is not None:
       messages.insert(0, {'role': 'system', 'content': system})
@@ -113,12 +156,12 @@ def generate_text(prompt: str, *, adapter: str | None = None,
   loaded = time.perf_counter()
   rng = jax.random.key(seed) if temperature > 0 else None
   out = lm.generate(apply, tree, ids, max_new_tokens, temperature=temperature,
-                    top_p=top_p, rng=rng, eos_id=specials.get('eos'),
+                    top_p=top_p, rng=rng, eos_id=base['eos'],
                     context=config.max_position)
   out = jax.device_get(out)[0].tolist()
   done = time.perf_counter()
-  if specials.get('eos') in out:
-    out = out[:out.index(specials['eos'])]
+  if base['eos'] in out:
+    out = out[:out.index(base['eos'])]
   return tokenizer.decode(out), {
       'load_s': loaded - start, 'generate_s': done - loaded,
       'prompt_tokens': int(ids.shape[1]), 'new_tokens': len(out)}
@@ -130,7 +173,8 @@ def main(argv):
   text, stats = generate_text(
       _PROMPT.value, adapter=_ADAPTER.value, max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value,
-      chat=_CHAT.value, check_weights=_CHECK.value, system=_SYSTEM.value)
+      chat=_CHAT.value, check_weights=_CHECK.value, system=_SYSTEM.value,
+      model=_MODEL.value)
   print(text)
   print(f'\n[{stats["prompt_tokens"]} prompt tokens, {stats["new_tokens"]} '
         f'generated in {stats["generate_s"]:.1f}s (compilation included); '

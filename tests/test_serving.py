@@ -281,10 +281,36 @@ def test_generate_command_loads_either_format(tmp_path):
   want = lm.generate(apply_fn, _merge(params, ad, spec), TOKENS[:2], 3)
   for name in ('lj', 'peft'):
     bundle = generate.load_adapter(tmp_path / name, config, params)
-    fn, tree = generate.adapted_apply(config, params, bundle)
+    fn, tree = generate.adapted_apply(llama.Llama(config), params, bundle)
     np.testing.assert_array_equal(lm.generate(fn, tree, TOKENS[:2], 3), want)
   with pytest.raises(FileNotFoundError, match='neither'):
     generate.load_adapter(tmp_path, config, params)
+
+
+def test_generate_command_runs_a_checkpoint_directory(tmp_path):
+  """--model: a Hugging Face decoder folder, with its own tokenizer, chat
+  template and EOS id; the text is the model's greedy continuation."""
+  pytest.importorskip('transformers')
+  from experiments import generate  # pylint: disable=g-import-not-at-top
+  from toy_models import tiny_qwen2_dir  # pylint: disable=g-import-not-at-top
+  import lorajax.models  # pylint: disable=g-import-not-at-top
+  tiny_qwen2_dir(tmp_path)
+  text, stats = generate.generate_text('Hi there', model=str(tmp_path),
+                                       max_new_tokens=5)
+  loaded = lorajax.models.load(tmp_path)
+  from lorajax.data import chat as chat_lib  # pylint: disable=g-import-not-at-top
+  template = chat_lib.ChatTemplate(loaded.chat_template,
+                                   loaded.special_tokens)
+  ids, _ = chat_lib.encode_chat(loaded.tokenizer, template,
+                                [{'role': 'user', 'content': 'Hi there'}],
+                                add_generation_prompt=True)
+  assert stats['prompt_tokens'] == len(ids)
+  apply = lambda p, *a, **k: loaded.module.apply({'params': p}, *a, **k)
+  out = lm.generate(apply, loaded.params, jnp.asarray([ids]), 5,
+                    eos_id=loaded.eos_id)[0].tolist()
+  if loaded.eos_id in out:
+    out = out[:out.index(loaded.eos_id)]
+  assert text == loaded.tokenizer.decode(out)
 
 
 @pytest.mark.parametrize('mode', multi.STACK_MODES)

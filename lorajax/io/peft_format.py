@@ -18,8 +18,13 @@ for a scaled output and ``[1, in]`` for a scaled input (the modules listed in
 their patterns.
 
 ``export_peft`` writes lorajax ``Lora`` (or ``Dora``), ``Ia3`` or ``LoHa``
-adapters of the shipped BERT and Llama models in that form; ``import_peft``
-reads such a directory into a spec, adapters and trained leaves. What PEFT can say and lorajax
+adapters in that form, of the shipped BERT and Llama models and of every
+family ``lorajax.models.load`` reads (``source=`` its directory, recorded as
+``base_model_name_or_path``); ``import_peft`` reads such a directory into a
+spec, adapters and trained leaves. An adapter made on a family's bare model
+(``BertModel``, keys ``encoder.layer.0...``) fits the model with a head
+(``bert.encoder.layer.0...``) and the other way round: only the base
+model's key prefix differs. What PEFT can say and lorajax
 cannot (another method, LoRA on embeddings, LoRA biases) is an error that
 names it, and so is what lorajax computes and a PEFT model would not (a
 mean-pooling BERT, adapters trained on a quantized base, bottleneck
@@ -38,6 +43,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
 from typing import Any
@@ -50,14 +56,12 @@ from lorajax.io import adapter_files
 from lorajax.io import digests
 from lorajax.io import hf_models
 from lorajax.io import peft_codecs
-from lorajax.io import peft_moe
 from lorajax.methods import dora as dora_lib
 from lorajax.methods import ia3 as ia3_lib
 from lorajax.methods import loha as loha_lib
 from lorajax.methods import low_rank as lora_lib
 from lorajax.methods import pissa
 from lorajax.methods import qlora
-from lorajax.models import moe
 
 PyTree = Any
 CONFIG_FILE = 'adapter_config.json'
@@ -108,7 +112,9 @@ def _copy_dicts(tree: PyTree) -> PyTree:
 
 def export_peft(directory: str | pathlib.Path, config: Any,
                 spec: spec_lib.LoraSpec, adapters: PyTree, params: PyTree, *,
-                base_model_name_or_path: str | None = None) -> pathlib.Path:
+                base_model_name_or_path: str | None = None,
+                source: str | os.PathLike[str] | None = None,
+                head: str | None = None) -> pathlib.Path:
   """Writes ``adapter_config.json`` + ``adapter_model.safetensors``.
 
   Args:
@@ -119,7 +125,12 @@ def export_peft(directory: str | pathlib.Path, config: Any,
     adapters: the adapters (unscanned or scanned layout).
     params: the params they run with; leaves the spec trains are saved whole
       as ``modules_to_save`` (every parameter of their HF module).
-    base_model_name_or_path: recorded in the config for PEFT's loader.
+    base_model_name_or_path: recorded in the config for PEFT's loader;
+      default ``source``.
+    source: the Hugging Face checkpoint directory the model was loaded
+      from (``lorajax.models.load``); None for the shipped models.
+    head: the head whose transformers class PEFT will wrap (default: the
+      source's own; see ``hf_models.hf_model``).
 
   Returns:
     The directory.
@@ -131,12 +142,10 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       (``QLora``), factors or a head of shapes the model does not have, or
       a model config transformers cannot express (mean pooling).
   """
-  if isinstance(config, moe.MoeConfig):  # experts: target_parameters
-    return peft_moe.export_moe_lora(
-        directory, config, spec, adapters, params,
-        base_model_name_or_path=base_model_name_or_path)
   pissa.check_portable(spec, 'export_peft')
-  hf = hf_models.hf_model(config)
+  hf = hf_models.hf_model(config, source=source, head=head)
+  if base_model_name_or_path is None and source is not None:
+    base_model_name_or_path = str(source)
   try:
     hf.check_expressible()
   except ValueError as e:
@@ -226,6 +235,8 @@ def export_peft(directory: str | pathlib.Path, config: Any,
   saved = {hf.module_of(p) for p in hf.head_paths()}
   for path in trained:
     for layer_path in _unscanned_paths(hf, path):
+      if hf.unused(layer_path):
+        continue   # A bare model's spare classifier: not in its class.
       module = hf.module_of(layer_path)
       if module in targets:
         raise PeftFormatError(
@@ -240,6 +251,9 @@ def export_peft(directory: str | pathlib.Path, config: Any,
     for key, value in state.items():
       if key.rsplit('.', 1)[0] == module:
         tensors[f'{PREFIX}{key}'] = value
+  # PEFT names a head by its top module (RoBERTa's ``classifier`` holds
+  # ``dense`` and ``out_proj``).
+  saved = {m.split('.')[0] if hf.is_head_module(m) else m for m in saved}
   universe = sorted(hf.kernel_modules())
   common_cfg = {
       'task_type': hf.task_type,
@@ -357,15 +371,45 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
   return cfg
 
 
+def _renamer(names: set[str], hf: hf_models.HfModel):
+  """The map of an adapter's module names onto ``hf``'s: the identity, or,
+  for an adapter made on the family's model with another head (a bare
+  ``BertModel``'s ``encoder.layer.0...`` for ``bert.encoder.layer.0...``),
+  the swap of the base model's key prefix. The identity when none fits
+  every name (the caller then names what does not)."""
+  known = {k.rsplit('.', 1)[0] for k in hf.keys.values()}
+
+  def swap(theirs):
+    def rename(name):
+      if hf.is_head_module(name) or not name.startswith(theirs):
+        return name
+      return hf.prefix + name[len(theirs):]
+    return rename
+
+  others = sorted(set(hf.naming.prefixes.values()) - {hf.prefix}, key=len,
+                  reverse=True)
+  candidates = [lambda name: name] + [swap(p) for p in others]
+  for rename in candidates:
+    if all(rename(n) in known for n in names):
+      return rename
+  return candidates[0]
+
+
 def import_peft(directory: str | pathlib.Path, config: Any,
-                params: PyTree | None = None) -> PeftAdapter:
+                params: PyTree | None = None, *,
+                source: str | os.PathLike[str] | None = None,
+                head: str | None = None) -> PeftAdapter:
   """Reads a PEFT LoRA directory into lorajax adapters.
 
   Args:
     directory: holds ``adapter_config.json`` and
       ``adapter_model.safetensors``.
-    config: the ``BertConfig`` or ``LlamaConfig`` of the lorajax model.
+    config: the config of the lorajax model.
     params: if given, the spec is checked against it (every kernel found).
+    source: the Hugging Face checkpoint directory the model was loaded
+      from (``lorajax.models.load``); None for the shipped models.
+    head: the model's head (default: the source's own); an adapter made
+      on the family's model with the other head is renamed onto it.
 
   Returns:
     A ``PeftAdapter``; run it with ``lorajax.lora(apply_fn, spec)(
@@ -376,9 +420,6 @@ def import_peft(directory: str | pathlib.Path, config: Any,
       lorajax model does not have as a kernel (e.g. an embedding), a
       corrupted weights file, inconsistent shapes.
   """
-  if isinstance(config, moe.MoeConfig):  # experts: target_parameters
-    spec, adapters, cfg = peft_moe.import_moe_lora(directory, config)
-    return PeftAdapter(spec, adapters, {}, cfg)
   directory = pathlib.Path(directory)
   try:   # A directory lorajax wrote carries a digest; PEFT's own do not.
     digests.verify(directory, fix='export it again from its run: '
@@ -387,16 +428,19 @@ def import_peft(directory: str | pathlib.Path, config: Any,
   except digests.DigestError as e:
     raise PeftFormatError(str(e)) from None
   cfg = _read_config(directory)
-  hf = hf_models.hf_model(config)
+  hf = hf_models.hf_model(config, source=source, head=head)
   try:
     tensors = adapter_files.read_safetensors(directory / WEIGHTS_FILE)
   except adapter_files.AdapterFileError as e:
     raise PeftFormatError(str(e)) from None
   modules = hf.kernel_modules()
   by_key = {key: path for path, key in hf.keys.items()}
+  rename = _renamer({_module_name(k.removeprefix(PREFIX)) for k in tensors},
+                    hf)
   lora, saved = collections.defaultdict(dict), {}
   for key, value in tensors.items():
-    name = key.removeprefix(PREFIX)
+    module = _module_name(key.removeprefix(PREFIX))
+    name = rename(module) + key.removeprefix(PREFIX)[len(module):]
     m = (_FACTOR.fullmatch(name)
          or re.fullmatch(r'(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?'
                          r'(?:\.weight)?', name))
@@ -413,6 +457,11 @@ def import_peft(directory: str | pathlib.Path, config: Any,
           f'supported)')
     elif name in by_key:
       saved[by_key[name]] = np.asarray(value, np.float32)
+    elif hf.is_head_module(name):
+      raise PeftFormatError(
+          f'{directory / WEIGHTS_FILE}: tensor {key!r} belongs to a task '
+          f'head {hf.architecture} does not have; import it into the '
+          f'model with that head')
     else:
       raise PeftFormatError(
           f'{directory / WEIGHTS_FILE}: tensor {key!r} is neither a LoRA '
@@ -453,6 +502,14 @@ def import_peft(directory: str | pathlib.Path, config: Any,
       raise PeftFormatError(f'{directory}: the adapter does not fit these '
                             f'params: {e}') from None
   return PeftAdapter(spec, adapters, trained, cfg)
+
+
+def _module_name(name: str) -> str:
+  """The module of a PEFT tensor name (before its factor or parameter)."""
+  m = (_FACTOR.fullmatch(name)
+       or re.fullmatch(r'(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?'
+                       r'(?:\.weight)?', name))
+  return m.group(1) if m else name.rsplit('.', 1)[0]
 
 
 def _import_lora(cfg, lora, modules, hf):
