@@ -222,7 +222,7 @@ def test_lora_on_a_loaded_qwen2(tmp_path):
 
 
 # Refusals: (checkpoint, config.json change, what the message must name).
-_GPT_TYPES = ('gemma', 'gemma2', 'phi3', 'mixtral', 'qwen3_moe')
+_GPT_TYPES = ('gemma3', 'phi', 'mixtral', 'qwen3_moe')
 REFUSALS = [
     ('llama', {'rope_parameters': {'rope_type': 'yarn', 'factor': 2.0,
                                    'rope_theta': 10000.0}},

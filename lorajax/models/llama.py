@@ -1,4 +1,4 @@
-"""A plain Flax linen Llama decoder (SmolLM2; Llama without RoPE scaling).
+"""A plain Flax linen Llama decoder (SmolLM2) and its family variants.
 
 The model is ordinary linen code: every projection is an
 ``nn.Dense(use_bias=False)`` with a 2-D ``[in, out]`` kernel, so LoRA rules such
@@ -19,8 +19,17 @@ Optional per family (``LlamaConfig`` fields, all off for Llama/SmolLM2):
 ``attn/o_proj/bias``, ``mlp_bias`` ``mlp/{gate,up,down}_proj/bias``,
 ``qk_norm`` ``attn/{q,k}_norm/scale`` ``[hd]`` (Qwen3: RMSNorm of each head
 before RoPE); ``sliding_window`` limits every query to itself and the
-``sliding_window - 1`` slots before it (Mistral), and ``rope_scaling``
-(``Llama3Rope``) rescales the RoPE frequencies as Llama 3.1 does.
+``sliding_window - 1`` slots before it (Mistral; with ``sliding_layers``
+only on the layers it marks, Gemma2), and ``rope_scaling`` (``Llama3Rope``)
+rescales the RoPE frequencies as Llama 3.1 does. Gemma: ``norm_offset=1``
+(RMSNorm multiplies by ``1 + scale``), ``scale_embeddings`` (times
+``sqrt(d)``), ``activation='gelu_tanh'``; Gemma2 adds ``sandwich_norms``
+(``layers_{i}/attn_out_norm/scale`` and ``mlp_out_norm/scale`` on the
+outputs of attention and MLP), ``query_scale``, ``attn_softcap`` and
+``final_softcap``; Phi-3: ``fused_proj`` (one ``attn/qkv_proj/kernel``
+``[d, (h + 2 kv) hd]`` and one ``mlp/gate_up_proj/kernel`` ``[d, 2 f]``, as
+transformers stores them) and ``rope_dim`` (RoPE on the first ``rope_dim``
+channels of each head). The pieces are in ``decoder_parts``.
 
 With ``scan_layers=True`` the layers are one ``nn.scan`` named ``layers`` and
 every layer leaf gains a leading axis of length ``num_layers``
@@ -59,22 +68,13 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-
-
-@dataclasses.dataclass(frozen=True)
-class Llama3Rope:
-  """Llama 3.1 RoPE frequency scaling (``rope_type: llama3``).
-
-  Wavelengths longer than ``original_max_position / low_freq_factor`` are
-  divided by ``factor``, those shorter than ``original_max_position /
-  high_freq_factor`` kept, and the ones between interpolated smoothly.
-  """
-  factor: float
-  low_freq_factor: float
-  high_freq_factor: float
-  original_max_position: int
+from lorajax.models import decoder_parts
+# RoPE lives in its own module; these names stay importable from here.
+from lorajax.models.rope import apply_rope
+from lorajax.models.rope import Llama3Rope
+from lorajax.models.rope import rope_inv_freq  # pylint: disable=unused-import
+from lorajax.models.rope import rope_tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +109,25 @@ class LlamaConfig:
       slots before it (itself included: ``q - window < k <= q``), as
       Mistral's sliding-window attention.
     rope_scaling: ``Llama3Rope`` frequency scaling, or None.
+    sliding_layers: with ``sliding_window``, which layers use it (one bool
+      a layer, Gemma2's alternation); None: all of them.
+    norm_offset: every RMSNorm multiplies by ``norm_offset + scale`` (Gemma
+      stores ``scale`` around 0 and uses 1).
+    scale_embeddings: multiply the token embeddings by ``sqrt(hidden_size)``
+      (in the compute dtype; Gemma).
+    activation: the gate activation of the MLP, a key of
+      ``decoder_parts.ACTIVATIONS``.
+    query_scale: the factor of ``q·k``; None for ``head_dim ** -0.5``
+      (Gemma2: ``query_pre_attn_scalar ** -0.5``).
+    attn_softcap: if set, attention scores become ``c·tanh(s / c)`` before
+      the mask (Gemma2).
+    final_softcap: if set, logits become ``c·tanh(z / c)`` (Gemma2).
+    sandwich_norms: RMSNorm the outputs of attention and MLP before their
+      residual adds (Gemma2's post-attention and post-feed-forward norms).
+    fused_proj: one ``qkv_proj`` and one ``gate_up_proj`` kernel instead of
+      ``q/k/v_proj`` and ``gate/up_proj`` (Phi-3); no biases then.
+    rope_dim: RoPE on the first ``rope_dim`` channels of each head only
+      (Phi-3's ``partial_rotary_factor``); None for all ``head_dim``.
   """
   vocab_size: int
   hidden_size: int
@@ -130,6 +149,16 @@ class LlamaConfig:
   qk_norm: bool = False
   sliding_window: int | None = None
   rope_scaling: Llama3Rope | None = None
+  sliding_layers: tuple[bool, ...] | None = None
+  norm_offset: float = 0.0
+  scale_embeddings: bool = False
+  activation: str = 'silu'
+  query_scale: float | None = None
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  sandwich_norms: bool = False
+  fused_proj: bool = False
+  rope_dim: int | None = None
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -140,6 +169,21 @@ class LlamaConfig:
     if self.sliding_window is not None and self.sliding_window < 1:
       raise ValueError(f'sliding_window={self.sliding_window}; expected a '
                        'positive number of slots or None')
+    if self.sliding_layers is not None and (
+        self.sliding_window is None
+        or len(self.sliding_layers) != self.num_layers):
+      raise ValueError(f'sliding_layers={self.sliding_layers} needs a '
+                       f'sliding_window and one entry for each of the '
+                       f'{self.num_layers} layers')
+    if self.activation not in decoder_parts.ACTIVATIONS:
+      raise ValueError(f'activation={self.activation!r}; expected one of '
+                       f'{tuple(decoder_parts.ACTIVATIONS)}')
+    if self.fused_proj and (self.qkv_bias or self.mlp_bias):
+      raise ValueError('fused_proj=True has no q/k/v or MLP biases')
+    if self.rope_dim is not None and (
+        self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim):
+      raise ValueError(f'rope_dim={self.rope_dim}; expected an even number '
+                       f'in (0, head_dim={self.head_dim}]')
 
   @classmethod
   def smollm2_135m(cls, **overrides) -> LlamaConfig:
@@ -187,58 +231,28 @@ def init_cache(config: LlamaConfig, batch_size: int, max_len: int) -> KVCache:
 
 
 class RMSNorm(nn.Module):
-  """``x / rms(x) * scale``, computed in float32, returned in ``dtype``."""
+  """``x / rms(x) * (offset + scale)``, in float32, returned in ``dtype``.
+
+  ``offset`` is 0 for Llama (``scale`` starts at 1) and 1 for Gemma
+  (``scale`` starts at 0).
+  """
   eps: float
   dtype: Any = jnp.float32
+  offset: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],),
-                       jnp.float32)
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param('scale', init, (x.shape[-1],), jnp.float32)
+    if self.offset:
+      scale = self.offset + scale.astype(jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
     return (x32 * scale).astype(self.dtype)
 
 
-def rope_inv_freq(head_dim: int, base: float,
-                  scaling: Llama3Rope | None = None) -> np.ndarray:
-  """The ``[head_dim / 2]`` float32 RoPE frequencies, scaled if asked.
-
-  >>> rope_inv_freq(4, 10000.0).tolist()
-  [1.0, 0.009999999776482582]
-  """
-  inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
-  if scaling is None:
-    return inv_freq
-  s = scaling
-  wavelen = 2 * np.pi / inv_freq
-  low_wavelen = s.original_max_position / s.low_freq_factor
-  high_wavelen = s.original_max_position / s.high_freq_factor
-  scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-  smooth = ((s.original_max_position / wavelen - s.low_freq_factor)
-            / (s.high_freq_factor - s.low_freq_factor))
-  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def rope_tables(positions: jax.Array, head_dim: int, base: float,
-                scaling: Llama3Rope | None = None
-                ) -> tuple[jax.Array, jax.Array]:
-  """Returns ``(sin, cos)``, each ``[B, T, head_dim]`` float32."""
-  inv_freq = rope_inv_freq(head_dim, base, scaling)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  angles = jnp.concatenate([angles, angles], -1)
-  return jnp.sin(angles), jnp.cos(angles)
-
-
-def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """Rotates ``x`` ``[B, T, heads, hd]`` in the rotate-half convention."""
-  x32 = x.astype(jnp.float32)
-  first, second = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-second, first], -1)
-  out = x32 * cos[:, :, None] + rotated * sin[:, :, None]
-  return out.astype(x.dtype)
+def _norm(cfg: LlamaConfig, name: str) -> RMSNorm:
+  return RMSNorm(cfg.rms_eps, cfg.dtype, cfg.norm_offset, name=name)
 
 
 def _dense(features: int, name: str, dtype: Any,
@@ -274,12 +288,18 @@ class Attention(nn.Module):
     """
     cfg = self.config
     b, t, _ = x.shape
-    q = _dense(cfg.num_heads * cfg.head_dim, 'q_proj', cfg.dtype,
-               cfg.qkv_bias)(x)
-    k = _dense(cfg.num_kv_heads * cfg.head_dim, 'k_proj', cfg.dtype,
-               cfg.qkv_bias)(x)
-    v = _dense(cfg.num_kv_heads * cfg.head_dim, 'v_proj', cfg.dtype,
-               cfg.qkv_bias)(x)
+    if cfg.fused_proj:  # Phi-3: queries, keys, values from one kernel.
+      sizes = (cfg.num_heads * cfg.head_dim,
+               *[cfg.num_kv_heads * cfg.head_dim] * 2)
+      q, k, v = decoder_parts.split_fused(
+          _dense(sum(sizes), 'qkv_proj', cfg.dtype)(x), sizes)
+    else:
+      q = _dense(cfg.num_heads * cfg.head_dim, 'q_proj', cfg.dtype,
+                 cfg.qkv_bias)(x)
+      k = _dense(cfg.num_kv_heads * cfg.head_dim, 'k_proj', cfg.dtype,
+                 cfg.qkv_bias)(x)
+      v = _dense(cfg.num_kv_heads * cfg.head_dim, 'v_proj', cfg.dtype,
+                 cfg.qkv_bias)(x)
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
@@ -302,7 +322,12 @@ class Attention(nn.Module):
     q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
     scores = jnp.einsum('btkgd,bskd->bkgts', q, k.astype(q.dtype),
                         preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(cfg.head_dim)
+    if cfg.query_scale is None:
+      scores = scores / math.sqrt(cfg.head_dim)
+    else:
+      scores = scores * cfg.query_scale
+    if cfg.attn_softcap is not None:
+      scores = decoder_parts.softcap(scores, cfg.attn_softcap)
     # A finite fill keeps rows with no visible key (left padding) NaN-free.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
@@ -313,39 +338,52 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+  """Gated MLP: ``down(act(gate(x)) * up(x))`` (SwiGLU when ``act`` is
+  SiLU); with ``fused_proj`` gate and up are the halves of ``gate_up``."""
   config: LlamaConfig
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    gate = _dense(cfg.intermediate_size, 'gate_proj', cfg.dtype,
-                  cfg.mlp_bias)(x)
-    up = _dense(cfg.intermediate_size, 'up_proj', cfg.dtype, cfg.mlp_bias)(x)
+    f = cfg.intermediate_size
+    if cfg.fused_proj:
+      gate, up = decoder_parts.split_fused(
+          _dense(2 * f, 'gate_up_proj', cfg.dtype)(x), (f, f))
+    else:
+      gate = _dense(f, 'gate_proj', cfg.dtype, cfg.mlp_bias)(x)
+      up = _dense(f, 'up_proj', cfg.dtype, cfg.mlp_bias)(x)
+    act = decoder_parts.ACTIVATIONS[cfg.activation]
     return _dense(cfg.hidden_size, 'down_proj', cfg.dtype,
-                  cfg.mlp_bias)(nn.silu(gate) * up)
+                  cfg.mlp_bias)(act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
   """Pre-norm attention and MLP blocks with residuals.
 
   Returns ``(h, layer_cache)`` so that it can be the body of ``nn.scan``.
+  ``local`` (a scanned bool) picks this layer's mask from a stacked
+  ``[2, B, T, S]`` pair (all keys, window) when layers differ; None means
+  ``mask`` is the layer's own.
   """
   config: LlamaConfig
 
   @nn.compact
   def __call__(self, h: jax.Array, layer_cache: Any,
                rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-               index: jax.Array, prefix: jax.Array | None = None
-               ) -> tuple[jax.Array, Any]:
+               index: jax.Array, prefix: jax.Array | None = None,
+               local: jax.Array | None = None) -> tuple[jax.Array, Any]:
     cfg = self.config
+    if local is not None:
+      mask = mask[local.astype(jnp.int32)]
     attn_out, layer_cache = Attention(cfg, name='attn')(
-        RMSNorm(cfg.rms_eps, cfg.dtype, name='attn_norm')(h), rope, mask,
-        layer_cache, index, prefix)
+        _norm(cfg, 'attn_norm')(h), rope, mask, layer_cache, index, prefix)
+    if cfg.sandwich_norms:
+      attn_out = _norm(cfg, 'attn_out_norm')(attn_out)
     h = h + attn_out
-    h = h + Mlp(cfg, name='mlp')(RMSNorm(cfg.rms_eps, cfg.dtype,
-                                         name='mlp_norm')(h))
-    return h, layer_cache
+    mlp_out = Mlp(cfg, name='mlp')(_norm(cfg, 'mlp_norm')(h))
+    if cfg.sandwich_norms:
+      mlp_out = _norm(cfg, 'mlp_out_norm')(mlp_out)
+    return h + mlp_out, layer_cache
 
 
 class Llama(nn.Module):
@@ -436,21 +474,32 @@ class Llama(nn.Module):
       positions = jnp.maximum(positions, 0)
     query_slots = index + jnp.arange(t)
     causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
-    if cfg.sliding_window is not None:  # Mistral: only the last W slots.
-      causal = causal & (key_slots[None, :]
-                         > query_slots[:, None] - cfg.sliding_window)
-    mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
-    if segment_ids is not None:  # No attention across packed sequences.
-      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    if prefix is not None:  # [B, T, n + S]: the prefix is always visible.
-      mask = jnp.concatenate(
-          [jnp.ones((b, t, prefix.shape[2]), bool), mask], -1)
-    rope = rope_tables(positions, cfg.head_dim, cfg.rope_base,
-                       cfg.rope_scaling)
+    windowed = None
+    if cfg.sliding_window is not None:  # Only the last W slots.
+      windowed = decoder_parts.window_mask(causal, key_slots, query_slots,
+                                           cfg.sliding_window)
+      if cfg.sliding_layers is None:  # Mistral: every layer.
+        causal, windowed = windowed, None
+
+    def full_mask(causal):  # [B, T, (n +) S]
+      mask = causal[None] & key_valid[:, None, :]
+      if segment_ids is not None:  # No attention across packed sequences.
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+      if prefix is not None:  # [B, T, n + S]: the prefix is always visible.
+        mask = jnp.concatenate(
+            [jnp.ones((b, t, prefix.shape[2]), bool), mask], -1)
+      return mask
+
+    mask = full_mask(causal)
+    local_mask = None if windowed is None else full_mask(windowed)
+    rope = rope_tables(positions, cfg.rope_dim or cfg.head_dim,
+                       cfg.rope_base, cfg.rope_scaling)
 
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      embedding_init=nn.initializers.normal(0.02), name='embed')
     h = embed(tokens)
+    if cfg.scale_embeddings:  # Gemma: sqrt(d), rounded to the compute dtype.
+      h = h * jnp.asarray(math.sqrt(cfg.hidden_size), h.dtype)
     if n_prompt:
       h = jnp.concatenate([jnp.broadcast_to(
           prompt.astype(h.dtype), (b, n_prompt, cfg.hidden_size)), h], 1)
@@ -462,21 +511,29 @@ class Llama(nn.Module):
       stack = nn.scan(layer_cls, variable_axes={'params': 0},
                       split_rngs={'params': True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast,
-                               0),
+                               0, 0),
                       length=cfg.num_layers)
-      h, kv = stack(cfg, name='layers')(h, kv, rope, mask, index, prefix)
+      local = None
+      if local_mask is not None:  # Each layer picks its mask.
+        mask = jnp.stack([mask, local_mask])
+        local = jnp.asarray(cfg.sliding_layers, bool)
+      h, kv = stack(cfg, name='layers')(h, kv, rope, mask, index, prefix,
+                                        local)
     else:
       new_kv = []
       for i in range(cfg.num_layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        layer_mask = mask
+        if local_mask is not None and cfg.sliding_layers[i]:
+          layer_mask = local_mask
         h, layer_kv = layer_cls(cfg, name=f'layers_{i}')(
-            h, layer_kv, rope, mask, index,
+            h, layer_kv, rope, layer_mask, index,
             None if prefix is None else prefix[i])
         new_kv.append(layer_kv)
       if kv is not None:
         kv = (jnp.stack([x[0] for x in new_kv]),
               jnp.stack([x[1] for x in new_kv]))
-    h = RMSNorm(cfg.rms_eps, cfg.dtype, name='final_norm')(h)
+    h = _norm(cfg, 'final_norm')(h)
     if hidden_only:
       logits = h
     elif cfg.tie_embeddings:
@@ -484,6 +541,8 @@ class Llama(nn.Module):
     else:
       logits = _dense(cfg.vocab_size, 'lm_head', cfg.dtype)(h)
     logits = logits.astype(jnp.float32)[:, n_prompt:]
+    if cfg.final_softcap is not None and not hidden_only:
+      logits = decoder_parts.softcap(logits, cfg.final_softcap)
     if cache is None:
       return logits
     return logits, KVCache(kv[0], kv[1], key_valid, index + t)

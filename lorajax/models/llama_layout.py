@@ -33,6 +33,14 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
            'attn/o_proj/kernel': (q, d), 'mlp_norm/scale': (d,),
            'mlp/gate_proj/kernel': (d, f), 'mlp/up_proj/kernel': (d, f),
            'mlp/down_proj/kernel': (f, d)}
+  if config.fused_proj:  # Phi-3: [q | k | v] and [gate | up] kernels.
+    for path in ('attn/q_proj', 'attn/k_proj', 'attn/v_proj', 'mlp/gate_proj',
+                 'mlp/up_proj'):
+      del layer[f'{path}/kernel']
+    layer.update({'attn/qkv_proj/kernel': (d, q + 2 * kv),
+                  'mlp/gate_up_proj/kernel': (d, 2 * f)})
+  if config.sandwich_norms:
+    layer.update({'attn_out_norm/scale': (d,), 'mlp_out_norm/scale': (d,)})
   if config.qkv_bias:
     layer.update({'attn/q_proj/bias': (q,), 'attn/k_proj/bias': (kv,),
                   'attn/v_proj/bias': (kv,)})
