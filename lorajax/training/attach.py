@@ -33,6 +33,8 @@ from absl import logging
 import jax
 
 import lorajax
+from lorajax.io import hf_models
+from lorajax.io import hf_targets
 from lorajax.methods import prompts as prompts_lib
 from lorajax.training import config as config_lib
 from lorajax.training import model_loading
@@ -117,6 +119,40 @@ def _pissa_residual(spec: lorajax.LoraSpec, params: PyTree,
   return params
 
 
+def hf_origin(config) -> dict[str, Any]:
+  """``source``/``head`` keywords of ``lorajax.io``'s Hugging Face
+  functions for the run's model: the checkpoint directory
+  ``config.model.path`` and the head the task trains; ``{}`` for the
+  shipped models."""
+  if not config.model.get('path'):
+    return {}
+  return {'source': config.model.path,
+          'head': ('classification' if config.task == 'classification'
+                   else 'causal_lm')}
+
+
+def lora_targets(config, model: model_loading.Model) -> str:
+  """``config.lora.targets`` as a regex over ``model.params``' paths
+  (``'all-linear'`` and ``'default'`` resolved by the model's Hugging Face
+  naming, as PEFT resolves them).
+
+  Raises:
+    ValueError: a shorthand for a model without Hugging Face naming.
+  """
+  targets = config.lora.targets
+  if targets not in hf_targets.SHORTHANDS:
+    return targets
+  try:
+    hf = hf_models.hf_model(model.config, **hf_origin(config))
+  except TypeError as e:
+    raise ValueError(f'lora.targets={targets!r} needs a Hugging Face family '
+                     f'to name the kernels ({e}); give a regex over '
+                     'parameter paths') from None
+  resolved = hf_targets.lora_targets(targets, hf, model.params)
+  logging.info('lora.targets=%r: %s', targets, resolved)
+  return resolved
+
+
 def attach_method(config, model: model_loading.Model) -> Method:
   """spec -> quantize -> init -> PiSSA residual -> prompts, for ``model``.
 
@@ -132,7 +168,10 @@ def attach_method(config, model: model_loading.Model) -> Method:
     ValueError: from ``make_spec`` (unknown method, bad rules) or from the
       spec not fitting ``model.params``.
   """
-  spec = config_lib.make_spec(config)
+  spec = config_lib.make_spec(
+      config, lora_targets=(lora_targets(config, model)
+                            if config.method in config_lib.LOW_RANK_METHODS
+                            else None))
   params = _quantized(config, model.params, spec)
   adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1))
   base = _pissa_residual(spec, params, adapters)

@@ -25,11 +25,15 @@ from typing import Any
 from ml_collections import config_dict
 
 import lorajax
+from lorajax.io import hf_targets
 
 METHODS = ('lora', 'dora', 'qlora', 'loha', 'ia3', 'bottleneck', 'prompt',
            'prefix', 'full', 'head')
 # Methods whose adapters come from the config.lora fields.
 LOW_RANK_METHODS = ('lora', 'dora', 'qlora', 'loha')
+# lora.targets values that name kernels the Hugging Face way (resolved
+# against the model by attach.attach_method).
+LORA_TARGET_SHORTHANDS = hf_targets.SHORTHANDS
 # Methods that train a 'prompts' tree (lorajax.methods.prompts).
 PROMPT_METHODS = ('prompt', 'prefix')
 # The bottleneck rule helpers' name of each model.
@@ -134,7 +138,9 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # (every leaf but frozen_rules) or 'head' (only train_rules).
   c.method = 'lora'
   c.lora = config_dict.ConfigDict()
-  # Regex over parameter paths of the kernels that get adapters.
+  # Regex over parameter paths of the kernels that get adapters, or PEFT's
+  # names: 'all-linear' (every Linear but the head's) or 'default' (the
+  # family's PEFT defaults, e.g. q_proj and v_proj).
   c.lora.targets = (r'.*/attention/(query|value)/kernel'
                     if task == 'classification'
                     else r'.*/attn/(q_proj|v_proj)/kernel')
@@ -295,7 +301,8 @@ def base_config(task: str) -> config_dict.ConfigDict:
   return c
 
 
-def make_spec(config: config_dict.ConfigDict) -> lorajax.LoraSpec:
+def make_spec(config: config_dict.ConfigDict, *,
+              lora_targets: str | None = None) -> lorajax.LoraSpec:
   """The ``LoraSpec`` of ``config.method`` and its rules.
 
   ``frozen_rules`` come first, then the method's rules, then a catch-all
@@ -303,9 +310,15 @@ def make_spec(config: config_dict.ConfigDict) -> lorajax.LoraSpec:
   and ``prefix`` add no rule: what they train is the task's ``prompts``
   tree.
 
+  Args:
+    config: the run config.
+    lora_targets: the regex ``lora.targets`` resolves to when it is a
+      shorthand of the model's (``'all-linear'``, ``'default'``;
+      ``attach.attach_method`` resolves it, ``lorajax.io.hf_targets``).
+
   Raises:
-    ValueError: for an unknown method or bottleneck style, or ``head``
-      without ``train_rules``.
+    ValueError: for an unknown method or bottleneck style, ``head``
+      without ``train_rules``, or an unresolved ``lora.targets`` shorthand.
   """
   method = config.method
   if method not in METHODS:
@@ -316,7 +329,12 @@ def make_spec(config: config_dict.ConfigDict) -> lorajax.LoraSpec:
   if method == 'full':
     return lorajax.LoraSpec(rules + [(r'.*', lorajax.TRAIN)])
   if method in LOW_RANK_METHODS:
-    rules.extend(_low_rank_rules(config))
+    targets = lora_targets or config.lora.targets
+    if targets in LORA_TARGET_SHORTHANDS:
+      raise ValueError(f'lora.targets={targets!r} names kernels by the '
+                       'model\'s Hugging Face family; resolve it with the '
+                       'model (attach.attach_method), or give a regex')
+    rules.extend(_low_rank_rules(config, targets))
   elif method == 'ia3':
     if config.ia3.feedforward:
       rules.append((config.ia3.feedforward, lorajax.Ia3(feedforward=True)))
@@ -331,16 +349,18 @@ def make_spec(config: config_dict.ConfigDict) -> lorajax.LoraSpec:
   return lorajax.LoraSpec(rules + [(r'.*', lorajax.FREEZE)])
 
 
-def _low_rank_rules(config: config_dict.ConfigDict) -> list[tuple[str, Any]]:
-  """The ``lora``/``dora``/``qlora``/``loha`` rules of ``config.lora``."""
+def _low_rank_rules(config: config_dict.ConfigDict, targets: str
+                    ) -> list[tuple[str, Any]]:
+  """The ``lora``/``dora``/``qlora``/``loha`` rules of ``config.lora``,
+  on the kernels ``targets`` (a regex) selects."""
   kw = dict(rank=int(config.lora.rank), alpha=float(config.lora.alpha),
             use_rslora=bool(config.lora.rslora),
             dropout=float(config.lora.dropout),
             init=str(config.lora.get('init', 'kaiming')))
   if config.method == 'lora':
-    return [(config.lora.targets, lorajax.Lora(**kw))]
+    return [(targets, lorajax.Lora(**kw))]
   if config.method == 'dora':
-    return [(config.lora.targets, lorajax.Dora(**kw))]
+    return [(targets, lorajax.Dora(**kw))]
   if config.method == 'loha':
     unused = {'lora.rslora': (kw['use_rslora'], False),
               'lora.dropout': (kw['dropout'], 0.0),
@@ -349,9 +369,9 @@ def _low_rank_rules(config: config_dict.ConfigDict) -> list[tuple[str, Any]]:
       if value != default:
         raise ValueError(f"config.method='loha' has no {field} (got "
                          f'{value!r}); leave it at {default!r}')
-    return [(config.lora.targets, lorajax.LoHa(rank=kw['rank'],
+    return [(targets, lorajax.LoHa(rank=kw['rank'],
                                                alpha=kw['alpha']))]
-  rules = [(config.lora.targets, lorajax.QLora(quant=config.quant, **kw))]
+  rules = [(targets, lorajax.QLora(quant=config.quant, **kw))]
   if config.quant_targets:
     rules.append((config.quant_targets, lorajax.Quantized(config.quant)))
   return rules

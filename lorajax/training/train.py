@@ -554,7 +554,8 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
   spec, adapters = method.spec, trainable['adapters']
   tuned = lorajax.combine(trainable['params'], frozen)   # what it ran with
   if fmt == 'merged':
-    io_lib.export_merged(out, model.config, tuned, adapters, spec)
+    io_lib.export_merged(out, model.config, tuned, adapters, spec,
+                         **attach.hf_origin(config))
     if labels:
       _name_labels(os.path.join(out, 'config.json'), labels)
     return out
@@ -564,7 +565,8 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
     spec, adapters = lorajax.pissa.to_lora(spec, base, adapters,
                                            start=method.adapters)
   if fmt == 'peft':
-    io_lib.export_peft(out, model.config, spec, adapters, base)
+    io_lib.export_peft(out, model.config, spec, adapters, base,
+                       **attach.hf_origin(config))
   else:
     io_lib.save_adapter(out, spec, adapters, base,
                         metadata={'config': config.name, 'workdir': workdir})
