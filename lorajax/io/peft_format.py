@@ -57,14 +57,12 @@ from lorajax.io import digests
 from lorajax.io import hf_models
 from lorajax.io import peft_codecs
 from lorajax.io import peft_moe
-from lorajax.io import peft_moe
 from lorajax.methods import dora as dora_lib
 from lorajax.methods import ia3 as ia3_lib
 from lorajax.methods import loha as loha_lib
 from lorajax.methods import low_rank as lora_lib
 from lorajax.methods import pissa
 from lorajax.methods import qlora
-from lorajax.models import moe
 from lorajax.models import moe
 
 PyTree = Any
@@ -146,10 +144,6 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       (``QLora``), factors or a head of shapes the model does not have, or
       a model config transformers cannot express (mean pooling).
   """
-  if isinstance(config, moe.MoeConfig):  # experts: target_parameters
-    return peft_moe.export_moe_lora(
-        directory, config, spec, adapters, params,
-        base_model_name_or_path=base_model_name_or_path)
   if isinstance(config, moe.MoeConfig):  # experts: target_parameters
     return peft_moe.export_moe_lora(
         directory, config, spec, adapters, params,
@@ -432,9 +426,6 @@ def import_peft(directory: str | pathlib.Path, config: Any,
       lorajax model does not have as a kernel (e.g. an embedding), a
       corrupted weights file, inconsistent shapes.
   """
-  if isinstance(config, moe.MoeConfig):  # experts: target_parameters
-    spec, adapters, cfg = peft_moe.import_moe_lora(directory, config)
-    return PeftAdapter(spec, adapters, {}, cfg)
   if isinstance(config, moe.MoeConfig):  # experts: target_parameters
     spec, adapters, cfg = peft_moe.import_moe_lora(directory, config)
     return PeftAdapter(spec, adapters, {}, cfg)
