@@ -105,7 +105,8 @@ def _decoder(model_dir: str | None) -> dict[str, Any]:
     tokenizer = bpe_tokenizer.gguf_tokenizer(reader)
     ids = bpe_tokenizer.gguf_special_ids(reader)
     return dict(config=config, params=params, module=llama.Llama(config),
-                tokenizer=tokenizer, eos=ids.get('eos'),
+                tokenizer=tokenizer,
+                eos=() if ids.get('eos') is None else (ids['eos'],),
                 template=bpe_tokenizer.gguf_chat_template(reader),
                 specials=bpe_tokenizer.special_tokens_map(tokenizer, ids))
   loaded = lorajax.models.load(model_dir, head='causal_lm')
@@ -116,7 +117,7 @@ def _decoder(model_dir: str | None) -> dict[str, Any]:
     raise ValueError(f'--model {model_dir} has no tokenizer.json')
   return dict(config=loaded.config, params=loaded.params,
               module=loaded.module, tokenizer=loaded.tokenizer,
-              eos=loaded.eos_id, template=loaded.chat_template,
+              eos=loaded.eos_ids, template=loaded.chat_template,
               specials=loaded.special_tokens or {})
 
 
@@ -156,12 +157,12 @@ def generate_text(prompt: str, *, adapter: str | None = None,
   loaded = time.perf_counter()
   rng = jax.random.key(seed) if temperature > 0 else None
   out = lm.generate(apply, tree, ids, max_new_tokens, temperature=temperature,
-                    top_p=top_p, rng=rng, eos_id=base['eos'],
+                    top_p=top_p, rng=rng, eos_id=base['eos'] or None,
                     context=config.max_position)
   out = jax.device_get(out)[0].tolist()
   done = time.perf_counter()
-  if base['eos'] in out:
-    out = out[:out.index(base['eos'])]
+  ends = [i for i, t in enumerate(out) if t in base['eos']]
+  out = out[:ends[0]] if ends else out
   return tokenizer.decode(out), {
       'load_s': loaded - start, 'generate_s': done - loaded,
       'prompt_tokens': int(ids.shape[1]), 'new_tokens': len(out)}

@@ -325,3 +325,34 @@ def test_select_takes_one_adapter_back_out(mode):
     want = _deltas([entries[i]], params)[0]
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(g, w, atol=1e-6)
+
+
+def test_generation_stops_at_any_of_the_checkpoints_eos_ids(tmp_path):
+  """generation_config.json may list several EOS ids (Llama 3, Gemma):
+  generation stops at whichever comes first, as transformers' does."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  import lorajax.models  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  peer = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+      num_key_value_heads=2, intermediate_size=64, vocab_size=97,
+      initializer_range=0.5)).eval()
+  prompt = torch.tensor([[5, 17, 42, 8]])
+  peer.generation_config.eos_token_id = None
+  free = peer.generate(prompt, max_new_tokens=8, do_sample=False)[0, 4:]
+  free = free.tolist()
+  stop = free[3]  # The first step that makes this token ends generation.
+  first = free.index(stop)
+  eos = [next(t for t in range(97) if t not in free), stop]
+  peer.generation_config.eos_token_id = eos
+  peer.save_pretrained(tmp_path)
+  want = peer.generate(prompt, max_new_tokens=8, do_sample=False)[0, 4:]
+  assert want.tolist() == free[:first + 1]
+  loaded = lorajax.models.load(tmp_path)
+  assert loaded.eos_ids == tuple(eos) and loaded.eos_id == eos[0]
+  apply = lambda p, *a, **k: loaded.module.apply({'params': p}, *a, **k)
+  got = lm.generate(apply, loaded.params, jnp.asarray(prompt.numpy()), 8,
+                    eos_id=loaded.eos_ids)[0].tolist()
+  assert got[:first + 1] == free[:first + 1]
+  assert got[first + 1:] == [stop] * (7 - first)  # Finished rows repeat it.

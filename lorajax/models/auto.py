@@ -69,6 +69,7 @@ class LoadedModel:
     hf_config: the parsed ``config.json``.
     tokenizer: a ``tokenizers.Tokenizer`` from ``tokenizer.json``, or None.
     eos_id: the end-of-sequence id, if the checkpoint names one.
+    eos_ids: every end-of-sequence id it names (``generate`` stops at any).
     chat_template: the tokenizer's Jinja chat template, or None.
     special_tokens: ``{'eos_token': ..., ...}`` strings of the tokenizer.
   """
@@ -81,6 +82,7 @@ class LoadedModel:
   hf_config: dict[str, Any]
   tokenizer: Any = None
   eos_id: int | None = None
+  eos_ids: tuple[int, ...] = ()
   chat_template: str | None = None
   special_tokens: dict[str, str] | None = None
 
@@ -223,5 +225,6 @@ def load(path: str | os.PathLike[str], *, head: str | None = None,
       family=family, architecture=architecture, head=head, module=module,
       params=params, config=config, hf_config=hf,
       tokenizer=files.tokenizer(), eos_id=files.eos_id(),
+      eos_ids=files.eos_ids(),
       chat_template=files.chat_template(),
       special_tokens=files.special_tokens())

@@ -128,17 +128,24 @@ class CheckpointFiles:
           out[name] = value
     return out
 
-  def eos_id(self) -> int | None:
-    """The first end-of-sequence id of ``generation_config.json`` or
-    ``config.json``, else the tokenizer's ``eos_token``'s id."""
+  def eos_ids(self) -> tuple[int, ...]:
+    """Every end-of-sequence id of ``generation_config.json`` (else
+    ``config.json``; ``eos_token_id`` may be a list), else the tokenizer's
+    ``eos_token``'s id; ``()`` if none is named."""
     for source in (self._json('generation_config.json'), self.config):
       eos = source.get('eos_token_id')
-      if isinstance(eos, list) and eos:
-        eos = eos[0]
-      if isinstance(eos, int):
-        return eos
+      eos = eos if isinstance(eos, list) else [eos]
+      if eos and all(isinstance(e, int) for e in eos):
+        return tuple(eos)
     token = self.special_tokens().get('eos_token')
     tok = self.tokenizer()
     if token is not None and tok is not None:
-      return tok.token_to_id(token)
-    return None
+      found = tok.token_to_id(token)
+      if found is not None:
+        return (found,)
+    return ()
+
+  def eos_id(self) -> int | None:
+    """The first of ``eos_ids``, or None."""
+    ids = self.eos_ids()
+    return ids[0] if ids else None

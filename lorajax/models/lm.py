@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +113,8 @@ def generate(apply_fn: ApplyFn, params: PyTree, prompt_tokens: jax.Array,
              max_new_tokens: int, *, prompt_mask: jax.Array | None = None,
              use_cache: bool = True, temperature: float = 0.0,
              top_p: float = 1.0, rng: jax.Array | None = None,
-             eos_id: int | None = None, cache: PyTree | None = None,
+             eos_id: int | Sequence[int] | None = None,
+             cache: PyTree | None = None,
              context: int | None = None) -> jax.Array:
   """Generates ``max_new_tokens`` tokens after each prompt.
 
@@ -134,7 +135,9 @@ def generate(apply_fn: ApplyFn, params: PyTree, prompt_tokens: jax.Array,
     temperature: 0 for greedy decoding, else the sampling temperature.
     top_p: nucleus sampling threshold.
     rng: PRNG key, required when ``temperature > 0``.
-    eos_id: if given, a row that produced it keeps producing it.
+    eos_id: an end-of-sequence id, or several (Llama 3 and Gemma
+      checkpoints list more than one): a row that produced one keeps
+      producing it.
     cache: an empty cache with at least ``P + max_new_tokens`` slots (e.g.
       ``llama.init_cache``). By default ``apply_fn`` makes one from the static
       ``cache_len=P + max_new_tokens``; pass one for an ``apply_fn`` that only
@@ -176,15 +179,19 @@ def generate(apply_fn: ApplyFn, params: PyTree, prompt_tokens: jax.Array,
     mask = jnp.zeros((b, total), bool).at[:, :p].set(prompt_mask)
     logits = _full_step(apply_fn, params, buffer, mask, jnp.int32(p - 1))
   done = jnp.zeros((b,), bool)
+  eos_ids = (None if eos_id is None else
+             jnp.atleast_1d(jnp.asarray(eos_id, jnp.int32)))
+  last = jnp.zeros((b,), jnp.int32)
   out = []
   for step in range(max_new_tokens):
     key = None
     if rng is not None:
       rng, key = jax.random.split(rng)
     token = _sample(logits, key, temperature=temperature, top_p=top_p)
-    if eos_id is not None:
-      token = jnp.where(done, eos_id, token)
-      done = done | (token == eos_id)
+    if eos_ids is not None:
+      token = jnp.where(done, last, token)
+      last = token
+      done = done | jnp.isin(token, eos_ids)
     out.append(token)
     if step + 1 == max_new_tokens:
       break
