@@ -269,6 +269,7 @@ def test_lm_logits_narrower_than_the_tokenizer_are_refused():
     ('method', 'prompt', r"config.method='prompt'.*model.factory="),
     ('method', 'bottleneck', r"config.method='bottleneck'"),
     ('model.path', '/some/checkpoint', r"model.factory=.*when model.path"),
+    ('model.dtype', 'bfloat16', r"model.dtype='bfloat16'.*model.factory"),
 ])
 def test_methods_that_need_a_shipped_model_are_refused(field, value,
                                                        message):

@@ -90,7 +90,8 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # Your own Flax model instead: 'pkg.module:make_model', a function called
   # as make_model(key=..., num_labels=..., **model.factory_kwargs) that
   # returns params and a module or apply (lorajax.training.model_factory;
-  # classification and lm); '' uses model.path or model.name.
+  # classification and lm; model.name, pretrained, size, dtype, dropout and
+  # pooling are the other models' fields); '' uses model.path or model.name.
   c.model.factory = ''
   # Keyword arguments of model.factory; set them in your config file
   # (c.model.factory_kwargs = ConfigDict({'width': 64})), then

@@ -62,6 +62,7 @@ import importlib
 import json
 from typing import Any, Callable, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -231,6 +232,8 @@ def _check_logits(apply, params, task: str, length: int,
 
 def _check_params(made: Any) -> PyTree:
   params = getattr(made, 'params', None)
+  if isinstance(params, flax.core.FrozenDict):
+    params = flax.core.unfreeze(params)
   if not isinstance(params, dict) or not params:
     raise ValueError(f'its params are {type(params).__name__}'
                      f'{" (empty)" if params == {} else ""}; expected a '

@@ -150,6 +150,10 @@ def problems(config) -> list[str]:
       bad('method', method, f'none of {FACTORY_REFUSED_METHODS} with '
           f'model.factory={factory!r} (they insert into the shipped '
           "models' own layers)")
+    dtype = _get(config, 'model.dtype')
+    if dtype not in (_MISSING, 'float32'):
+      bad('model.dtype', dtype, "'float32' with model.factory: your model "
+          'sets its own dtypes (pass one through model.factory_kwargs)')
     if _get(config, 'task') not in ('classification', 'lm'):
       bad('task', _get(config, 'task'), "'classification' or 'lm' with "
           f'model.factory={factory!r}')
