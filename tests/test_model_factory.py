@@ -15,6 +15,7 @@ import lorajax
 from lorajax import io as io_lib
 from lorajax.sweeps import grid
 from lorajax.sweeps import runner
+from lorajax.training import attach
 from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
 from lorajax.training import metrics as metrics_lib
@@ -282,3 +283,11 @@ def test_sft_is_refused():
   c.model.factory = FACTORY
   with pytest.raises(validate.ConfigError, match=r"config.task='sft'"):
     validate.check_config(c)
+
+
+def test_hugging_face_target_names_need_a_regex():
+  config = make_config(**{'lora.targets': 'all-linear'})
+  model = model_loading.load_model(config, ('0', '1'))
+  with pytest.raises(ValueError, match="lora.targets='all-linear' needs a "
+                     'Hugging Face family.*give a regex'):
+    attach.attach_method(config, model)
