@@ -222,7 +222,7 @@ def test_lora_on_a_loaded_qwen2(tmp_path):
 
 
 # Refusals: (checkpoint, config.json change, what the message must name).
-_GPT_TYPES = ('gemma3', 'phi', 'mixtral', 'qwen3_moe')
+_GPT_TYPES = ('gemma3', 'phi', 'olmoe', 'deepseek_v3')
 REFUSALS = [
     ('llama', {'rope_parameters': {'rope_type': 'yarn', 'factor': 2.0,
                                    'rope_theta': 10000.0}},
@@ -255,6 +255,9 @@ REFUSALS = [
                'layer_types': None, 'max_window_layers': 1}, 'layer_types'),
     ('qwen2', {'model_type': 'no_such_model'}, "model_type='no_such_model'"),
     *[('qwen2', {'model_type': t}, f'model_type={t!r}') for t in _GPT_TYPES],
+    # A dense checkpoint relabelled as a mixture of experts.
+    *[('qwen2', {'model_type': t}, 'num_experts=None')
+      for t in ('mixtral', 'qwen3_moe')],
     ('bert', {'hidden_act': 'relu'}, "hidden_act='relu'"),
     ('bert', {'hidden_act': 'gelu_new'}, "hidden_act='gelu_new'"),
     ('bert', {'position_embedding_type': 'relative_key'},
@@ -350,3 +353,23 @@ def test_greedy_generation_with_cache_matches_transformers(tmp_path, name):
   got = lm.generate(apply, model.params, jnp.asarray(prompt),
                                    12)  # 18 tokens: past the window of 4.
   np.testing.assert_array_equal(np.asarray(got)[0], want)
+
+
+def test_place_gets_each_tensor_once_as_it_is_read(checkpoints):
+  """load(place=...): every tensor passes through it once, as a host array,
+  and what it returns is the parameter (how a mesh places each tensor
+  straight onto its sharding)."""
+  seen = {}
+
+  def place(path, value):
+    assert isinstance(value, np.ndarray) and path not in seen
+    seen[path] = jnp.asarray(value) * 1  # A new object, to find again.
+    return seen[path]
+
+  for name in ('llama', 'distilbert'):
+    seen.clear()
+    model = lorajax.models.load(checkpoints[name], place=place)
+    flat = {'/'.join(k.key for k in path): leaf for path, leaf in
+            jax.tree_util.tree_flatten_with_path(model.params)[0]}
+    assert set(flat) == set(seen)
+    assert all(flat[p] is seen[p] for p in flat)

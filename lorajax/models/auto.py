@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorajax.models import bert
 from lorajax.models import hf_decoders
@@ -129,24 +130,29 @@ def _checkpoint_head(architecture: str, allowed: tuple[str, ...]) -> str:
   return head
 
 
+def _to_device(path: str, value: np.ndarray) -> jax.Array:
+  """``load``'s default ``place``: one tensor onto the default device."""
+  del path
+  return jnp.asarray(value)
+
+
 def _unflatten(flat: dict[str, Any]) -> PyTree:
-  """Nests ``{path: numpy}`` as jax arrays, emptying ``flat`` as it goes
-  (each host copy is dropped once its jax array exists: loading peaks near
-  1x the parameters' bytes, not 2x)."""
+  """Nests ``{path: array}`` (already placed) into a tree."""
   tree: dict = {}
-  for path in list(flat):
-    value = flat.pop(path)
+  for path, value in flat.items():
     *parents, leaf = path.split('/')
     node = tree
     for name in parents:
       node = node.setdefault(name, {})
-    node[leaf] = jnp.asarray(value)
+    node[leaf] = value
   return tree
 
 
 def load(path: str | os.PathLike[str], *, head: str | None = None,
          num_labels: int | None = None, key: jax.Array | None = None,
-         dtype: Any = jnp.float32, **overrides: Any) -> LoadedModel:
+         dtype: Any = jnp.float32,
+         place: Callable[[str, np.ndarray], jax.Array] | None = None,
+         **overrides: Any) -> LoadedModel:
   """Loads a local Hugging Face checkpoint directory.
 
   Args:
@@ -161,6 +167,12 @@ def load(path: str | os.PathLike[str], *, head: str | None = None,
       checkpoint's classifier or ``id2label``.
     key: PRNG key for parameters the checkpoint lacks.
     dtype: the compute dtype (parameters keep their stored dtype).
+    place: ``(path, host array) -> jax.Array``, applied to each tensor as
+      soon as it is read (e.g. ``jax.device_put`` onto the tensor's
+      sharding of a mesh); the host copy is dropped before the next tensor
+      is read, so loading peaks near 1x the parameters' bytes
+      (``experiments/bench/load_memory.py``). Default: ``jnp.asarray``
+      (the default device). Paths are unscanned.
     **overrides: other config fields (``scan_layers=True``, ``remat``).
 
   Returns:
@@ -173,6 +185,7 @@ def load(path: str | os.PathLike[str], *, head: str | None = None,
       tensor that is missing, misshaped or has no place in the model.
   """
   files = hf_files.CheckpointFiles(path)
+  place = place or _to_device
   hf = files.config
   family = hf.get('model_type')
   if family is None:
@@ -193,7 +206,7 @@ def load(path: str | os.PathLike[str], *, head: str | None = None,
       config = config.replace(tie_embeddings=True)
     read = hf_moe.read_moe if is_moe else hf_decoders.read_decoder
     flat = read(files, config.replace(scan_layers=False),
-                prefix=prefix, head=head == 'causal_lm')
+                prefix=prefix, head=head == 'causal_lm', place=place)
     params = _unflatten(flat)
     if config.scan_layers:
       params = llama_layout.scan_params(params)
@@ -213,7 +226,8 @@ def load(path: str | os.PathLike[str], *, head: str | None = None,
       raise ValueError(f'head={head!r}; a {family} encoder has heads '
                        f'{ENCODER_HEADS}')
     flat = hf_encoders.read_encoder(files, config, key=key,
-                                    drop_head=chosen is not None)
+                                    drop_head=chosen is not None,
+                                    place=place)
     params = _unflatten(flat)
     module = bert.Bert(config)
   architecture = (archs[0] if archs and _head_of(archs[0]) == head

@@ -33,7 +33,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -328,14 +328,17 @@ def hf_keys(config: llama.LlamaConfig, prefix: str = 'model.'
 
 
 def read_decoder(files: hf_files.CheckpointFiles, config: llama.LlamaConfig,
-                 *, prefix: str = 'model.', head: bool = True
-                 ) -> dict[str, np.ndarray]:
+                 *, prefix: str = 'model.', head: bool = True,
+                 place: Callable[[str, np.ndarray], Any] = hf_files.host_copy
+                 ) -> dict[str, Any]:
   """Reads every parameter of ``config`` from ``files``, one at a time.
 
   ``head=False`` reads the base model only (``lm_head.weight`` unused).
+  ``place(path, host array)`` is called on each tensor as it is read.
 
   Returns:
-    ``{path: array}`` (unscanned paths, stored dtype, kernels ``[in, out]``).
+    ``{path: place(path, array)}`` (unscanned paths, stored dtype, kernels
+    ``[in, out]``).
 
   Raises:
     ValueError: a missing tensor, a shape that does not fit, a tensor with
@@ -374,5 +377,5 @@ def read_decoder(files: hf_files.CheckpointFiles, config: llama.LlamaConfig,
       raise ValueError(f'{files.directory}: tensor {key!r} has shape '
                        f'{files.shape(key)}, expected {want} from '
                        f'config.json (for {path})')
-    flat[path] = np.ascontiguousarray(value)
+    flat[path] = place(path, value)
   return flat

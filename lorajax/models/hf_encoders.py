@@ -34,7 +34,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -191,16 +191,19 @@ def _canonical(key: str) -> str:
 
 def read_encoder(files: hf_files.CheckpointFiles, config: bert.BertConfig,
                  *, key: jax.Array | None = None,
-                 drop_head: bool = False) -> dict[str, Any]:
+                 drop_head: bool = False,
+                 place: Callable[[str, np.ndarray], Any] = hf_files.host_copy
+                 ) -> dict[str, Any]:
   """Reads every parameter of ``Bert(config)`` from ``files``.
 
   The pooler (BERT) and the classifier are initialized from ``key`` when
   the checkpoint has none (a bare model, or a task head of another kind).
   ``drop_head`` lets tensors outside the base model (another task's head,
   e.g. ``cls.predictions.*``) go unused; otherwise they are refused.
+  ``place(path, host array)`` is called on each tensor as it is read.
 
   Returns:
-    ``{path: array}``, stored dtype, kernels ``[in, out]``.
+    ``{path: place(path, array)}``, stored dtype, kernels ``[in, out]``.
 
   Raises:
     ValueError: a missing or misshaped tensor, or one with no place.
@@ -224,9 +227,9 @@ def read_encoder(files: hf_files.CheckpointFiles, config: bert.BertConfig,
                    hf_key, path, shape)
       if path.endswith('/kernel'):
         key, sub = jax.random.split(key)
-        flat[path] = np.asarray(init(sub, shape, config.param_dtype))
+        flat[path] = place(path, init(sub, shape, config.param_dtype))
       else:
-        flat[path] = np.zeros(shape, config.param_dtype)
+        flat[path] = place(path, np.zeros(shape, config.param_dtype))
       continue
     used.add(hf_key)
     value = files.get(stored[hf_key])
@@ -237,7 +240,7 @@ def read_encoder(files: hf_files.CheckpointFiles, config: bert.BertConfig,
           f'{files.directory}: tensor {stored[hf_key]!r} has shape '
           f'{files.shape(stored[hf_key])}, expected {shape} (ours, for '
           f'{path}; num_labels={config.num_labels})')
-    flat[path] = np.ascontiguousarray(value)
+    flat[path] = place(path, value)
   ignorable = _BUFFERS + (('pooler.',) if config.head == 'roberta' else ())
   unused = sorted(k for k in set(stored) - used
                   if not k.removeprefix(prefix).startswith(ignorable))

@@ -149,3 +149,15 @@ class CheckpointFiles:
     """The first of ``eos_ids``, or None."""
     ids = self.eos_ids()
     return ids[0] if ids else None
+
+
+def host_copy(path: str, value: np.ndarray) -> np.ndarray:
+  """The readers' default ``place``: a C-contiguous host array.
+
+  A reader hands every tensor to its ``place(path, value)`` as soon as it
+  is read (kernels already ``[in, out]``), so that ``place`` can turn it
+  into a device array at once (``lorajax.models.load`` does; on a mesh, onto
+  its sharding) and host memory never holds the whole checkpoint twice.
+  """
+  del path
+  return np.ascontiguousarray(value)

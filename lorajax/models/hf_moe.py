@@ -29,7 +29,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Callable
 
 import numpy as np
 
@@ -60,6 +61,9 @@ _LAYER = {
 _PER_EXPERT = {'mixtral': ('block_sparse_moe', 'w1', 'w3', 'w2'),
                'qwen3_moe': ('mlp', 'gate_proj', 'up_proj', 'down_proj')}
 _BUFFERS = ('rotary_emb.inv_freq',)
+_PER_EXPERT_KEY = re.compile(
+    r'(?:.+\.)?layers\.\d+\.(?:block_sparse_moe\.(?:gate\.weight|experts\.\d+'
+    r'\.w[123]\.weight)|mlp\.experts\.\d+\.(?:gate|up|down)_proj\.weight)')
 
 
 def _refuse(field: str, value: Any, why: str) -> ValueError:
@@ -226,8 +230,9 @@ def _expert_tensor(files: hf_files.CheckpointFiles, kind: str, key: str,
 
 
 def read_moe(files: hf_files.CheckpointFiles, config: moe.MoeConfig, *,
-             prefix: str = 'model.', head: bool = True
-             ) -> dict[str, np.ndarray]:
+             prefix: str = 'model.', head: bool = True,
+             place: Callable[[str, np.ndarray], Any] = hf_files.host_copy
+             ) -> dict[str, Any]:
   """Reads every parameter of ``config`` from ``files``.
 
   Args:
@@ -235,9 +240,11 @@ def read_moe(files: hf_files.CheckpointFiles, config: moe.MoeConfig, *,
     config: its ``MoeConfig`` (unscanned).
     prefix: ``'model.'`` or ``''`` (bare model).
     head: read ``lm_head.weight`` (False: the base model only).
+    place: ``(path, host array) -> array``, called on each tensor as it is
+      read (``hf_files.host_copy``).
 
   Returns:
-    ``{path: array}`` in stored dtype, kernels ``[in, out]`` (experts
+    ``{path: place(path, array)}`` in stored dtype, kernels ``[in, out]`` (experts
     ``[E, in, out]``).
 
   Raises:
@@ -278,7 +285,7 @@ def read_moe(files: hf_files.CheckpointFiles, config: moe.MoeConfig, *,
       raise ValueError(f'{files.directory}: tensor {key!r} gives {path} the '
                        f'shape {value.shape}, expected {shapes[path]} from '
                        f'config.json')
-    flat[path] = np.ascontiguousarray(value)
+    flat[path] = place(path, value)
   unknown = sorted(k for k in present - used if not k.endswith(_BUFFERS))
   if unknown:
     raise ValueError(
@@ -286,3 +293,24 @@ def read_moe(files: hf_files.CheckpointFiles, config: moe.MoeConfig, *,
         f'{kind} MoeDecoder of this config.json (e.g. {unknown[:4]}); they '
         'are not dropped silently')
   return flat
+
+
+def key_map(config: moe.MoeConfig, head: str) -> dict[str, str]:
+  """``hf_keys`` of the checkpoint of ``head``: ``'causal_lm'`` (keys under
+  ``model.``, ``lm_head`` unless tied) or ``'base'`` (the bare model)."""
+  if head == 'base':
+    return hf_keys(config.replace(tie_embeddings=True, scan_layers=False), '')
+  return hf_keys(config.replace(scan_layers=False), 'model.')
+
+
+def to_torch(path: str, value: np.ndarray) -> np.ndarray:
+  """A parameter as transformers 5 stores it: kernels ``[in, out]`` as
+  ``[out, in]``, expert kernels ``[E, in, out]`` as ``[E, out, in]``."""
+  return np.swapaxes(value, -1, -2) if path.endswith('/kernel') else value
+
+
+def is_per_expert_key(key: str) -> bool:
+  """Whether ``key`` is one of the per-expert or router tensors of
+  save_pretrained's files, which ``read_moe`` reads into the 3-D expert
+  kernels (an export writes transformers 5's names instead)."""
+  return bool(_PER_EXPERT_KEY.fullmatch(key))
