@@ -19,6 +19,7 @@ import safetensors.numpy
 
 import lorajax
 import lorajax.models
+from lorajax.io import hf_models
 from lorajax.io import peft_format
 from lorajax.io import peft_moe
 from lorajax.models import hf_moe
@@ -335,3 +336,25 @@ def test_peft_export_refuses_what_param_wrapper_cannot_hold(saved, tmp_path):
     peft_moe.export_moe_lora(tmp_path / 'b', model.config, spec, adapters,
                              model.params)
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+
+
+def test_merged_export_loads_in_transformers_and_lorajax(saved, tmp_path):
+  """Expert adapters folded into the kernels: transformers reads the
+  export (its own 3-D expert names) and gives lorajax's adapted logits."""
+  model = lorajax.models.load(saved['qwen3_moe'])
+  ids = jnp.asarray(_ids((2, 9), seed=8))
+  adapters = _randomize(lorajax.init(ATTN_AND_EXPERTS, model.params,
+                                     jax.random.key(3), fn=model.apply,
+                                     args=(ids,)))
+  ours = jax.jit(lorajax.lora(model.apply, ATTN_AND_EXPERTS))(
+      model.params, adapters, ids)
+  hf_models.export_merged(tmp_path / 'merged', model.config, model.params,
+                          adapters, ATTN_AND_EXPERTS,
+                          source=saved['qwen3_moe'])
+  peer = transformers.Qwen3MoeForCausalLM.from_pretrained(
+      tmp_path / 'merged').eval()
+  with torch.no_grad():
+    want = peer(torch.tensor(np.asarray(ids))).logits.numpy()
+  _assert_logits_close(ours, want)
+  again = lorajax.models.load(tmp_path / 'merged')
+  _assert_logits_close(again.apply(again.params, ids), want)

@@ -251,7 +251,8 @@ class HfModel:
     files = hf_files.CheckpointFiles(self.source)
     carried = {k: np.asarray(files.get(k), np.float32) for k in files.keys()
                if k not in produced and not k.endswith(_BUFFERS)
-               and not self.is_head_module(k.removeprefix(self.prefix))}
+               and not self.is_head_module(k.removeprefix(self.prefix))
+               and not self.naming.renamed(k)}
     if carried:
       logging.info('%s: copied unchanged from %s: %s', self.architecture,
                    self.source, sorted(carried))

@@ -32,6 +32,7 @@ import numpy as np
 from lorajax.models import bert_loading
 from lorajax.models import hf_decoders
 from lorajax.models import hf_encoders
+from lorajax.models import hf_moe
 from lorajax.models import llama_layout
 
 # PEFT's own default LoRA targets by model type (the module names its
@@ -96,6 +97,9 @@ class Family:
     to_torch: ``(flax path, array)`` -> the HF tensor.
     unused: head -> flax path prefixes that head does not compute with
       (a bare encoder's classifier).
+    renamed: source key -> True for tensors the loader reads under other
+      names (per-expert MoE weights), which an export never copies as
+      they are.
   """
   model_type: str
   heads: tuple[str, ...]
@@ -107,6 +111,7 @@ class Family:
   default_targets: tuple[str, ...] = ()
   to_torch: Callable[[str, np.ndarray], np.ndarray] = _torch_layout
   unused: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  renamed: Callable[[str], bool] = lambda key: False
 
   def prefix(self, head: str) -> str:
     return self.prefixes[head]
@@ -148,8 +153,20 @@ def _encoder(model_type: str) -> Family:
       unused={'base': ('classifier/',)})
 
 
+def _moe(model_type: str) -> Family:
+  return Family(
+      model_type, heads=('causal_lm', 'base'),
+      prefixes={'causal_lm': 'model.', 'base': ''},
+      read_config=hf_moe.moe_config, key_map=hf_moe.key_map,
+      shapes=lambda c: hf_moe.expected_shapes(c.replace(scan_layers=False)),
+      head_modules=('lm_head',), to_torch=hf_moe.to_torch,
+      renamed=hf_moe.is_per_expert_key,
+      default_targets=PEFT_DEFAULT_TARGETS.get(model_type, ()))
+
+
 # model_type -> Family: every family lorajax.models.load reads.
 FAMILIES = {**{t: _decoder(t) for t in hf_decoders.DECODER_TYPES},
+            **{t: _moe(t) for t in hf_moe.MOE_TYPES},
             **{t: _encoder(t) for t in hf_encoders.ENCODER_TYPES}}
 
 
