@@ -288,6 +288,56 @@ def test_ctrl_c_stops_cleanly_without_traceback(tmp_path):
   assert integrity.verify(os.path.join(workdir, 'checkpoints', '2')) is None
 
 
+# Runs the training command in a child whose disk fills up while the
+# checkpoint of step FAIL_AT is written: Orbax's write of the meta JSON puts
+# half its bytes down, then fails with ENOSPC (a write hook: no tmpfs needed).
+_FULL_DISK = textwrap.dedent('''
+    import errno, os, sys
+    sys.path.insert(0, {root!r})
+    fail_at = os.path.join('checkpoints', os.environ['FAIL_AT'] +
+                           '.orbax-checkpoint-tmp')
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as h
+    save_fn = h.JsonCheckpointHandler._save_fn
+    async def full(self, x, directory):
+      if fail_at not in str(directory):
+        return await save_fn(self, x, directory)
+      path = directory / self._filename
+      path.write_text('{{"half": ')
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    h.JsonCheckpointHandler._save_fn = full
+    from absl import app
+    from lorajax.cli import train
+    sys.argv = ['train'] + sys.argv[1:]
+    app.run(train.main)
+''')
+
+
+def test_full_disk_at_a_checkpoint_stops_with_the_file_named_then_resumes(
+    tmp_path, reference):
+  script = tmp_path / 'full_disk.py'
+  script.write_text(_FULL_DISK.format(root=ROOT))
+  workdir = str(tmp_path / 'run')
+  args = [sys.executable, str(script), f'--config={CONFIG}:smoke',
+          f'--workdir={workdir}'] + [f'--config.{k}={v}'
+                                     for k, v in OVERRIDES.items()]
+  proc = subprocess.run(args, cwd=ROOT, env=dict(os.environ, FAIL_AT='6'),
+                        capture_output=True, text=True, timeout=300)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  # Orbax logs its thread's error; the run ends with what to do, and no
+  # traceback of lorajax's own frames.
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'lorajax-train: [Errno 28] cannot write a '
+                         f'checkpoint in {ckpt_dir}: No space left on device '
+                         f'({ckpt_dir}/6.orbax-checkpoint-tmp/meta'), last
+  assert 'free space and run the same command again' in last
+  assert f'File "{ROOT}/lorajax' not in proc.stderr, proc.stderr[-3000:]
+  assert integrity.verify(os.path.join(ckpt_dir, '3')) is None
+  summary = train.train_and_evaluate(load_config(), workdir)
+  assert summary['resumed_from'] == 3
+  assert_same_run(workdir, reference)
+
+
 def _start_holder(tmp_path, workdir):
   script = tmp_path / 'holder.py'
   script.write_text(_HOLDER.format(root=ROOT))

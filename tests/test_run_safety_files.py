@@ -5,14 +5,17 @@ the run half): adapter files and PEFT directories carry a digest, checked
 at load; a SIGKILL or a full disk in the middle of an export leaves the
 old version or nothing; prepared data caches are checked and rebuilt; a
 prompt longer than the model's context is refused before anything is
-allocated. Tiny random Llama (d=32, 2 layers) throughout.
+allocated; a checkpoint the disk cannot take is named and the previous one
+kept. Tiny random Llama (d=32, 2 layers) throughout.
 """
 
+import contextlib
 import errno
 import functools
 import glob
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -20,6 +23,7 @@ import textwrap
 
 import jax
 import numpy as np
+import optax
 import pytest
 from safetensors import numpy as st_numpy
 
@@ -33,6 +37,9 @@ from lorajax.io import hf_models
 from lorajax.io import peft_format
 from lorajax.models import llama
 from lorajax.models import lm
+from lorajax.training import checkpoint as ckpt_lib
+from lorajax.training import integrity
+from lorajax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = np.array([[1, 50, 34, 31, 25, 13]], np.int32)
@@ -330,3 +337,53 @@ def test_prompt_beyond_the_context_is_refused_before_any_allocation():
   with pytest.raises(ValueError, match='shorten the prompt to at most 120'):
     lm.generate(never, params, tokens[:, :121], 8,
                 context=config.max_position)
+
+
+# ---- a full disk during a checkpoint save -------------------------------------
+
+
+@contextlib.contextmanager
+def _file_size_limit(nbytes):
+  """Writes past ``nbytes`` in one file fail (EFBIG), as on a full disk:
+  TensorStore's own C++ writes included, which no Python hook reaches."""
+  old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old_limit[1]))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@pytest.mark.parametrize('async_save', [False, True])
+def test_failed_checkpoint_write_names_the_file_and_keeps_the_previous(
+    async_save, tmp_path):
+  state = step_lib.create_state(
+      {'w': jax.random.normal(jax.random.key(0), (128, 256))},
+      optax.adam(1e-3), 0)
+  meta = {'shapes': ckpt_lib.tree_shapes(state.trainable), 'model': {},
+          'spec': {}, 'data_state': {}}
+  ckpt_dir = str(tmp_path / 'checkpoints')
+  manager = ckpt_lib.make_manager(ckpt_dir, async_save=async_save)
+  ckpt_lib.save(manager, state, meta)                  # Step 0.
+  ckpt_lib.wait_until_finished(manager)
+  with pytest.raises(integrity.WriteFailed) as err:
+    with _file_size_limit(20_000):     # The tensor file has ~120 kB.
+      ckpt_lib.save(manager, state._replace(step=state.step + 5), meta)
+      ckpt_lib.wait_until_finished(manager)
+  manager.close()
+  message = str(err.value)
+  assert err.value.errno == errno.EFBIG
+  assert f'in {ckpt_dir}: File too large ({ckpt_dir}/5.orbax-checkpoint-tmp/'\
+      in message
+  assert 'The checkpoints written before it are intact' in message
+  notes = []
+  manager = ckpt_lib.make_manager(ckpt_dir, async_save=False)
+  restored, stored = ckpt_lib.restore_latest(manager, state, meta,
+                                             note=notes.append)
+  assert stored['step'] == 0 and int(restored.step) == 0, notes
+  assert integrity.verify(os.path.join(ckpt_dir, '0')) is None
+  ckpt_lib.save(manager, state._replace(step=state.step + 5), meta)
+  manager.close()                      # Space again: step 5 is written.
+  assert integrity.verify(os.path.join(ckpt_dir, '5')) is None

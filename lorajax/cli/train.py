@@ -31,6 +31,7 @@ from ml_collections import config_flags
 import jax
 
 from lorajax.sweeps import runner
+from lorajax.training import integrity
 from lorajax.training import train
 from lorajax.training import validate
 from lorajax.training import workdir_lock
@@ -72,8 +73,10 @@ def main(argv):
     logging.info('process %d of %d', jax.process_index(), jax.process_count())
   try:
     train.train_and_evaluate(_CONFIG.value, workdir)
-  except (validate.ConfigError, workdir_lock.WorkdirLocked) as e:
-    # Refused before anything ran: the reason, without a traceback.
+  except (validate.ConfigError, workdir_lock.WorkdirLocked,
+          integrity.WriteFailed) as e:
+    # Refused before anything ran, or a checkpoint the disk could not take:
+    # the reason and what to do, without a traceback.
     raise SystemExit(f'lorajax-train: {e}') from None
 
 

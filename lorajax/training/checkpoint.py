@@ -124,13 +124,31 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
   opt = {'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng}
   # Orbax waits for the previous save before starting one anyway: seal it
   # first, so that only the newest step can ever be unsealed.
-  manager.wait_until_finished()
+  wait_until_finished(manager)
   seal_finished(manager)
-  manager.save(step, force=True, args=ocp.args.Composite(
-      trainable=ocp.args.StandardSave(state.trainable),
-      opt=ocp.args.StandardSave(opt),
-      meta=ocp.args.JsonSave(dict(meta, step=step))))
+  try:
+    manager.save(step, force=True, args=ocp.args.Composite(
+        trainable=ocp.args.StandardSave(state.trainable),
+        opt=ocp.args.StandardSave(opt),
+        meta=ocp.args.JsonSave(dict(meta, step=step))))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _failed(e, manager, step) from e
   seal_finished(manager)   # At once when the save was synchronous.
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """Waits for an asynchronous save; a write it failed (a full disk) is
+  raised as ``integrity.WriteFailed`` naming the file."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _failed(e, manager, None) from e
+
+
+def _failed(error: Exception, manager: ocp.CheckpointManager,
+            step: int | None) -> Exception:
+  """``integrity.write_failure`` of a failed save, else ``error`` itself."""
+  return integrity.write_failure(error, manager.directory, step) or error
 
 
 def save_best(manager: ocp.CheckpointManager, trainable: PyTree,
@@ -150,10 +168,13 @@ def save_best(manager: ocp.CheckpointManager, trainable: PyTree,
   """
   if step in manager.all_steps():
     manager.delete(step)
-  manager.save(step, force=True, args=ocp.args.Composite(
-      trainable=ocp.args.StandardSave(trainable),
-      meta=ocp.args.JsonSave(dict(meta, step=step))))
-  manager.wait_until_finished()
+  try:
+    manager.save(step, force=True, args=ocp.args.Composite(
+        trainable=ocp.args.StandardSave(trainable),
+        meta=ocp.args.JsonSave(dict(meta, step=step))))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _failed(e, manager, step) from e
+  wait_until_finished(manager)
   seal_finished(manager)
 
 

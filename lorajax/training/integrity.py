@@ -97,6 +97,45 @@ def verify(step_dir: str | os.PathLike[str]) -> str | None:
   return checksums.summary(problems) if problems else None
 
 
+class WriteFailed(OSError):
+  """A checkpoint could not be written (a full disk, a file-size limit)."""
+
+
+_FAILED_FILE = re.compile(r'Failed writing: "([^"]+)"')
+_OS_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def write_failure(error: BaseException, directory: str | os.PathLike[str],
+                  step: int | None) -> WriteFailed | None:
+  """A clear error for a checkpoint save that failed writing its files.
+
+  Args:
+    error: what the save raised (an ``OSError``, or Orbax's ``ValueError``
+      carrying TensorStore's ``os_error_code``).
+    directory: the checkpoints folder.
+    step: the step being saved (None: an earlier asynchronous save).
+
+  Returns:
+    A ``WriteFailed`` naming the file, the reason and what to do, or None
+    if ``error`` is not a failed write.
+  """
+  text = str(error)
+  code = getattr(error, 'errno', None)
+  if code is None and (m := _OS_CODE.search(text)):
+    code = int(m.group(1))
+  if not isinstance(error, OSError) and code is None:
+    return None
+  m = _FAILED_FILE.search(text)
+  path = m.group(1) if m else getattr(error, 'filename', None) or directory
+  reason = os.strerror(code) if code else (
+      getattr(error, 'strerror', None) or text[:200])
+  which = f'checkpoint step {step}' if step is not None else 'a checkpoint'
+  return WriteFailed(code, (
+      f'cannot write {which} in {os.fspath(directory)}: {reason} ({path}). '
+      'The checkpoints written before it are intact and a rerun resumes '
+      'from the newest of them; free space and run the same command again'))
+
+
 def scan(directory: str | os.PathLike[str]) -> tuple[list[int], list[str]]:
   """``(steps, unknown)`` of a checkpoints folder: the step folders, newest
   first, and the names of entries that are neither a step nor an Orbax

@@ -319,7 +319,7 @@ def _train(config, workdir: str, log_file: str, wall_start: float,
     """Checkpoints ``step`` (if not yet) and raises ``RunStopped``."""
     if last_saved != step:
       save(step)
-    manager.wait_until_finished()
+    ckpt_lib.wait_until_finished(manager)
     ckpt_lib.seal_finished(manager)
     progress.close()
     message = (f'stopped by {stop.name} after step {step}; checkpoint '
@@ -404,7 +404,7 @@ def _train(config, workdir: str, log_file: str, wall_start: float,
         workdir, runner.to_host(runner.to_checkpoint(state).trainable))
   finally:
     progress.close()
-    manager.wait_until_finished()
+    ckpt_lib.wait_until_finished(manager)
     ckpt_lib.seal_finished(manager)
     writer.close()
   ckpt_lib.keep_only(best_manager, test_step)
