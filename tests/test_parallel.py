@@ -277,3 +277,42 @@ def test_prompt_methods_train_alike_in_every_mode(tmp_path, mode, method):
   assert len({k[2] for k in losses['jit'] if k[1] == 'train'}) == 3
   assert all((tmp_path / m / 'prompts.npz').stat().st_size > 0
              for m in runs)
+
+
+_PLACED = '''
+import sys
+import jax
+sys.path.insert(0, "tests")
+from toy_models import load_config
+from lorajax.training import model_loading, sharding
+config = load_config("rt_minilm_lora", **{"model.path": sys.argv[1],
+                     "mode": "mesh", "mesh.model": 2})
+model = model_loading.load_model(config, labels=("neg", "pos"))
+for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
+  spec = sharding.fsdp_spec(leaf.shape, 2)
+  assert leaf.sharding.mesh.shape == {"data": 4, "model": 2}, path
+  assert leaf.sharding.spec == spec, (path, leaf.sharding.spec, spec)
+print(sum(leaf.sharding.spec != () for leaf in jax.tree.leaves(model.params)))
+'''
+
+
+def test_mesh_mode_loads_a_checkpoint_onto_its_shardings(tmp_path):
+  """config.model.path in mode mesh: every tensor is put on its FSDP
+  sharding as it is read (no whole host copy first), and the run trains
+  as under jit."""
+  pytest.importorskip('transformers')
+  from toy_models import tiny_distilbert_dir  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'model').mkdir()
+  tiny_distilbert_dir(tmp_path / 'model')
+  env = _env(FAST_XLA + ' --xla_force_host_platform_device_count=8')
+  proc = subprocess.run([sys.executable, '-c', _PLACED,
+                         str(tmp_path / 'model')], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=TIMEOUT,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert int(proc.stdout.split()[-1]) > 10  # Kernels and tables split.
+  flags = (f'--config.model.path={tmp_path / "model"}',
+           '--config.num_train_steps=2', '--config.model.dropout=0.0')
+  runs = {m: _train(tmp_path / m, m, *flags) for m in ('jit', 'mesh')}
+  np.testing.assert_allclose([r['loss'] for r in runs['mesh'][0]],
+                             [r['loss'] for r in runs['jit'][0]], rtol=1e-4)

@@ -34,6 +34,8 @@ from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+import numpy as np
 
 from lorajax import assets
 from lorajax.models import auto
@@ -44,6 +46,7 @@ from lorajax.models import bpe_tokenizer
 from lorajax.models import llama
 from lorajax.models import llama_loading
 from lorajax.training import model_factory
+from lorajax.training import sharding as sharding_lib
 
 PyTree = Any
 
@@ -159,6 +162,23 @@ def load_smollm2(config) -> Model:
                bpe_tokenizer.special_tokens_map(tok, special_ids))
 
 
+def _mesh_placement(config) -> Callable[[str, np.ndarray], jax.Array]:
+  """``auto.load``'s ``place`` in mode ``mesh``: each tensor goes from the
+  file straight onto its FSDP sharding (``sharding.fsdp_spec``, the spec
+  the mesh runner gives frozen leaves and unscanned kernels, which it then
+  keeps as they are), so no host ever holds the whole model."""
+  mesh = sharding_lib.make_mesh(data=int(config.mesh.data),
+                                model=int(config.mesh.model))
+  model_size = mesh.shape[sharding_lib.MODEL]
+
+  def place(path: str, value: np.ndarray) -> jax.Array:
+    del path
+    spec = sharding_lib.fsdp_spec(value.shape, model_size)
+    return sharding_lib.put(value, NamedSharding(mesh, spec))
+
+  return place
+
+
 def load_checkpoint(config, labels: Sequence[str] = ()) -> Model:
   """The Hugging Face checkpoint directory ``config.model.path``
   (``lorajax.models.load``): an encoder with a sequence classifier of
@@ -183,6 +203,8 @@ def load_checkpoint(config, labels: Sequence[str] = ()) -> Model:
       overrides['num_labels'] = len(labels)
   else:
     overrides['head'] = 'causal_lm'
+  if config.get('mode') == 'mesh':
+    overrides['place'] = _mesh_placement(config)
   try:
     loaded = auto.load(m.path, **overrides)
   except ValueError as e:
