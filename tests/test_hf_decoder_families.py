@@ -20,10 +20,13 @@ import safetensors.numpy
 import lorajax
 from lorajax import Lora, LoraSpec
 import lorajax.models
+from lorajax import assets
 from lorajax.data import chat
+from lorajax.models import bpe_tokenizer
 from lorajax.models import hf_decoders
 from lorajax.models import hf_files
 from lorajax.models import llama
+from lorajax.models import llama_loading
 from lorajax.models import lm
 
 torch = pytest.importorskip('torch')
@@ -134,13 +137,20 @@ def test_greedy_generation_with_cache_matches_transformers(tmp_path, name):
 @pytest.mark.parametrize('name', ['gemma_bias_untied_legacy_gelu', 'gemma2',
                                   'phi3_partial_rope'])
 def test_hf_keys_name_every_tensor_once(tmp_path, name):
+  """The path -> key map export builds on: every tensor of the checkpoint
+  has exactly one path, and writing the loaded params back by it gives the
+  checkpoint's tensors."""
   family, head, fields, _, _ = CASES[name]
   _save(tmp_path, family, head, **fields)
   files = hf_files.CheckpointFiles(tmp_path)
-  config = hf_decoders.decoder_config(files.config)
+  config, params = llama_loading.load_hf_llama(tmp_path, scan_layers=True)
   keys = hf_decoders.hf_keys(config)
   assert len(set(keys.values())) == len(keys)
   assert set(keys.values()) == set(files.keys())
+  state = llama_loading.hf_state_dict(config, params)
+  assert set(state) == set(files.keys())
+  for key, value in state.items():
+    np.testing.assert_array_equal(value, files.get(key))
 
 
 def test_lora_on_phi3_fused_qkv_has_peft_shapes(tmp_path):
@@ -259,3 +269,65 @@ def test_unexpected_tensor_is_refused(checkpoints, tmp_path):
   safetensors.numpy.save_file(tensors, str(weights))
   with pytest.raises(ValueError, match=r'no place.*q_proj\.weight'):
     lorajax.models.load(directory)
+
+
+# Gemma's turn markup (its real template, less the system-turn handling).
+GEMMA_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_chat_template_and_eos_of_the_folder_as_transformers(tmp_path):
+  """A Gemma2 folder with tokenizer files (SmolLM2's BPE, a Gemma chat
+  template): the prompt ids equal transformers' apply_chat_template and
+  greedy generation stops at the folder's EOS where transformers' does."""
+  reader = llama_loading.as_reader(
+      assets.asset_path('smollm2', llama_loading.SMOLLM2_GGUF))
+  tok = bpe_tokenizer.gguf_tokenizer(reader)
+  bos = bpe_tokenizer.gguf_special_ids(reader)['bos']
+  peer = _save(tmp_path, 'Gemma2', 'ForCausalLM', **GEMMA2 | dict(
+      vocab_size=tok.get_vocab_size(), bos_token_id=bos))
+  tok.save(str(tmp_path / 'tokenizer.json'))
+  messages = [{'role': 'user', 'content': 'Name a colour.'}]
+
+  def write_tokenizer_config(eos):
+    (tmp_path / 'tokenizer_config.json').write_text(json.dumps({
+        'tokenizer_class': 'PreTrainedTokenizerFast', 'chat_template':
+        GEMMA_CHAT, 'bos_token': tok.id_to_token(bos),
+        'eos_token': tok.id_to_token(eos)}))
+
+  write_tokenizer_config(1)
+  hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
+  out = hf_tok.apply_chat_template(messages, add_generation_prompt=True,
+                                   tokenize=True)
+  prompt = list(out['input_ids'] if hasattr(out, 'keys') else out)
+  with torch.no_grad():  # Without an EOS: pick one it will produce.
+    free = peer.generate(torch.tensor([prompt]), max_new_tokens=10,
+                         do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0, len(prompt):].tolist()
+  eos = free[4]
+  config = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps(config | {
+      'eos_token_id': eos}))
+  (tmp_path / 'generation_config.json').unlink(missing_ok=True)
+  write_tokenizer_config(eos)
+  with torch.no_grad():
+    want = peer.generate(torch.tensor([prompt]), max_new_tokens=10,
+                         do_sample=False, eos_token_id=eos,
+                         pad_token_id=0)[0, len(prompt):].tolist()
+  want = want[:want.index(eos) + 1]
+
+  model = lorajax.models.load(tmp_path)
+  assert model.eos_id == eos
+  template = chat.ChatTemplate(model.chat_template, model.special_tokens)
+  ids, _ = chat.encode_chat(model.tokenizer, template, messages,
+                            add_generation_prompt=True)
+  assert ids.tolist() == prompt
+  apply = lambda p, *a, **k: model.module.apply({'params': p}, *a, **k)
+  got = lm.generate(apply, model.params, jnp.asarray([ids]), 10,
+                    eos_id=model.eos_id)
+  got = np.asarray(got)[0].tolist()
+  assert got[:len(want)] == want
+  assert set(got[len(want):]) <= {eos}  # Stopped: EOS repeats.

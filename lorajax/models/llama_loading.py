@@ -273,16 +273,9 @@ def load_hf_llama(directory: str | pathlib.Path, **overrides: Any
 
 def hf_shapes(config: llama.LlamaConfig) -> dict[str, tuple[int, ...]]:
   """Hugging Face tensor names and PyTorch ``[out, in]`` shapes."""
-  out = {'model.embed_tokens.weight': (config.vocab_size, config.hidden_size),
-         'model.norm.weight': (config.hidden_size,)}
-  if not config.tie_embeddings:
-    out['lm_head.weight'] = (config.vocab_size, config.hidden_size)
   ours = llama_layout.expected_shapes(config.replace(scan_layers=False))
-  for i in range(config.num_layers):
-    for path, (_, hf_name) in _LAYER_TENSORS.items():
-      shape = ours[f'layers_{i}/' + '/'.join(path)]
-      out[f'model.layers.{i}.{hf_name}.weight'] = shape[::-1]
-  return out
+  return {key: ours[path][::-1] if path.endswith('/kernel') else ours[path]
+          for path, key in hf_decoders.hf_keys(config).items()}
 
 
 def hf_state_dict(config: llama.LlamaConfig, params: PyTree
@@ -302,16 +295,11 @@ def hf_state_dict(config: llama.LlamaConfig, params: PyTree
     params = params['params']
   if 'layers' in params:
     params = llama_layout.unscan_params(params)
-  out = {'model.embed_tokens.weight': params['embed']['embedding'],
-         'model.norm.weight': params['final_norm']['scale']}
-  if not config.tie_embeddings:
-    out['lm_head.weight'] = params['lm_head']['kernel'].T
-  for i in range(config.num_layers):
-    for path, (_, hf_name) in _LAYER_TENSORS.items():
-      value = params[f'layers_{i}']
-      for key in path:
-        value = value[key]
-      out[f'model.layers.{i}.{hf_name}.weight'] = (
-          value.T if path[-1] == 'kernel' else value)
+  out = {}
+  for path, key in hf_decoders.hf_keys(config).items():
+    value = params
+    for name in path.split('/'):
+      value = value[name]
+    out[key] = value.T if path.endswith('/kernel') else value
   return {k: np.ascontiguousarray(np.asarray(v, np.float32))
           for k, v in out.items()}
