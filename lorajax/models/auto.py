@@ -5,7 +5,7 @@ Dispatch is on ``config.json``'s ``model_type`` (the family) and its first
 
 | model_type | module | heads |
 |---|---|---|
-| llama, mistral, qwen2, qwen3 | ``llama.Llama`` | ``*ForCausalLM``, bare ``*Model`` |
+| llama, mistral, qwen2, qwen3, gemma, gemma2, phi3 | ``llama.Llama`` | ``*ForCausalLM``, bare ``*Model`` |
 | mixtral, qwen3_moe | ``moe.MoeDecoder`` | ``*ForCausalLM``, bare ``*Model`` |
 | bert, roberta, xlm-roberta, distilbert | ``bert.Bert`` | ``*ForSequenceClassification``, bare ``*Model`` |
 
