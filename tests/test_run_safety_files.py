@@ -26,11 +26,13 @@ import numpy as np
 import optax
 import pytest
 from safetensors import numpy as st_numpy
+import tensorflow_datasets as tfds
 
 import lorajax
 from lorajax import checksums
 from lorajax.data import builders
 from lorajax.data import files as files_lib
+from lorajax.data import sources
 from lorajax.io import adapter_files
 from lorajax.io import digests
 from lorajax.io import hf_models
@@ -387,3 +389,23 @@ def test_failed_checkpoint_write_names_the_file_and_keeps_the_previous(
   ckpt_lib.save(manager, state._replace(step=state.step + 5), meta)
   manager.close()                      # Space again: step 5 is written.
   assert integrity.verify(os.path.join(ckpt_dir, '5')) is None
+
+
+def test_truncated_catalog_shard_is_named_with_the_command_that_fixes_it(
+    tmp_path):
+  """A TFDS dataset a user prepared (no digest of lorajax's): the read that
+  hits the damage names the dataset, its folder and the command."""
+  data_dir = str(tmp_path / 'tfds')
+  builders.prepare('rotten_tomatoes', data_dir)
+  raw = tfds.data_source('rotten_tomatoes', split='train', data_dir=data_dir,
+                         download=False)
+  source = sources.Source(raw, lambda ex: ex, name='rotten_tomatoes',
+                          split='train')
+  folder = str(raw.dataset_info.data_dir)
+  _truncate(glob.glob(os.path.join(folder, '*-train.array_record*'))[0])
+  with pytest.raises(ValueError) as err:
+    source[len(source) - 1]
+  message = str(err.value)
+  assert f"rotten_tomatoes split 'train': example {len(source) - 1} cannot "\
+      f'be read from the prepared files in {folder}' in message
+  assert 'tfds build rotten_tomatoes --file_format=array_record' in message

@@ -71,7 +71,21 @@ class Source(collections.abc.Sequence):
     i = int(index)
     if not -n <= i < n:
       raise IndexError(f'index {i} out of range for {self!r}')
-    return self._normalize(self._raw[i % n])
+    try:
+      raw = self._raw[i % n]
+    except RuntimeError as e:   # array_record's error names no file.
+      raise ValueError(self._damaged(i, e)) from None
+    return self._normalize(raw)
+
+  def _damaged(self, index: int, error: Exception) -> str:
+    info = getattr(self._raw, 'dataset_info', None)
+    folder = getattr(info, 'data_dir', None) or 'its data dir'
+    return (f'{self.name} split {self.split!r}: example {index} cannot be '
+            f'read from the prepared files in {folder} ({str(error)[:200]}); '
+            'they are truncated or corrupted. Prepare them again: tfds build '
+            f'{self.name} --file_format=array_record --data_dir=DIR (the '
+            'offline corpora: delete that folder and lorajax builds it '
+            'again)')
 
   def __repr__(self) -> str:
     return f'Source({self.name!r}, split={self.split!r}, len={len(self)})'
