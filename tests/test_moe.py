@@ -20,6 +20,7 @@ import safetensors.numpy
 import lorajax
 import lorajax.models
 from lorajax.io import hf_models
+from lorajax.io import hf_targets
 from lorajax.io import peft_format
 from lorajax.io import peft_moe
 from lorajax.models import hf_moe
@@ -74,7 +75,9 @@ def _assert_logits_close(got, want):
   assert np.all(np.abs(got - want) <= tol), np.max(np.abs(got - want))
 
 
-@pytest.mark.parametrize('name', sorted(CASES))
+# 'mixtral' itself is the base of the PEFT tests below, checked there.
+@pytest.mark.parametrize('name', ['mixtral_window', 'qwen3_moe',
+                                  'qwen3_moe_unnormed'])
 def test_logits_match_transformers(tmp_path, name):
   peer = _save(tmp_path, *CASES[name][:2], **CASES[name][2])
   ids = _ids((2, 11))
@@ -210,27 +213,32 @@ EXPERT_SPEC = lorajax.LoraSpec([
 
 
 def test_lora_on_experts_gives_one_adapter_per_expert_and_merges():
-  config = moe.MoeConfig.tiny(num_experts=4, expert_size=16)
+  config = moe.MoeConfig.tiny(num_experts=4, expert_size=16, num_layers=1)
   model = moe.MoeDecoder(config)
   ids = jnp.asarray(_ids((2, 8), vocab=256))
   variables = jax.jit(model.init)(jax.random.key(0), ids)
   adapters = lorajax.init(EXPERT_SPEC, variables, jax.random.key(1),
                           fn=model.apply, args=(ids,))
-  gate_up = adapters['params']['layers_0']['mlp']['experts']['gate_up_proj'][
-      'kernel']
-  down = adapters['params']['layers_1']['mlp']['experts']['down_proj'][
+  experts = adapters['params']['layers_0']['mlp']['experts']
+  gate_up, down = experts['gate_up_proj']['kernel'], experts['down_proj'][
       'kernel']
   assert gate_up.layout.describe() == '[E, in, out]'
   assert gate_up['a'].shape == (4, 32, 2) and gate_up['b'].shape == (4, 2, 32)
   assert down['a'].shape == (4, 16, 2) and down['b'].shape == (4, 2, 32)
   adapters = _randomize(adapters)
+  down = adapters['params']['layers_0']['mlp']['experts']['down_proj'][
+      'kernel']
+  merged = lorajax.merge(variables, adapters, EXPERT_SPEC)
+  kernel = lambda v: v['params']['layers_0']['mlp']['experts']['down_proj'][  # pylint: disable=unnecessary-lambda-assignment
+      'kernel']
+  # Expert e's kernel moves by (alpha/r)·a[e]·b[e], its own update only.
+  np.testing.assert_allclose(
+      kernel(merged) - kernel(variables),
+      2.0 * np.einsum('eir,ero->eio', down['a'], down['b']), atol=1e-5)
   adapted = jax.jit(lorajax.lora(model.apply, EXPERT_SPEC))(variables,
                                                             adapters, ids)
-  merged = jax.jit(model.apply)(
-      lorajax.merge(variables, adapters, EXPERT_SPEC), ids)
-  np.testing.assert_allclose(adapted, merged, atol=1e-5, rtol=1e-5)
-  plain = jax.jit(model.apply)(variables, ids)
-  assert np.max(np.abs(np.asarray(adapted) - np.asarray(plain))) > 1e-2
+  np.testing.assert_allclose(adapted, jax.jit(model.apply)(merged, ids),
+                             atol=1e-5, rtol=1e-5)
 
 
 def test_expert_adapters_get_gradients_exactly_where_tokens_went():
@@ -242,9 +250,9 @@ def test_expert_adapters_get_gradients_exactly_where_tokens_went():
   variables = jax.jit(model.init)(jax.random.key(0), ids)
   adapters = lorajax.init(EXPERT_SPEC, variables, jax.random.key(1),
                           fn=model.apply, args=(ids,))
-  _, captured = model.apply(
-      variables, ids, capture_intermediates=lambda m, _: m.name == 'gate',
-      mutable=['intermediates'])
+  _, captured = jax.jit(lambda v: model.apply(
+      v, ids, capture_intermediates=lambda m, _: m.name == 'gate',
+      mutable=['intermediates']))(variables)
   router_logits = captured['intermediates']['layers_0']['mlp']['gate'][
       '__call__'][0]
   hit = set(np.asarray(jnp.argmax(router_logits, -1)).tolist())
@@ -358,3 +366,25 @@ def test_merged_export_loads_in_transformers_and_lorajax(saved, tmp_path):
   _assert_logits_close(ours, want)
   again = lorajax.models.load(tmp_path / 'merged')
   _assert_logits_close(again.apply(again.params, ids), want)
+
+
+def test_all_linear_targets_what_peft_all_linear_targets(saved):
+  """PEFT's ``'all-linear'`` on Mixtral reaches the attention Linears, the
+  router and both expert parameters (through ParamWrapper); lorajax's
+  shorthand selects the same kernels."""
+  model = lorajax.models.load(saved['mixtral'])
+  hf = hf_models.hf_model(model.config, source=saved['mixtral'])
+  pattern = hf_targets.lora_targets('all-linear', hf, model.params)
+  ours = {p for p, _ in lorajax.spec.flatten_paths(model.params)
+          if re.fullmatch(pattern, p)}
+  base = transformers.MixtralForCausalLM.from_pretrained(saved['mixtral'])
+  wrapped = peft.get_peft_model(base, peft.LoraConfig(
+      r=2, target_modules='all-linear'))
+  names = set()
+  for name, module in wrapped.named_modules():
+    if isinstance(module, peft.tuners.lora.LoraLayer):
+      name = name.removeprefix('base_model.model.').replace('.base_layer', '')
+      names.add(f'{name}.{getattr(module, "parameter_name", "weight")}')
+  by_key = {k: p for p, k in hf_moe.hf_keys(model.config).items()}
+  assert ours == {by_key[n] for n in names}
+  assert 'layers_1/mlp/experts/gate_up_proj/kernel' in ours

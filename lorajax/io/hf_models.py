@@ -126,8 +126,11 @@ class HfModel:
     return []
 
   def kernel_modules(self) -> dict[str, str]:
-    """HF module name -> Flax kernel path, for every Linear of the model."""
-    return {self.module_of(p): p for p in self.keys if self.is_kernel(p)}
+    """HF module name -> Flax kernel path, for every Linear of the model
+    (a 3-D MoE expert parameter under its own name, as PEFT's
+    ``target_parameters`` names it: ``...mlp.experts.gate_up_proj``)."""
+    return {self.module_of(p) if self.keys[p].endswith('.weight')
+            else self.keys[p]: p for p in self.keys if self.is_kernel(p)}
 
   def linear_modules(self) -> list[str]:
     """PEFT's ``'all-linear'``: every Linear but the task head's."""
