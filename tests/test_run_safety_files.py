@@ -409,3 +409,25 @@ def test_truncated_catalog_shard_is_named_with_the_command_that_fixes_it(
   assert f"rotten_tomatoes split 'train': example {len(source) - 1} cannot "\
       f'be read from the prepared files in {folder}' in message
   assert 'tfds build rotten_tomatoes --file_format=array_record' in message
+
+
+def test_export_into_the_working_directory_or_a_symlink_fills_it_in_place(
+    tmp_path, monkeypatch):
+  """Such a target is not renamed away (a shell in it would be left in a
+  deleted folder, a symlink would become a folder); a person's own file in
+  it is kept."""
+  _, params, _, adapters = _tiny()
+  here = tmp_path / 'here'
+  here.mkdir()
+  (here / 'NOTES.md').write_text('mine')
+  monkeypatch.chdir(here)
+  adapter_files.save_adapter('.', SPEC, adapters, params)
+  assert os.path.samefile(os.getcwd(), here)
+  assert (here / 'NOTES.md').read_text() == 'mine'
+  assert _same(adapter_files.load_adapter(here, params).adapters, adapters)
+  link = tmp_path / 'link'
+  link.symlink_to(here, target_is_directory=True)
+  _, _, _, newer = _tiny(seed=1)
+  adapter_files.save_adapter(link, SPEC, newer, params)
+  assert link.is_symlink()
+  assert _same(adapter_files.load_adapter(here, params).adapters, newer)

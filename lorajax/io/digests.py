@@ -4,7 +4,8 @@ Every directory lorajax writes for others to load (``save_adapter``'s
 adapter, ``export_peft``'s PEFT adapter, ``export_merged``'s checkpoint) is
 built in a hidden sibling folder, gets ``lorajax_digest.json`` (the size and
 sha256 of each of its files, ``checksums.record``) and is then swapped into
-place with two renames. A process killed at any point (SIGKILL, a full
+place with two renames (a target that is a symlink, a mount point or the
+working directory is filled file by file instead, the digest first). A process killed at any point (SIGKILL, a full
 disk) leaves the target as it was, or absent between the two renames with
 the previous version kept beside it as ``.<name>.previous-*``; never a mix
 of old and new files, and never a half-written file under the target's name.
@@ -130,6 +131,9 @@ def publish(staging: str | os.PathLike[str],
     if not directory.exists():
       os.rename(staging, directory)
       return
+    if not _swappable(directory):
+      _move_in(staging, directory)
+      return
     previous = pathlib.Path(tempfile.mkdtemp(
         prefix=f'.{directory.name}{_PREVIOUS}', dir=directory.parent))
     os.rename(directory, previous / 'version')
@@ -143,6 +147,31 @@ def publish(staging: str | os.PathLike[str],
     raise _named(e, directory) from e
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swappable(directory: pathlib.Path) -> bool:
+  """Whether ``directory`` itself may be renamed: not a symlink (it would
+  become a folder), a mount point, or the working directory or above it."""
+  if directory.is_symlink() or os.path.ismount(directory):
+    return False
+  real, cwd = os.path.realpath(directory), os.path.realpath(os.getcwd())
+  return os.path.commonpath([real, cwd]) != real
+
+
+def _move_in(staging: pathlib.Path, directory: pathlib.Path) -> None:
+  """Moves the entries of ``staging`` into ``directory`` one by one, the
+  digest first: a process killed midway leaves files the digest refuses."""
+  names = sorted(os.listdir(staging), key=lambda n: n != DIGEST_FILE)
+  for name in names:
+    target = directory / name
+    if (staging / name).is_dir() and target.is_dir():
+      old = pathlib.Path(tempfile.mkdtemp(prefix=f'.{name}{_PREVIOUS}',
+                                          dir=directory))
+      os.rename(target, old / name)
+      os.rename(staging / name, target)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(staging / name, target)
 
 
 def leftovers(directory: str | os.PathLike[str]) -> list[pathlib.Path]:
