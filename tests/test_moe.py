@@ -388,3 +388,16 @@ def test_all_linear_targets_what_peft_all_linear_targets(saved):
   by_key = {k: p for p, k in hf_moe.hf_keys(model.config).items()}
   assert ours == {by_key[n] for n in names}
   assert 'layers_1/mlp/experts/gate_up_proj/kernel' in ours
+
+
+def test_scanned_layers_compute_the_same_logits(saved):
+  ids = jnp.asarray(_ids((1, 7), seed=9))
+  plain = lorajax.models.load(saved['qwen3_moe'])
+  scanned = lorajax.models.load(saved['qwen3_moe'], scan_layers=True,
+                                remat=True)
+  kernel = scanned.params['layers']['mlp']['experts']['gate_up_proj'][
+      'kernel']
+  assert kernel.shape == (2, 4, 32, 32)  # [L, E, d, 2f]
+  np.testing.assert_allclose(
+      jax.jit(scanned.apply)(scanned.params, ids),
+      jax.jit(plain.apply)(plain.params, ids), atol=1e-5, rtol=1e-5)
