@@ -49,6 +49,7 @@ import toy_models
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 peft = pytest.importorskip('peft')
+PEFT_DEFAULTS = peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, intermediate_size=48, vocab_size=67,
@@ -56,6 +57,8 @@ DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
 ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=37, vocab_size=67, max_position_embeddings=40,
                initializer_range=0.3)
+DISTIL = dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37, vocab_size=67,
+              max_position_embeddings=40, initializer_range=0.3)
 # name: (config class, model class, fields).
 CASES = {
     'llama': ('LlamaConfig', 'LlamaForCausalLM', DECODER | dict(
@@ -73,7 +76,22 @@ CASES = {
     'roberta_bare': ('RobertaConfig', 'RobertaModel', ENCODER),
     'xlm_roberta': ('XLMRobertaConfig', 'XLMRobertaForSequenceClassification',
                     ENCODER | dict(num_labels=2)),
+    'gemma': ('GemmaConfig', 'GemmaForCausalLM', DECODER | dict(head_dim=8)),
+    'gemma2': ('Gemma2Config', 'Gemma2ForCausalLM', DECODER | dict(
+        head_dim=8, sliding_window=4, query_pre_attn_scalar=8)),
+    'phi3': ('Phi3Config', 'Phi3ForCausalLM', DECODER | dict(pad_token_id=0)),
+    'distilbert': ('DistilBertConfig', 'DistilBertForSequenceClassification',
+                   DISTIL | dict(num_labels=3)),
+    'distilbert_bare': ('DistilBertConfig', 'DistilBertModel', DISTIL),
 }
+# PEFT 'all-linear' modules lorajax does not adapt, left out of the adapters
+# PEFT makes here: RobertaModel's pooler (lorajax's bare model returns the
+# last hidden state and has none; refused below), and DistilBERT's
+# pre_classifier, which PEFT's own sequence-classification wrapper also
+# saves whole (its 'classifier' suffix matches), so 'all-linear' there
+# fails in PEFT itself.
+EXCLUDED = {'roberta_bare': ('pooler.dense',),
+            'distilbert': ('pre_classifier',)}
 AUTO = {'causal_lm': 'AutoModelForCausalLM',
         'classification': 'AutoModelForSequenceClassification',
         'base': 'AutoModel'}
@@ -121,7 +139,8 @@ def checkpoints(tmp_path_factory):
 
 
 def _mask(name):
-  return MASK if CASES[name][1].startswith(('Bert', 'Roberta', 'XLM')) else None
+  return MASK if CASES[name][1].startswith(
+      ('Bert', 'Roberta', 'XLM', 'Distil')) else None
 
 
 def _torch_out(model, name):
@@ -164,10 +183,10 @@ def _adapted(name, directory, targets='all-linear', seed=1):
 
 
 @pytest.mark.parametrize('name', CASES)
-def test_merged_export_reproduces_in_transformers(checkpoints, tmp_path,
-                                                  name):
+def test_merged_and_peft_exports_reproduce(checkpoints, tmp_path, name):
   directory = checkpoints(name)
   model, spec, adapters, ours = _adapted(name, directory)
+  # Merged: transformers' Auto class of the head reads the folder.
   out = tmp_path / 'merged'
   hf_models.export_merged(out, model.config, model.params, adapters, spec,
                           source=directory)
@@ -184,12 +203,7 @@ def test_merged_export_reproduces_in_transformers(checkpoints, tmp_path,
     assert (out / f).read_bytes() == (directory / f).read_bytes()
   assert lorajax.models.load(out).tokenizer.encode('w3 w7 w1').ids == [
       7, 11, 5]
-
-
-@pytest.mark.parametrize('name', CASES)
-def test_peft_export_reproduces_in_peft(checkpoints, tmp_path, name):
-  directory = checkpoints(name)
-  model, spec, adapters, ours = _adapted(name, directory, 'default', seed=2)
+  # PEFT: the adapter on the class read from the source directory.
   out = tmp_path / 'peft'
   peft_format.export_peft(out, model.config, spec, adapters, model.params,
                           source=directory)
@@ -219,10 +233,20 @@ def _peft_made(directory, name, out, model_cls=None, **lora):
   return made
 
 
+def _lora_modules(made):
+  prefix = 'base_model.model.'
+  return {n[len(prefix):-len('.lora_A')] for n, _ in made.named_modules()
+          if n.endswith('.lora_A')}
+
+
 @pytest.mark.parametrize('name', CASES)
-def test_peft_made_adapter_imports(checkpoints, tmp_path, name):
+def test_peft_made_adapter_imports_and_targets_agree(checkpoints, tmp_path,
+                                                     name):
+  """PEFT's 'all-linear' adapter imports and gives PEFT's logits; lorajax's
+  'all-linear' and 'default' are the modules PEFT picks."""
   directory = checkpoints(name)
-  extra = {'exclude_modules': ['pooler.dense']} if name == 'roberta_bare' else {}
+  extra = {'exclude_modules': sorted(EXCLUDED.get(name, ()))} if (
+      name in EXCLUDED) else {}
   made = _peft_made(directory, name, tmp_path / 'made', **extra)
   want = _torch_out(made, name)
   model = lorajax.models.load(directory)
@@ -233,6 +257,18 @@ def test_peft_made_adapter_imports(checkpoints, tmp_path, name):
       imported.params_for(model.params), imported.adapters, jnp.asarray(IDS),
       None if mask is None else jnp.asarray(mask))
   _compare(name, 'peft_import', got, want)
+  hf = hf_models.hf_model(model.config, source=directory)
+  assert set(hf_targets.target_modules('all-linear', hf)) == _lora_modules(
+      made)
+  if model.family not in PEFT_DEFAULTS:  # Phi-3, DistilBERT: both refuse.
+    with pytest.raises(ValueError, match=f"no default.*'{model.family}'"):
+      hf_targets.target_modules('default', hf)
+    with pytest.raises(ValueError, match='target_modules'):
+      _peft_made(directory, name, tmp_path / 'd', target_modules=None)
+    return
+  default = _peft_made(directory, name, tmp_path / 'd', target_modules=None)
+  assert set(hf_targets.target_modules('default', hf)) == _lora_modules(
+      default)
 
 
 @pytest.mark.parametrize('name,bare_cls', [('bert', 'BertModel'),
@@ -278,41 +314,6 @@ def test_lora_on_a_module_lorajax_lacks_is_refused(checkpoints, tmp_path):
   with pytest.raises(ValueError, match=r"'pooler\.dense' is not a Linear"):
     peft_format.import_peft(tmp_path / 'p', model.config, model.params,
                             source=checkpoints('roberta_bare'))
-
-
-def _peft_targets(model, name, target_modules):
-  head = {'causal_lm': 'CAUSAL_LM', 'classification': 'SEQ_CLS'}.get(
-      lorajax.models.load(model).head)
-  base = getattr(transformers, CASES[name][1]).from_pretrained(model)
-  made = peft.get_peft_model(base, peft.LoraConfig(
-      r=2, task_type=head, target_modules=target_modules))
-  prefix = 'base_model.model.'
-  return {n[len(prefix):-len('.lora_A')] for n, _ in made.named_modules()
-          if n.endswith('.lora_A')}
-
-
-@pytest.mark.parametrize('name', CASES)
-def test_all_linear_and_default_targets_are_peft_s(checkpoints, name):
-  directory = checkpoints(name)
-  model = lorajax.models.load(directory)
-  hf = hf_models.hf_model(model.config, source=directory)
-  theirs = _peft_targets(directory, name, 'all-linear')
-  ours = set(hf_targets.target_modules('all-linear', hf))
-  if name == 'roberta_bare':  # PEFT adds the pooler lorajax does not run.
-    assert theirs - ours == {'pooler.dense'}
-    theirs -= {'pooler.dense'}
-  assert ours == theirs
-  assert set(hf_targets.target_modules('default', hf)) == _peft_targets(
-      directory, name, None)
-
-
-def test_default_targets_refused_for_a_family_peft_has_none_for():
-  hf = hf_models.hf_model(lorajax.models.llama.LlamaConfig.tiny())
-  hf = hf.__class__(**{**hf.__dict__, 'family': 'phi3', 'naming':
-                       hf.naming.__class__(**{**hf.naming.__dict__,
-                                              'default_targets': ()})})
-  with pytest.raises(ValueError, match="PEFT has no default.*'phi3'"):
-    hf_targets.target_modules('default', hf)
 
 
 def test_exported_config_must_match_the_loaded_one(checkpoints, tmp_path):

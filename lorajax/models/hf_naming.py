@@ -54,6 +54,10 @@ CLASS_STEMS = {
     'roberta': 'Roberta', 'xlm-roberta': 'XLMRoberta',
     'distilbert': 'DistilBert',
 }
+# Modules of a family's sequence-classification head beyond ``classifier``:
+# PEFT's wrapper saves every module whose name ends in ``classifier``
+# (DistilBERT's ``pre_classifier`` too), so no LoRA can go there.
+EXTRA_HEAD_MODULES = {'distilbert': ('pre_classifier',)}
 # The class-name suffix of each head.
 HEAD_SUFFIXES = {'causal_lm': 'ForCausalLM',
                  'classification': 'ForSequenceClassification',
@@ -148,7 +152,8 @@ def _encoder(model_type: str) -> Family:
       model_type, heads=('classification', 'base'),
       prefixes={'classification': base, 'base': ''},
       read_config=hf_encoders.encoder_config, key_map=key_map,
-      shapes=bert_loading.expected_shapes, head_modules=('classifier',),
+      shapes=bert_loading.expected_shapes,
+      head_modules=('classifier',) + EXTRA_HEAD_MODULES.get(model_type, ()),
       default_targets=PEFT_DEFAULT_TARGETS.get(model_type, ()),
       unused={'base': ('classifier/',)})
 
