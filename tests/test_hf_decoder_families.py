@@ -183,6 +183,19 @@ def test_lora_on_phi3_fused_qkv_has_peft_shapes(tmp_path):
   assert float(jnp.max(jnp.abs(b))) > 0
 
 
+@pytest.mark.parametrize('fields,match', [
+    (dict(sliding_layers=(True, False)), 'needs a sliding_window'),
+    (dict(sliding_window=4, sliding_layers=(True,)), 'one entry for each'),
+    (dict(activation='relu'), "activation='relu'"),
+    (dict(fused_proj=True, qkv_bias=True), 'no q/k/v or MLP biases'),
+    (dict(rope_dim=3), 'rope_dim=3'),
+    (dict(rope_dim=16), 'rope_dim=16'),
+])
+def test_bad_config_raises(fields, match):
+  with pytest.raises(ValueError, match=match):
+    llama.LlamaConfig.tiny(**fields)
+
+
 # Refusals: (checkpoint, config.json change, what the message must name).
 REFUSALS = [
     ('gemma', {'hidden_act': 'relu'}, "hidden_act='relu'"),
