@@ -119,6 +119,20 @@ def test_family_matches_transformers(tmp_path, name):
     assert float(jnp.max(jnp.abs(other - want))) > 1e-2, off
 
 
+def test_bfloat16_gemma2_stays_bfloat16_and_matches(tmp_path):
+  """Stored bf16: the (1 + weight) norms and sqrt(d) scale read it right."""
+  _save(tmp_path, 'Gemma2', 'ForCausalLM', **GEMMA2).to(
+      torch.bfloat16).save_pretrained(tmp_path)
+  peer = transformers.Gemma2ForCausalLM.from_pretrained(
+      tmp_path, dtype=torch.float32, attn_implementation='eager').eval()
+  model = lorajax.models.load(tmp_path)
+  dtypes = {x.dtype for x in jax.tree.leaves(model.params)}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}
+  ids = _ids((1, 12))
+  _assert_matches(model.apply(model.params, jnp.asarray(ids)),
+                  _peer(peer, ids))
+
+
 @pytest.mark.parametrize('name', ['gemma', 'gemma2', 'phi3_window'])
 def test_greedy_generation_with_cache_matches_transformers(tmp_path, name):
   family, head, fields, _, _ = CASES[name]
