@@ -39,6 +39,7 @@ from lorajax.io import hf_targets
 from lorajax.io import peft_format
 from lorajax.training import attach
 from lorajax.training import checkpoint as ckpt_lib
+from lorajax.training import config as config_lib
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import model_loading
 from lorajax.training import tasks
@@ -433,6 +434,28 @@ def test_qwen2_run_resumes_after_sigkill_and_exports_for_peft(qwen2_run,
   MEASURED.setdefault('qwen2 (trained run)', {})['peft_export'] = float(
       delta.max())
   np.testing.assert_array_less(delta, 1e-4 * (1 + np.abs(theirs)))
+  # And merged: the source's config.json and tokenizer, transformers' logits.
+  out = tmp_path / 'merged'
+  train.export_checkpoint(config, reference, str(out), 'merged')
+  assert (out / 'tokenizer.json').read_bytes() == (
+      directory / 'tokenizer.json').read_bytes()
+  merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  with torch.no_grad():
+    theirs = merged(input_ids=torch.tensor(ids)).logits.numpy()
+  delta = np.abs(np.asarray(ours) - theirs)
+  MEASURED['qwen2 (trained run)']['merged'] = float(delta.max())
+  np.testing.assert_array_less(delta, 1e-4 * (1 + np.abs(theirs)))
+
+
+def test_unresolved_shorthand_is_refused_by_make_spec(qwen2_run):
+  config = toy_models.load_config('shakespeare_smollm2_lora', **qwen2_run[1])
+  with pytest.raises(ValueError, match="lora.targets='all-linear'.*attach"):
+    config_lib.make_spec(config)
+  model = model_loading.load_model(config)
+  regex = attach.lora_targets(config, model)
+  adapted = lorajax.resolve(config_lib.make_spec(config, lora_targets=regex),
+                            model.params).adapted
+  assert len(adapted) == 7 * model.config.num_layers
 
 
 def test_zz_print_measured():

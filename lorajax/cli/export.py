@@ -12,6 +12,12 @@ with the adapters folded in; a classifier's classes are its ``id2label``). A
 PiSSA run is converted to a plain LoRA of the pretrained model on the way
 out. ``--step`` is a step number, ``best`` or, by default, the latest.
 
+A run on a Hugging Face folder (``config.model.path``, any family
+``lorajax.models.load`` reads) exports for that folder: ``peft`` records it
+as ``base_model_name_or_path``, and ``merged`` keeps its ``config.json``
+(RoPE, sliding window, every field) with the trained head's
+``architectures`` and copies its tokenizer files.
+
 ``peft`` and ``merged`` reproduce the run's logits in transformers (to 1e-4)
 or stop with an error that says what the format cannot express, writing
 nothing: a classifier on mean-pooled tokens (``model.pooling='mean'``;
