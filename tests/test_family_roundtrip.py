@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import lorajax
 from lorajax import Lora, LoraSpec
@@ -213,6 +214,12 @@ def test_merged_and_peft_exports_reproduce(checkpoints, tmp_path, name):
   base = getattr(transformers, CASES[name][1]).from_pretrained(directory)
   theirs = peft.PeftModel.from_pretrained(base, out)
   _compare(name, 'peft_export', _torch_out(theirs, name), ours)
+  # target_modules select the exported modules, no others (RobertaModel's
+  # pooler.dense matched 'dense' before).
+  written = safetensors.numpy.load_file(str(out / 'adapter_model.safetensors'))
+  assert _lora_modules(theirs) == {
+      k[len('base_model.model.'):-len('.lora_A.weight')] for k in written
+      if k.endswith('.lora_A.weight')}
 
 
 def _peft_made(directory, name, out, model_cls=None, **lora):

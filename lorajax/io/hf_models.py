@@ -137,6 +137,23 @@ class HfModel:
     return sorted(m for m in self.kernel_modules()
                   if not self.is_head_module(m))
 
+  def source_modules(self) -> set[str]:
+    """Modules of the source checkpoint, named for this head, that PEFT's
+    target matching also sees (RoBERTa's pooler, which lorajax's bare
+    RoBERTa does not hold)."""
+    if self.source is None:
+      return set()
+    theirs = self.naming.prefix(_checkpoint_head(self.source_config,
+                                                 self.naming))
+    out = set()
+    for key in hf_files.CheckpointFiles(self.source).keys():
+      module = key.rsplit('.', 1)[0]
+      if (key.endswith(_BUFFERS) or self.is_head_module(module)
+          or not module.startswith(theirs)):
+        continue
+      out.add(self.prefix + module[len(theirs):])
+    return out
+
   def unused(self, path: str) -> bool:
     """Whether ``path`` is a parameter this head does not compute with."""
     return path.startswith(self.naming.unused.get(self.head, ()))

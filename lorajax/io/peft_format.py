@@ -260,7 +260,8 @@ def export_peft(directory: str | pathlib.Path, config: Any,
   # PEFT names a head by its top module (RoBERTa's ``classifier`` holds
   # ``dense`` and ``out_proj``).
   saved = {m.split('.')[0] if hf.is_head_module(m) else m for m in saved}
-  universe = sorted(hf.kernel_modules())
+  # Target names must select these modules only, among all the class has.
+  universe = sorted(set(hf.kernel_modules()) | hf.source_modules())
   common_cfg = {
       'task_type': hf.task_type,
       'base_model_name_or_path': base_model_name_or_path,
