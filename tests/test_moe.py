@@ -18,14 +18,21 @@ import pytest
 import safetensors.numpy
 
 import lorajax
+from lorajax import assets
 import lorajax.models
 from lorajax.io import hf_models
 from lorajax.io import hf_targets
 from lorajax.io import peft_format
 from lorajax.io import peft_moe
+from lorajax.models import bpe_tokenizer
 from lorajax.models import hf_moe
+from lorajax.models import llama_loading
 from lorajax.models import lm
 from lorajax.models import moe
+from lorajax.training import metrics as metrics_lib
+from lorajax.training import train
+
+from toy_models import load_config
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -401,3 +408,27 @@ def test_scanned_layers_compute_the_same_logits(saved):
   np.testing.assert_allclose(
       jax.jit(scanned.apply)(scanned.params, ids),
       jax.jit(plain.apply)(plain.params, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_all_linear_trains_a_mixtral_directory(tmp_path):
+  """config.model.path + lora.targets='all-linear': per-expert adapters on
+  a Mixtral directory (SmolLM2's tokenizer beside it) train end to end."""
+  reader = llama_loading.as_reader(
+      assets.asset_path('smollm2', llama_loading.SMOLLM2_GGUF))
+  tok = bpe_tokenizer.gguf_tokenizer(reader)
+  directory = tmp_path / 'model'
+  _save(directory, 'MixtralConfig', 'MixtralForCausalLM',
+        intermediate_size=16, num_local_experts=4,
+        vocab_size=tok.get_vocab_size(), tie_word_embeddings=True)
+  tok.save(str(directory / 'tokenizer.json'))
+  config = load_config('shakespeare_smollm2_lora',
+                       **{'model.path': str(directory),
+                          'lora.targets': 'all-linear', 'lora.rank': 4})
+  summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  rows = metrics_lib.read_jsonl(str(tmp_path / 'work' / 'metrics.jsonl'))
+  assert list(rows) == list(range(1, config.num_train_steps + 1))
+  assert all(np.isfinite(r['loss']) for r in rows.values())
+  # Per layer: q, k, v, o (256 + 192 + 192 + 256), router (32 + 4) * 4,
+  # and one rank-4 adapter per expert on gate_up (4 * 64 * 4) and down
+  # (4 * 48 * 4).
+  assert summary['trainable_params'] == 2 * (896 + 144 + 1024 + 768)

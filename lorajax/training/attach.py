@@ -31,11 +31,13 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 
 import lorajax
 from lorajax.io import hf_models
 from lorajax.io import hf_targets
 from lorajax.methods import prompts as prompts_lib
+from lorajax.models import moe
 from lorajax.training import config as config_lib
 from lorajax.training import model_loading
 
@@ -173,7 +175,12 @@ def attach_method(config, model: model_loading.Model) -> Method:
                             if config.method in config_lib.LOW_RANK_METHODS
                             else None))
   params = _quantized(config, model.params, spec)
-  adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1))
+  # MoE expert kernels are [E, in, out]: their axes come from the model.
+  traced = (dict(fn=lambda p, ids: model.module.apply({'params': p}, ids),
+                 args=(jnp.zeros((1, 2), jnp.int32),))
+            if isinstance(model.config, moe.MoeConfig) else {})
+  adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1),
+                          **traced)
   base = _pissa_residual(spec, params, adapters)
   return Method(spec, base, adapters, init_prompts(config, model),
                 None if base is params else params)
