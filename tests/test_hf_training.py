@@ -65,3 +65,32 @@ def test_lora_trains_a_distilbert_classifier_directory(tmp_path):
   model = model_loading.load_model(config, labels=('neg', 'pos'))
   assert model.name == 'distilbert'
   assert model.info['architecture'] == 'DistilBertForSequenceClassification'
+
+
+@pytest.mark.parametrize('family', ['qwen2', 'distilbert'])
+def test_every_method_trains_a_checkpoint_directory(family, qwen2_dir,
+                                                    tmp_path):
+  """Every config.method on a non-shipped decoder and encoder: one step
+  each, finite loss, and the trainable count each method implies."""
+  from lorajax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  if family == 'qwen2':
+    name, path = 'shakespeare_smollm2_lora', qwen2_dir
+  else:
+    name, path = 'rt_minilm_lora', tmp_path / 'model'
+    path.mkdir()
+    tiny_distilbert_dir(path)
+  counts = {}
+  for method in config_lib.METHODS:
+    if method == 'head' and family == 'qwen2':
+      continue  # An LM has no separate head to train alone.
+    config = load_config(name, **{'model.path': str(path), 'method': method,
+                                  'num_train_steps': 1, 'eval_every': 1})
+    summary = train.train_and_evaluate(config, str(tmp_path / method))
+    rows = metrics_lib.read_jsonl(str(tmp_path / method / 'metrics.jsonl'))
+    assert np.isfinite(rows[1]['loss']), method
+    counts[method] = summary['trainable_params']
+  assert counts['lora'] == counts['qlora'] < counts['loha']  # 2 pairs each.
+  assert counts['ia3'] < counts['lora'] < counts['dora'] < counts['full']
+  if family == 'qwen2':
+    # IA3 scales k (16), v (16) and the MLP's down input (64) in 2 layers.
+    assert counts['ia3'] == 2 * (16 + 16 + 64)
