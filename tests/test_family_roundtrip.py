@@ -279,14 +279,18 @@ def test_peft_made_adapter_imports_and_targets_agree(checkpoints, tmp_path,
       default)
 
 
-@pytest.mark.parametrize('name,bare_cls', [('bert', 'BertModel'),
-                                           ('qwen2', 'Qwen2Model')])
+@pytest.mark.parametrize('name,bare_cls', [
+    ('bert', 'BertModel'), ('roberta', 'RobertaModel'),
+    ('distilbert', 'DistilBertModel'), ('qwen2', 'Qwen2Model')])
 def test_adapter_of_the_bare_model_imports_into_the_head(checkpoints,
                                                          tmp_path, name,
                                                          bare_cls):
   """Was refused ('not a Linear kernel'): only the base prefix differs."""
   directory = checkpoints(name)
-  _peft_made(directory, name, tmp_path / 'bare', model_cls=bare_cls)
+  # RobertaForSequenceClassification has no pooler: not adapted here.
+  _peft_made(directory, name, tmp_path / 'bare', model_cls=bare_cls,
+             **({'exclude_modules': ['pooler.dense']} if name == 'roberta'
+                else {}))
   # PEFT's own reading: the bare adapter on the head model's base module.
   headed = getattr(transformers, CASES[name][1]).from_pretrained(directory)
   peft.PeftModel.from_pretrained(getattr(headed, headed.base_model_prefix),
