@@ -373,3 +373,23 @@ def test_place_gets_each_tensor_once_as_it_is_read(checkpoints):
             jax.tree_util.tree_flatten_with_path(model.params)[0]}
     assert set(flat) == set(seen)
     assert all(flat[p] is seen[p] for p in flat)
+
+
+def test_a_sealed_checkpoint_with_a_damaged_file_is_refused(checkpoints,
+                                                            tmp_path):
+  """A folder lorajax sealed (its merged exports carry lorajax_digest.json):
+  a changed tensor file is named at load; a folder without the digest file
+  (as transformers writes them) loads as before."""
+  from lorajax import checksums  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / 'checkpoint'
+  shutil.copytree(checkpoints['bert'], directory)
+  checksums.seal_folder(directory)
+  lorajax.models.load(directory)
+  weights = next(directory.glob('*.safetensors'))
+  data = bytearray(weights.read_bytes())
+  data[-5] ^= 0x10
+  weights.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=f'{weights.name}.*export it again'):
+    lorajax.models.load(directory)
+  (directory / checksums.DIGEST_FILE).unlink()
+  lorajax.models.load(directory)  # Unsealed: nothing to check against.

@@ -26,6 +26,8 @@ import numpy as np
 from safetensors import safe_open
 import tokenizers
 
+from lorajax import checksums
+
 
 class CheckpointFiles:
   """``config.json``, the safetensors tensors and the tokenizer of a folder.
@@ -41,6 +43,12 @@ class CheckpointFiles:
     if not config_file.is_file():
       raise FileNotFoundError(f'{self.directory} has no config.json; expected '
                               'a Hugging Face checkpoint directory')
+    damaged = checksums.check_folder(self.directory)
+    if damaged:  # A folder lorajax wrote (merged export) and sealed.
+      raise ValueError(
+          f'{self.directory} differs from its {checksums.DIGEST_FILE}: '
+          f'{checksums.summary(damaged)}; export it again (or, if you '
+          f'changed it on purpose, delete {checksums.DIGEST_FILE})')
     self.config: dict[str, Any] = json.loads(config_file.read_text())
     index = self.directory / 'model.safetensors.index.json'
     single = self.directory / 'model.safetensors'
