@@ -52,9 +52,9 @@ REFUSED_TYPES = {
     'gemma3_text': 'alternating local/global attention, q/k norms, two RoPE '
                    'bases',
     'phi': 'parallel attention/MLP with LayerNorm and partial RoPE',
-    'mixtral': 'mixture-of-experts MLP',
+    'mixtral': 'a mixture of experts: models.moe, which lorajax.models.load picks',
     'qwen2_moe': 'mixture-of-experts MLP',
-    'qwen3_moe': 'mixture-of-experts MLP',
+    'qwen3_moe': 'a mixture of experts: models.moe, which lorajax.models.load picks',
     'olmoe': 'mixture-of-experts MLP',
     'deepseek_v3': 'multi-head latent attention and experts',
 }
