@@ -306,6 +306,31 @@ def test_adapter_of_the_bare_model_imports_into_the_head(checkpoints,
   _compare(name, 'bare_adapter_import', got, want)
 
 
+@pytest.mark.parametrize('name,head,arch', [
+    ('bert_bare', 'classification', 'BertForSequenceClassification'),
+    ('roberta_bare', 'classification', 'RobertaForSequenceClassification'),
+    ('qwen2', 'base', 'Qwen2Model')])
+def test_export_with_another_head_than_the_source(checkpoints, tmp_path,
+                                                  name, head, arch):
+  """A bare checkpoint given a new classifier (what training does with
+  one) exports as the classifier class; a causal LM's base as the bare
+  class."""
+  directory = checkpoints(name)
+  model = lorajax.models.load(directory, head=head, num_labels=3)
+  params = toy_models.perturb(model.params, seed=4, scale=0.1)
+  out = tmp_path / 'merged'
+  hf_models.export_merged(out, model.config, params, source=directory,
+                          head=head)
+  written = json.loads((out / 'config.json').read_text())
+  assert written['architectures'] == [arch]
+  theirs = getattr(transformers, AUTO[head]).from_pretrained(out)
+  assert type(theirs).__name__ == arch
+  mask = _mask(name)
+  ours = model.apply(params, jnp.asarray(IDS),
+                     None if mask is None else jnp.asarray(mask))
+  _compare(name, f'as {arch}', _torch_out(theirs, name), ours)
+
+
 def test_head_adapter_into_a_bare_model_is_refused_by_name(checkpoints,
                                                            tmp_path):
   _peft_made(checkpoints('bert'), 'bert', tmp_path / 'cls',
