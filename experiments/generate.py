@@ -61,14 +61,17 @@ _SYSTEM = flags.DEFINE_string('system', None, 'A system message; none keeps '
 
 
 def load_adapter(directory: str | pathlib.Path, config: llama.LlamaConfig,
-                 params: Any, *, check_weights: bool = True) -> Any:
-  """A lorajax ``AdapterBundle`` or a ``PeftAdapter``, by the folder's files."""
+                 params: Any, *, check_weights: bool = True,
+                 source: str | None = None) -> Any:
+  """A lorajax ``AdapterBundle`` or a ``PeftAdapter``, by the folder's files
+  (``source``: the base model's Hugging Face folder, for its key names)."""
   directory = pathlib.Path(directory)
   if (directory / adapter_files.META_FILE).exists():
     return adapter_files.load_adapter(directory, params,
                                       check_weights=check_weights)
   if (directory / peft_format.CONFIG_FILE).exists():
-    return peft_format.import_peft(directory, config, params)
+    return peft_format.import_peft(directory, config, params, source=source,
+                                   head=None if source is None else 'causal_lm')
   raise FileNotFoundError(f'{directory} holds neither {adapter_files.META_FILE}'
                           f' (lorajax) nor {peft_format.CONFIG_FILE} (PEFT)')
 
@@ -139,7 +142,7 @@ def generate_text(prompt: str, *, adapter: str | None = None,
   base = _decoder(model)
   config, params, tokenizer = base['config'], base['params'], base['tokenizer']
   bundle = None if adapter is None else load_adapter(
-      adapter, config, params, check_weights=check_weights)
+      adapter, config, params, check_weights=check_weights, source=model)
   apply, tree = adapted_apply(base['module'], params, bundle)
   if chat:   # The checkpoint's own template (SmolLM2: with its system prompt).
     if not base['template']:

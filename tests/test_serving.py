@@ -356,3 +356,33 @@ def test_generation_stops_at_any_of_the_checkpoints_eos_ids(tmp_path):
                     eos_id=loaded.eos_ids)[0].tolist()
   assert got[:first + 1] == free[:first + 1]
   assert got[first + 1:] == [stop] * (7 - first)  # Finished rows repeat it.
+
+
+def test_generate_command_runs_a_peft_adapter_on_a_checkpoint(tmp_path):
+  """--model DIR --adapter PEFT_DIR: PEFT's own greedy continuation."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  peft = pytest.importorskip('peft')
+  from experiments import generate  # pylint: disable=g-import-not-at-top
+  from toy_models import tiny_qwen2_dir  # pylint: disable=g-import-not-at-top
+  tiny_qwen2_dir(tmp_path / 'model')
+  base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'model')
+  torch.manual_seed(1)
+  model = peft.get_peft_model(base, peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'down_proj']))
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'lora_B' in name:
+        p.normal_(0, 0.5)
+  model.save_pretrained(tmp_path / 'peft')
+  text, _ = generate.generate_text('Hi', model=str(tmp_path / 'model'),
+                                   adapter=str(tmp_path / 'peft'),
+                                   max_new_tokens=6, chat=False)
+  tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_file=str(tmp_path / 'model' / 'tokenizer.json'))
+  ids = torch.tensor([tok('Hi')['input_ids']])
+  model.generation_config.eos_token_id = None
+  with torch.no_grad():
+    want = model.eval().generate(input_ids=ids, max_new_tokens=6,
+                                 do_sample=False)[0, ids.shape[1]:]
+  assert text == tok.decode(want.tolist())
