@@ -14,10 +14,12 @@ from lorajax.methods.bottleneck import pfeiffer_rules
 from lorajax.methods.dora import Dora
 from lorajax.methods.ia3 import Ia3
 from lorajax.methods.loha import LoHa
+from lorajax.methods.lokr import LoKr
 from lorajax.methods.low_rank import Lora
 from lorajax.methods.qlora import QLora
 from lorajax.methods.qlora import Quantized
 from lorajax.methods.qlora import quantize_params
+from lorajax.methods.vera import Vera
 from lorajax.methods.quant import dequantize_params
 from lorajax.methods.quant import quantized_nbytes
 from lorajax.partition import combine

@@ -17,6 +17,7 @@ import numpy as np
 from lorajax import spec as spec_lib
 from lorajax import spec_paths
 from lorajax.io import hf_models
+from lorajax.io import peft_codecs_kron as kron
 from lorajax.methods import ia3 as ia3_lib
 from lorajax.methods import loha as loha_lib
 
@@ -54,7 +55,16 @@ def peft_type(provider: Any) -> str:
     return 'IA3'
   if isinstance(provider, loha_lib.LoHa):
     return 'LOHA'
-  return 'LORA'
+  return kron.peft_type(provider) or 'LORA'
+
+
+def check_config(cfg: dict[str, Any], path: Any) -> None:
+  """Refuses the LoKr/VeRA options lorajax does not implement."""
+  if cfg.get('peft_type') in kron.KINDS:
+    try:
+      kron.check_config(cfg, path)
+    except kron.Error as e:
+      raise PeftFormatError(str(e)) from None
 
 
 def bias_path(hf: hf_models.HfModel, module: str) -> str | None:
@@ -88,6 +98,12 @@ def method_tensors(peft_type: str, provider: Any, module: str,
         f'{layer_path}: the adapter was made for the kernel used as '
         f'{layout.describe()}, but {module} is a Linear that PEFT adapts as '
         f'[in, out]; its logits would differ')
+  if peft_type in kron.KINDS:
+    try:
+      return kron.method_tensors(peft_type, provider, module, layer_path,
+                                 flat_ad, kernel)
+    except kron.Error as e:
+      raise PeftFormatError(str(e)) from None
   get = lambda name: np.asarray(flat_ad[f'{layer_path}/{name}'], np.float32)  # pylint: disable=unnecessary-lambda-assignment
   if peft_type == 'IA3':
     l = get('l')
@@ -112,6 +128,12 @@ def method_config(peft_type: str, targets: dict[str, Any],
                    universe: list[str]) -> dict[str, Any]:
   """``adapter_config.json`` fields of an IA3 or LoHa adapter."""
   modules = sorted(targets)
+  if peft_type in kron.KINDS:
+    try:
+      return kron.method_config(peft_type, targets,
+                                target_modules(modules, universe))
+    except kron.Error as e:
+      raise PeftFormatError(str(e)) from None
   if peft_type == 'IA3':
     ff = sorted(m for m, p in targets.items() if p.feedforward)
     return {'peft_type': 'IA3', 'target_modules': target_modules(
@@ -142,7 +164,7 @@ def matches(patterns: Any, module: str) -> bool:
   return any(module == p or module.endswith('.' + p) for p in patterns)
 
 
-def import_method(cfg, found, modules, directory, hf, params):
+def import_method(cfg, found, modules, directory, hf, params, shared=None):
   """IA3 or LoHa factors per module: ``(adapters, provider -> paths,
   folded biases)``.
 
@@ -151,6 +173,13 @@ def import_method(cfg, found, modules, directory, hf, params):
   ``b·l`` is returned as a trained leaf (exact, and it needs ``params``).
   """
   kind = cfg['peft_type']
+  if kind in kron.KINDS:   # shared: VeRA's projections (kron.pop_shared).
+    try:
+      return (*kron.import_method(cfg, found, modules, directory,
+                                  hf.expected_shapes(), shared or {},
+                                  pattern_value), {})
+    except kron.Error as e:
+      raise PeftFormatError(str(e)) from None
   adapters, groups, folded = {}, collections.defaultdict(list), {}
   want = {'ia3_l'} if kind == 'IA3' else {'hada_w1_a', 'hada_w1_b',
                                          'hada_w2_a', 'hada_w2_b'}

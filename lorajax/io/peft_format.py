@@ -56,13 +56,16 @@ from lorajax.io import adapter_files
 from lorajax.io import digests
 from lorajax.io import hf_models
 from lorajax.io import peft_codecs
+from lorajax.io import peft_codecs_kron
 from lorajax.io import peft_moe
 from lorajax.methods import dora as dora_lib
 from lorajax.methods import ia3 as ia3_lib
 from lorajax.methods import loha as loha_lib
+from lorajax.methods import lokr as lokr_lib
 from lorajax.methods import low_rank as lora_lib
 from lorajax.methods import pissa
 from lorajax.methods import qlora
+from lorajax.methods import vera as vera_lib
 from lorajax.models import moe
 
 PyTree = Any
@@ -70,9 +73,10 @@ CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
 PREFIX = peft_codecs.PREFIX
 PeftFormatError = peft_codecs.PeftFormatError
-PEFT_TYPES = ('LORA', 'IA3', 'LOHA')
+PEFT_TYPES = ('LORA', 'IA3', 'LOHA', *peft_codecs_kron.KINDS)
 # Tensor names of each method's factors (after the module name).
-_FACTOR = re.compile(r'(.+)\.(lora_A|lora_B|ia3_l|hada_w[12]_[ab]|hada_t[12])'
+_FACTOR = re.compile(r'(.+)\.(lora_A|lora_B|ia3_l|hada_w[12]_[ab]|hada_t[12]'
+                     r'|lokr_w[12](?:_[ab])?|lokr_t2|vera_lambda_[bd])'
                      r'(?:\.[^.]+)?(?:\.weight)?')
 # Config fields that change what a LoRA adapter computes and that lorajax's
 # Lora does not implement: (field, value that is fine).
@@ -167,7 +171,7 @@ def export_peft(directory: str | pathlib.Path, config: Any,
           f'the quantization error. Export format \'merged\' (the adapter '
           f'folded into the dequantized kernels) instead')
     if not isinstance(provider, (lora_lib.Lora, dora_lib.Dora, ia3_lib.Ia3,
-                                 loha_lib.LoHa)):
+                                 loha_lib.LoHa, lokr_lib.LoKr, vera_lib.Vera)):
       raise PeftFormatError(
           f'{path}: {type(provider).__name__} adapters have no PEFT format '
           f'lorajax writes; Lora, Dora, Ia3 and LoHa adapters are exported')
@@ -310,8 +314,9 @@ def _with_dense_layouts(adapters: PyTree) -> PyTree:
   def wrap(node):
     if node and not any(isinstance(v, dict) for v in node.values()):
       # a [.., in, r] (LoRA, LoHa's a1) or IA3's l [.., n]: count the stack.
-      probe = node.get('a', node.get('a1'))
-      stack = (np.ndim(node['l']) - 1 if probe is None
+      probe = next((node[k] for k in ('a', 'a1', 'w1', 'w1_a') if k in node),
+                   None)   # LoKr's w1 [.., in1, out1]; VeRA's lambda_d [.., r]
+      stack = (np.ndim(node.get('l', node.get('lambda_d'))) - 1 if probe is None
                else np.ndim(probe) - 2)
       return spec_lib.AdapterParams(
           node, layout=spec_lib.KernelLayout(stack, (0,), (1,)))
@@ -367,6 +372,7 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
         f'{", ".join(PEFT_TYPES)} adapters')
   if kind == 'IA3' and cfg.get('fan_in_fan_out'):
     raise PeftFormatError(f'{path}: fan_in_fan_out=True is not supported')
+  peft_codecs.check_config(cfg, path)
   if kind != 'LORA':
     return cfg
   for field, fine in _MUST_BE:
@@ -445,6 +451,7 @@ def import_peft(directory: str | pathlib.Path, config: Any,
     raise PeftFormatError(str(e)) from None
   modules = hf.kernel_modules()
   by_key = {key: path for path, key in hf.keys.items()}
+  shared = peft_codecs_kron.pop_shared(tensors)
   rename = _renamer({_module_name(k.removeprefix(PREFIX)) for k in tensors},
                     hf)
   lora, saved = collections.defaultdict(dict), {}
@@ -478,7 +485,7 @@ def import_peft(directory: str | pathlib.Path, config: Any,
           f'factor nor a parameter of {hf.architecture}')
   if cfg['peft_type'] != 'LORA':
     adapters, groups, folded = peft_codecs.import_method(cfg, lora, modules, directory,
-                                              hf, params)
+                                              hf, params, shared)
     saved.update(folded)
   else:
     adapters, groups = _import_lora(cfg, lora, modules, hf)

@@ -37,6 +37,7 @@ import lorajax
 from lorajax.io import hf_models
 from lorajax.io import hf_targets
 from lorajax.methods import prompts as prompts_lib
+from lorajax.methods import vera as vera_lib
 from lorajax.models import moe
 from lorajax.training import config as config_lib
 from lorajax.training import model_loading
@@ -179,6 +180,7 @@ def attach_method(config, model: model_loading.Model) -> Method:
   traced = (dict(fn=lambda p, ids: model.module.apply({'params': p}, ids),
                  args=(jnp.zeros((1, 2), jnp.int32),))
             if isinstance(model.config, moe.MoeConfig) else {})
+  spec = vera_lib.bind_projections(spec, params, **traced)  # VeRA's shared A, B
   adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1),
                           **traced)
   base = _pissa_residual(spec, params, adapters)

@@ -27,10 +27,10 @@ from ml_collections import config_dict
 import lorajax
 from lorajax.io import hf_targets
 
-METHODS = ('lora', 'dora', 'qlora', 'loha', 'ia3', 'bottleneck', 'prompt',
-           'prefix', 'full', 'head')
+METHODS = ('lora', 'dora', 'qlora', 'loha', 'lokr', 'vera', 'ia3',
+           'bottleneck', 'prompt', 'prefix', 'full', 'head')
 # Methods whose adapters come from the config.lora fields.
-LOW_RANK_METHODS = ('lora', 'dora', 'qlora', 'loha')
+LOW_RANK_METHODS = ('lora', 'dora', 'qlora', 'loha', 'lokr', 'vera')
 # lora.targets values that name kernels the Hugging Face way (resolved
 # against the model by attach.attach_method).
 LORA_TARGET_SHORTHANDS = hf_targets.SHORTHANDS
@@ -132,7 +132,9 @@ def base_config(task: str) -> config_dict.ConfigDict:
 
   # The rules: method, adapter targets, extra trained and frozen leaves.
   # 'lora', 'dora', 'qlora' or 'loha' (adapters on lora.targets +
-  # train_rules; loha takes lora.rank and lora.alpha only),
+  # train_rules; loha and lokr take lora.rank and lora.alpha only, vera
+  # lora.rank only: its update has no scale, its shared frozen projections
+  # are drawn from config.seed),
   # 'ia3' (learned scales on ia3.targets + train_rules),
   # 'bottleneck' (adapters after output projections + train_rules),
   # 'prompt' or 'prefix' (learned virtual tokens + train_rules), 'full'
@@ -362,14 +364,18 @@ def _low_rank_rules(config: config_dict.ConfigDict, targets: str
     return [(targets, lorajax.Lora(**kw))]
   if config.method == 'dora':
     return [(targets, lorajax.Dora(**kw))]
-  if config.method == 'loha':
+  if config.method in ('loha', 'lokr', 'vera'):
     unused = {'lora.rslora': (kw['use_rslora'], False),
               'lora.dropout': (kw['dropout'], 0.0),
               'lora.init': (kw['init'], 'kaiming')}
     for field, (value, default) in unused.items():
       if value != default:
-        raise ValueError(f"config.method='loha' has no {field} (got "
-                         f'{value!r}); leave it at {default!r}')
+        raise ValueError(f'config.method={config.method!r} has no {field} '
+                         f'(got {value!r}); leave it at {default!r}')
+    if config.method == 'lokr':
+      return [(targets, lorajax.LoKr(rank=kw['rank'], alpha=kw['alpha']))]
+    if config.method == 'vera':
+      return [(targets, lorajax.Vera(rank=kw['rank'], seed=int(config.seed)))]
     return [(targets, lorajax.LoHa(rank=kw['rank'],
                                                alpha=kw['alpha']))]
   rules = [(targets, lorajax.QLora(quant=config.quant, **kw))]
