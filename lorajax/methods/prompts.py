@@ -40,6 +40,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorajax.methods import ptuning
+
 PyTree = Any
 
 
@@ -126,10 +128,14 @@ def prefix_tensor(prompts: PyTree) -> jax.Array | None:
 
 
 def fold(prompts: PyTree) -> PyTree:
-  """Replaces an MLP-reparameterized prefix by the prefix it computes."""
-  out = {k: v for k, v in prompts.items() if k != 'prefix_mlp'}
+  """Replaces an MLP-reparameterized prefix by the prefix it computes, and
+  a P-tuning ``prompt_encoder`` by its prompt (``lorajax.methods.ptuning``)."""
+  out = {k: v for k, v in prompts.items()
+         if k not in ('prefix_mlp', 'prompt_encoder')}
   if 'prefix_mlp' in prompts:
     out['prefix'] = prefix_tensor(prompts)
+  if 'prompt_encoder' in prompts:
+    out['prompt'] = ptuning.encode(prompts['prompt_encoder'])
   return out
 
 
@@ -141,14 +147,18 @@ def model_inputs(prompts: PyTree | None) -> dict[str, jax.Array]:
   """
   if not prompts:
     return {}
-  unknown = set(prompts) - {'prompt', 'prefix', 'prefix_mlp'}
-  if unknown or ('prefix' in prompts and 'prefix_mlp' in prompts):
+  unknown = set(prompts) - {'prompt', 'prompt_encoder', 'prefix',
+                             'prefix_mlp'}
+  if (unknown or ('prefix' in prompts and 'prefix_mlp' in prompts)
+      or ('prompt' in prompts and 'prompt_encoder' in prompts)):
     raise ValueError(
-        f'prompts has keys {sorted(prompts)}; expected \'prompt\' and/or one '
-        f"of 'prefix', 'prefix_mlp'")
+        f'prompts has keys {sorted(prompts)}; expected one of \'prompt\', '
+        f"'prompt_encoder' and/or one of 'prefix', 'prefix_mlp'")
   out = {}
   if 'prompt' in prompts:
     out['prompt'] = prompts['prompt']
+  if 'prompt_encoder' in prompts:   # P-tuning
+    out['prompt'] = ptuning.encode(prompts['prompt_encoder'])
   prefix = prefix_tensor(prompts)
   if prefix is not None:
     out['prefix'] = prefix

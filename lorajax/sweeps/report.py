@@ -55,7 +55,7 @@ Row = dict[str, Any]
 # Config groups that only some methods read: group -> those methods.
 METHOD_FIELDS = {'lora': ('lora', 'dora', 'qlora'),
                  'bottleneck': ('bottleneck',), 'prompt': ('prompt',),
-                 'prefix': ('prefix',)}
+                 'prefix': ('prefix',), 'ptuning': ('ptuning',)}
 FIELDS = ('method', 'seed', 'trainable_params', 'trainable_pct', 'metric',
           'best_validation', 'best_validation_step', 'test', 'test_step',
           'test_final', 'test_examples', 'majority_rate', 'loss_first',

@@ -37,6 +37,7 @@ import lorajax
 from lorajax.io import hf_models
 from lorajax.io import hf_targets
 from lorajax.methods import prompts as prompts_lib
+from lorajax.methods import ptuning as ptuning_lib
 from lorajax.methods import vera as vera_lib
 from lorajax.models import moe
 from lorajax.training import config as config_lib
@@ -93,6 +94,8 @@ def init_prompts(config, model: model_loading.Model) -> PyTree:
     return make(model.config, key, n_prompt=int(config.prompt.num_tokens),
                 embedding=(model.embedding if config.prompt.init_from_vocab
                            else None))
+  if config.method == 'ptuning':
+    return ptuning_lib.for_config(config, model, key)
   if config.method == 'prefix':
     return make(model.config, key, n_prefix=int(config.prefix.num_tokens),
                 mlp_hidden=int(config.prefix.mlp_hidden) or None)

@@ -28,14 +28,14 @@ import lorajax
 from lorajax.io import hf_targets
 
 METHODS = ('lora', 'dora', 'qlora', 'loha', 'lokr', 'vera', 'ia3',
-           'bottleneck', 'prompt', 'prefix', 'full', 'head')
+           'bottleneck', 'prompt', 'prefix', 'ptuning', 'full', 'head')
 # Methods whose adapters come from the config.lora fields.
 LOW_RANK_METHODS = ('lora', 'dora', 'qlora', 'loha', 'lokr', 'vera')
 # lora.targets values that name kernels the Hugging Face way (resolved
 # against the model by attach.attach_method).
 LORA_TARGET_SHORTHANDS = hf_targets.SHORTHANDS
 # Methods that train a 'prompts' tree (lorajax.methods.prompts).
-PROMPT_METHODS = ('prompt', 'prefix')
+PROMPT_METHODS = ('prompt', 'prefix', 'ptuning')
 # The bottleneck rule helpers' name of each model.
 _ARCH = {'minilm': 'bert', 'smollm2': 'llama'}
 TASKS = ('classification', 'lm', 'sft')
@@ -137,7 +137,8 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # are drawn from config.seed),
   # 'ia3' (learned scales on ia3.targets + train_rules),
   # 'bottleneck' (adapters after output projections + train_rules),
-  # 'prompt' or 'prefix' (learned virtual tokens + train_rules), 'full'
+  # 'prompt', 'ptuning' (prompt tokens from an MLP encoder) or 'prefix'
+  # (learned virtual tokens + train_rules), 'full'
   # (every leaf but frozen_rules) or 'head' (only train_rules).
   c.method = 'lora'
   c.lora = config_dict.ConfigDict()
@@ -199,6 +200,15 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # Width of the MLP that reparameterizes the prefix during training (folded
   # into the plain prefix at the end); 0 trains the prefix directly.
   c.prefix.mlp_hidden = 0
+  c.ptuning = config_dict.ConfigDict()
+  # Virtual input tokens computed by a prompt encoder ('ptuning'), folded
+  # into plain prompt tokens at the end.
+  c.ptuning.num_tokens = 20
+  # Width of the encoder's MLP; 0 takes the model's hidden size (PEFT's
+  # default encoder_hidden_size).
+  c.ptuning.encoder_hidden = 0
+  # PEFT's encoder_reparameterization_type: only 'MLP' is implemented.
+  c.ptuning.encoder = 'MLP'
   # Regex of leaves trained as they are (besides adapters); '' for none.
   c.train_rules = r'classifier/.*' if task == 'classification' else ''
   # Regex of leaves that no method trains; '' for none.

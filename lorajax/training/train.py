@@ -57,6 +57,7 @@ import lorajax
 from lorajax import io as io_lib
 from lorajax.data import loader
 from lorajax.io import digests
+from lorajax.io import peft_prompts
 from lorajax.runtime import memory
 from lorajax.training import attach
 from lorajax.training import checkpoint as ckpt_lib
@@ -507,6 +508,26 @@ def _name_labels(path: str, labels) -> None:
       json.dump(hf, f, indent=2)
 
 
+def _check_prompt_export(config, fmt: str) -> None:
+  """Raises ValueError unless a prompt-learning run exports as ``fmt``:
+  only ``'peft'``, where PEFT computes the method as lorajax does
+  (``io.peft_prompts``)."""
+  try:
+    if fmt != 'peft':
+      raise ValueError(f'format {fmt!r} has no place for them')
+    peft_prompts.check_method(
+        peft_prompts.METHOD_TYPES[config.method],
+        'classification' if config.task == 'classification' else
+        'causal_lm')
+    if config.train_rules:
+      raise ValueError(f'train_rules={config.train_rules!r} trained more '
+                       'than the virtual tokens PEFT\'s file holds')
+  except ValueError as e:
+    raise ValueError(f'method {config.method!r} trains virtual tokens, '
+                     'which training writes to <workdir>/prompts.npz; '
+                     f'they cannot be exported as {fmt!r}: {e}') from None
+
+
 def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
                       step: int | str | None = None) -> str:
   """Writes a run's saved adapter as a file its users can load elsewhere.
@@ -530,17 +551,16 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
     ``out``.
 
   Raises:
-    ValueError: an unknown format, a prompt-tuning run (its virtual tokens
-      are written as ``prompts.npz`` by training), ``peft``/``merged`` of a
+    ValueError: an unknown format, a prompt-learning run other than a
+      causal LM's prompt or P-tuning as ``peft`` (``io.peft_prompts``; its
+      virtual tokens are in ``prompts.npz``), ``peft``/``merged`` of a
       ``model.factory`` model, or a checkpoint of another spec or model.
   """
   if fmt not in EXPORT_FORMATS:
     raise ValueError(f'format {fmt!r}; expected one of {EXPORT_FORMATS}')
   model_factory.check_export(config, fmt)   # no HF class for your model
   if config.method in config_lib.PROMPT_METHODS:
-    raise ValueError(f'method {config.method!r} trains virtual tokens, '
-                     'which training writes to <workdir>/prompts.npz; '
-                     'there is no adapter file to export')
+    _check_prompt_export(config, fmt)
   # No data: export scores none; a classifier's classes are in the meta.
   labels = saved_run.labels(workdir, step) or ()
   model = model_loading.load_model(config, labels)
@@ -551,6 +571,9 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
       folder, trainable,
       _meta(config, method.spec, model.info, trainable), step)
   trainable = jax.device_get(trainable)
+  if config.method in config_lib.PROMPT_METHODS:   # PEFT's prompt_embeddings
+    return str(peft_prompts.export_peft_prompt(
+        out, model.config, trainable['prompts'], **attach.hf_origin(config)))
   spec, adapters = method.spec, trainable['adapters']
   tuned = lorajax.combine(trainable['params'], frozen)   # what it ran with
   if fmt == 'merged':

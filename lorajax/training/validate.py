@@ -67,7 +67,7 @@ _INTS_AT_LEAST = {
 }
 # Methods a model.factory model cannot take: prompts and bottleneck
 # adapters go into the shipped models' own layers.
-FACTORY_REFUSED_METHODS = ('prompt', 'prefix', 'bottleneck')
+FACTORY_REFUSED_METHODS = ('prompt', 'prefix', 'ptuning', 'bottleneck')
 _SPLITS = ('data.train_split', 'data.validation_split', 'data.test_split')
 _SLICE = re.compile(r'[\w/.-]+\[(-?\d*)(%?):(-?\d*)(%?)\]')
 
