@@ -151,10 +151,13 @@ def test_folded_ptuning_gives_the_unfolded_logits(llama_dir):
 
 
 def test_ptuning_runs_from_a_config(tmp_path):
+  """A classifier run with the LSTM encoder (the MLP one runs below)."""
   config = toy_models.load_config(
       'rt_minilm_lora', method='ptuning', num_train_steps=2, eval_every=2,
       checkpoint_every=2, **{'ptuning.num_tokens': 3,
-                             'ptuning.encoder_hidden': 8})
+                             'ptuning.encoder_hidden': 8,
+                             'ptuning.encoder': 'lstm',
+                             'ptuning.lstm_layers': 1})
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary['method'] == 'ptuning' and np.isfinite(summary['test']['loss'])
   with np.load(summary['prompts_file']) as folded:   # encoder folded away
@@ -168,12 +171,39 @@ def test_ptuning_runs_from_a_config(tmp_path):
   assert not (tmp_path / 'peft').exists()
 
 
-def test_lstm_encoder_is_refused_by_name():
+def test_unknown_encoder_is_refused_by_name():
   config = toy_models.load_config('rt_minilm_lora', method='ptuning',
-                                  **{'ptuning.encoder': 'LSTM'})
-  with pytest.raises(ValueError, match=r"ptuning.encoder='LSTM'.*not "
-                                       'implemented'):
+                                  **{'ptuning.encoder': 'GRU'})
+  with pytest.raises(ValueError, match=r"ptuning.encoder='GRU'; expected "):
     attach.init_prompts(config, model=None)   # before the model is read
+
+
+@pytest.mark.parametrize('encoder', ['MLP', 'LSTM'])
+def test_encoder_computes_peft_prompt_encoder(encoder):
+  """lorajax's encoder on a PEFT PromptEncoder's weights gives its output
+  (LSTM: 2 bidirectional layers); every leaf gets a gradient."""
+  from peft.tuners.p_tuning import model as p_tuning  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  peer_config = peft.PromptEncoderConfig(
+      task_type='CAUSAL_LM', num_virtual_tokens=5, token_dim=12,
+      num_transformer_submodules=1, encoder_hidden_size=6,
+      encoder_reparameterization_type=encoder)
+  peer = p_tuning.PromptEncoder(peer_config).double().eval()
+  with torch.no_grad():
+    want = peer(torch.arange(5)[None])[0].numpy()
+  tree = ptuning.from_peft_state(
+      {k: v.numpy() for k, v in peer.state_dict().items()})
+  assert set(tree) == ({'embedding', 'mlp', 'lstm'} if encoder == 'LSTM'
+                       else {'embedding', 'mlp'})
+  np.testing.assert_allclose(ptuning.encode(tree), want, atol=1e-6, rtol=0)
+  described = ptuning.describe(tree)   # what an export records
+  assert described == {k: getattr(peer_config, k) for k in described}
+  grads = jax.grad(lambda t: jnp.sum(jnp.sin(ptuning.encode(t))))(tree)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.abs(np.asarray(g)).max() > 0, path
+  fresh = ptuning.init_encoder(jax.random.key(0), 5, 12, encoder_hidden=6,
+                               encoder=encoder)
+  assert (jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, tree))
 
 
 # ---- PEFT format: the supported cases -----------------------------------------
@@ -187,8 +217,8 @@ def test_llama_export_gives_lorajax_logits_in_peft(kind, llama_dir, tmp_path):
   out = peft_prompts.export_peft_prompt(tmp_path / 'peft', loaded.config,
                                         tree, source=llama_dir)
   cfg = json.loads((out / 'adapter_config.json').read_text())
-  assert cfg['peft_type'] == {'prompt': 'PROMPT_TUNING',
-                              'ptuning': 'P_TUNING'}[kind]
+  assert cfg['peft_type'] == ('PROMPT_TUNING' if kind == 'prompt'
+                              else 'P_TUNING')
   peer = peft.PeftModel.from_pretrained(
       _peer(llama_dir, transformers.LlamaForCausalLM), out).eval()
   got = _peer_logits(peer)
@@ -196,11 +226,14 @@ def test_llama_export_gives_lorajax_logits_in_peft(kind, llama_dir, tmp_path):
   print(f'{kind} export: max|Δlogit| {delta:.2e}')
 
 
-@pytest.mark.parametrize('config_cls', [peft.PromptTuningConfig,
-                                        peft.PromptEncoderConfig])
-def test_peft_made_llama_adapter_imports(config_cls, llama_dir, tmp_path):
-  extra = ({'encoder_hidden_size': 16}
-           if config_cls is peft.PromptEncoderConfig else {})
+@pytest.mark.parametrize('config_cls,extra', [
+    (peft.PromptTuningConfig, {}),
+    (peft.PromptEncoderConfig, {'encoder_hidden_size': 16}),
+    (peft.PromptEncoderConfig, {'encoder_hidden_size': 16,
+                                'encoder_reparameterization_type': 'LSTM'})],
+                         ids=['prompt', 'ptuning', 'ptuning_lstm'])
+def test_peft_made_llama_adapter_imports(config_cls, extra, llama_dir,
+                                         tmp_path):
   want = _peft_made(llama_dir, transformers.LlamaForCausalLM,
                     config_cls(task_type='CAUSAL_LM', num_virtual_tokens=N,
                                **extra), tmp_path / 'a')
@@ -209,7 +242,7 @@ def test_peft_made_llama_adapter_imports(config_cls, llama_dir, tmp_path):
                                          source=llama_dir)
   assert tree['prompt'].shape == (N, 32)
   delta = _assert_close(_ours(loaded, **tree), want)
-  print(f'{config_cls.__name__} import: max|Δlogit| {delta:.2e}')
+  print(f'{config_cls.__name__} {extra} import: max|Δlogit| {delta:.2e}')
 
 
 # ---- what PEFT computes differently: checked, then refused ---------------------
@@ -280,8 +313,8 @@ def test_bad_trees_and_fields_are_refused(llama_dir, tmp_path):
                                         {'prompt': prompt}, source=llama_dir)
   cfg = json.loads((out / 'adapter_config.json').read_text())
   (out / 'adapter_config.json').write_text(json.dumps(
-      dict(cfg, peft_type='P_TUNING', encoder_reparameterization_type='LSTM')))
-  with pytest.raises(ValueError, match="reparameterization_type='LSTM'"):
+      dict(cfg, peft_type='P_TUNING', encoder_reparameterization_type='GRU')))
+  with pytest.raises(ValueError, match="reparameterization_type='GRU'"):
     peft_prompts.import_peft_prompt(out, loaded.config, source=llama_dir)
   (out / 'adapter_config.json').write_text(json.dumps(
       dict(cfg, num_virtual_tokens=N + 1)))

@@ -166,7 +166,7 @@ def export_peft_prompt(directory: str | os.PathLike[str], config: Any,
     config: the model's ``LlamaConfig`` (or a family's config).
     prompts: the run's ``prompts`` tree: ``{'prompt': [n, d]}`` (prompt
       tuning) or ``{'prompt_encoder': ...}`` (P-tuning; its prompt is
-      computed and saved, with the encoder's width recorded).
+      computed and saved, with the encoder's type and width recorded).
     source: the Hugging Face checkpoint directory the model was loaded from;
       None for the shipped models.
     head: the head PEFT will wrap (default the source's own).
@@ -198,10 +198,7 @@ def export_peft_prompt(directory: str | os.PathLike[str], config: Any,
   if peft_type == 'PROMPT_TUNING':
     cfg['prompt_tuning_init'] = 'RANDOM'
   else:
-    encoder = prompts['prompt_encoder']
-    cfg['encoder_reparameterization_type'] = 'MLP'
-    cfg['encoder_hidden_size'] = int(
-        encoder['mlp']['layer_0']['kernel'].shape[1])
+    cfg.update(ptuning.describe(prompts['prompt_encoder']))
   out = pathlib.Path(directory)
   out.mkdir(parents=True, exist_ok=True)
   st_numpy.save_file({KEY: np.ascontiguousarray(embeddings)},
@@ -238,7 +235,7 @@ def import_peft_prompt(directory: str | os.PathLike[str], config: Any, *,
   if cfg.get('task_type') != hf.task_type:
     raise PeftPromptError(f"task_type={cfg.get('task_type')!r} in "
                           f'{CONFIG_NAME}; this model is {hf.task_type!r}')
-  if peft_type == 'P_TUNING':
+  if peft_type == 'P_TUNING':   # the saved prompt is the encoder's output
     ptuning.check_encoder_type(cfg.get('encoder_reparameterization_type',
                                        'MLP'))
   for field in ('num_transformer_submodules',):

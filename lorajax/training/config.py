@@ -207,8 +207,11 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # Width of the encoder's MLP; 0 takes the model's hidden size (PEFT's
   # default encoder_hidden_size).
   c.ptuning.encoder_hidden = 0
-  # PEFT's encoder_reparameterization_type: only 'MLP' is implemented.
+  # PEFT's encoder_reparameterization_type: 'MLP' (3 layers) or 'LSTM'
+  # (bidirectional LSTM, then a 2-layer MLP).
   c.ptuning.encoder = 'MLP'
+  # Layers of the 'LSTM' encoder (PEFT's encoder_num_layers).
+  c.ptuning.lstm_layers = 2
   # Regex of leaves trained as they are (besides adapters); '' for none.
   c.train_rules = r'classifier/.*' if task == 'classification' else ''
   # Regex of leaves that no method trains; '' for none.
