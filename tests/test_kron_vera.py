@@ -25,7 +25,6 @@ from lorajax.training import train
 
 import toy_models
 from test_more_methods import _check_provider
-from test_more_methods import USES
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -109,15 +108,21 @@ def _spec(method, name, model):
 # ---- providers -----------------------------------------------------------
 
 
-@pytest.mark.parametrize('use', sorted(USES))
-@pytest.mark.parametrize('provider', [
-    lorajax.LoKr(rank=2, alpha=4), lorajax.LoKr(rank=1, decompose_both=True),
-    lorajax.Vera(rank=2, projections=vera_lib.VeraProjections.random(
-        2, 8, 8, seed=3))], ids=['lokr', 'lokr_both', 'vera'])
-def test_merged_equals_adapted_and_base_at_init(provider, use):
+PROVIDERS = {
+    'lokr': lorajax.LoKr(rank=2, alpha=4),
+    'lokr_both': lorajax.LoKr(rank=1, decompose_both=True),
+    'vera': lorajax.Vera(rank=2, projections=vera_lib.VeraProjections.random(
+        2, 8, 8, seed=3))}
+
+
+@pytest.mark.parametrize('name,use', [
+    ('lokr', 'flax'), ('lokr', 'multi_in'), ('lokr', 'lhs'),
+    ('lokr', 'torch'), ('lokr_both', 'multi_out'),
+    ('vera', 'flax'), ('vera', 'multi_in'), ('vera', 'lhs')])
+def test_merged_equals_adapted_and_base_at_init(name, use):
   """float32: adapted == merged (1e-5), unmerge restores, gradients equal
   the merged formulation's, and the base at init."""
-  _check_provider(use, provider)
+  _check_provider(use, PROVIDERS[name])
 
 
 def test_lokr_factors_match_peft_shapes_and_init():
@@ -312,13 +317,16 @@ def test_factorization_is_peft_s():
 
 @pytest.mark.parametrize('method', ['lokr', 'vera'])
 def test_config_method_trains_and_resumes_exactly(method, tmp_path):
+  """config.method='lokr'/'vera' through the config system (smoke MiniLM,
+  rank 8 on query and value); VeRA resumes exactly (its projections are
+  drawn again from config.seed)."""
   config = toy_models.load_config(
-      'rt_minilm_methods', method=method, num_train_steps=4, eval_every=4,
-      checkpoint_every=2)
+      'rt_minilm_methods', method=method, num_train_steps=2, eval_every=2,
+      checkpoint_every=1)
   workdir = tmp_path / 'run'
   summary = train.train_and_evaluate(config, str(workdir))
   rows = metrics_lib.read_jsonl(str(workdir / 'metrics.jsonl'))
-  assert list(rows) == [1, 2, 3, 4]
+  assert list(rows) == [1, 2]
   assert all(np.isfinite(r['loss']) for r in rows.values())
   assert summary['method'] == method
   _, meta = ckpt_lib.read_meta(workdir / 'checkpoints')
@@ -333,27 +341,27 @@ def test_config_method_trains_and_resumes_exactly(method, tmp_path):
     kernel_path, leaf = p[len('adapters/'):].rsplit('/', 1)
     n_in, n_out = np.shape(kernels[kernel_path])
     assert tuple(s) == tuple(want[method](n_in, n_out)[leaf]), p
-  # Resume from step 2: the same final parameters and losses.
+  if method != 'vera':
+    return
+  # Resume from step 1: the same final parameters and step-2 loss.
   again = tmp_path / 'again'
   shutil.copytree(workdir, again)
-  shutil.rmtree(again / 'checkpoints' / '4')
+  shutil.rmtree(again / 'checkpoints' / '2')
   os.remove(again / 'summary.json')
   os.remove(again / 'metrics.jsonl')
-  assert train.train_and_evaluate(config, str(again))['resumed_from'] == 2
+  assert train.train_and_evaluate(config, str(again))['resumed_from'] == 1
 
   def final(folder):
     out, _ = ckpt_lib.restore_trainable(
-        folder / 'checkpoints',
-        ckpt_lib.abstract(train.tasks.build_task(config).split_params()[0]),
-        ckpt_lib.read_meta(folder / 'checkpoints')[1], 4)
+        folder / 'checkpoints', ckpt_lib.abstract(task.split_params()[0]),
+        ckpt_lib.read_meta(folder / 'checkpoints')[1], 2)
     return jax.device_get(out)
 
   for a, b in zip(jax.tree.leaves(final(again)), jax.tree.leaves(final(
       workdir))):
     np.testing.assert_array_equal(a, b)
   resumed = metrics_lib.read_jsonl(str(again / 'metrics.jsonl'))
-  assert [r['loss'] for r in resumed.values()] == [rows[3]['loss'],
-                                                   rows[4]['loss']]
+  assert [r['loss'] for r in resumed.values()] == [rows[2]['loss']]
 
 
 def test_zz_print_measured():
