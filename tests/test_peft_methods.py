@@ -121,6 +121,8 @@ def test_mixed_methods_and_bad_ia3_shapes_are_refused(tmp_path):
   cfg = json.loads(cfg_path.read_text())
   cfg['feedforward_modules'] = []  # the file's [1, in] says otherwise
   cfg_path.write_text(json.dumps(cfg))
+  # As PEFT would have written it: no lorajax digest to catch the edit.
+  (tmp_path / 'ok' / 'lorajax_digest.json').unlink()
   with pytest.raises(peft_format.PeftFormatError,
                      match=r'ia3_l has shape \(1, 384\).*not a feed-forward'):
     peft_format.import_peft(tmp_path / 'ok', config, params)
