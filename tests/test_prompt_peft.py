@@ -9,6 +9,7 @@ after a prefix) the tests check that the difference is real and that the
 export and import refuse it.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -308,6 +309,11 @@ def test_bad_trees_and_fields_are_refused(llama_dir, tmp_path):
     peft_prompts.export_peft_prompt(tmp_path / 'out', loaded.config,
                                     {'prompt': prompt}, source=llama_dir,
                                     head='base')
+  gemma_like = dataclasses.replace(loaded.config, scale_embeddings=True)
+  with pytest.raises(peft_prompts.PeftPromptError,
+                     match='scale_embeddings=True'):
+    peft_prompts.export_peft_prompt(tmp_path / 'out', gemma_like,
+                                    {'prompt': prompt})
   assert not (tmp_path / 'out').exists()
   out = peft_prompts.export_peft_prompt(tmp_path / 'ok', loaded.config,
                                         {'prompt': prompt}, source=llama_dir)
