@@ -18,7 +18,8 @@ The learned tensors live in a ``prompts`` tree, trained next to the adapters:
   out = fn(params, trainable['adapters'], ids, mask,
            **model_inputs(trainable['prompts']))
 
-``prompts`` holds ``'prompt'`` and/or one of ``'prefix'`` / ``'prefix_mlp'``.
+``prompts`` holds ``'prompt'`` or ``'prompt_encoder'`` (P-tuning,
+``lorajax.methods.ptuning``) and/or one of ``'prefix'`` / ``'prefix_mlp'``.
 Attention masks are extended inside the models so that every real token
 sees the virtual ones.
 
