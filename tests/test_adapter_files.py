@@ -66,9 +66,9 @@ def test_spec_json_round_trip(provider):
 
 
 def test_spec_json_unknown_method_and_provider():
-  with pytest.raises(ValueError, match="method 'Vera'.*known: .*Lora"):
+  with pytest.raises(ValueError, match="method 'NoSuchMethod'.*known: .*Lora"):
     spec_json.spec_from_json({'format': 1, 'rules': [
-        ['.*', {'method': 'Vera', 'rank': 2}]]})
+        ['.*', {'method': 'NoSuchMethod', 'rank': 2}]]})
   with pytest.raises(ValueError, match='format 7'):
     spec_json.spec_from_json({'format': 7, 'rules': []})
 
