@@ -32,7 +32,8 @@ Example:
 
   >>> export_peft_prompt('/tmp/out', model.config, {'prompt': p},
   ...                    source='/ckpt')            # doctest: +SKIP
-  >>> import_peft_prompt('/tmp/out', model.config, source='/ckpt')  # +SKIP
+  >>> import_peft_prompt('/tmp/out', model.config,
+  ...                    source='/ckpt')            # doctest: +SKIP
   {'prompt': Array[n, d]}
 """
 
