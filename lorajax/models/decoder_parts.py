@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +86,37 @@ def window_mask(causal: jax.Array, key_slots: jax.Array,
     ``[T, S]`` bool.
   """
   return causal & (key_slots[None, :] > query_slots[:, None] - window)
+
+
+def cache_slots(attention_mask: jax.Array, cache: Any,
+                positions: jax.Array | None
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array,
+                           jax.Array]:
+  """Where a decoder call's tokens sit, with or without a KV cache.
+
+  Args:
+    attention_mask: ``[B, T]`` bool, the call's real tokens.
+    cache: a ``llama.KVCache`` being extended (its ``valid`` ``[B, S]`` and
+      write ``index``), or None.
+    positions: ``[B, T]`` RoPE positions, or None for the count of real
+      tokens before each one (cached ones included).
+
+  Returns:
+    ``(positions [B, T], key_valid [B, S], index, key_slots [S],
+    query_slots [T])``; without a cache ``S = T`` and ``index = 0``.
+  """
+  b, t = attention_mask.shape
+  if cache is None:
+    prior = jnp.zeros((b, 1), jnp.int32)
+    key_valid, index = attention_mask, jnp.zeros((), jnp.int32)
+    key_slots = jnp.arange(t)
+  else:
+    prior = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+    index = cache.index
+    key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask,
+                                             (0, index))
+    key_slots = jnp.arange(cache.valid.shape[1])
+  if positions is None:
+    positions = prior + jnp.cumsum(attention_mask, 1, dtype=jnp.int32) - 1
+    positions = jnp.maximum(positions, 0)
+  return positions, key_valid, index, key_slots, index + jnp.arange(t)

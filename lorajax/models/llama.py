@@ -459,20 +459,8 @@ class Llama(nn.Module):
       t += n_prompt
     if cache is None and cache_len is not None:
       cache = init_cache(cfg, b, cache_len)
-    if cache is None:
-      prior = jnp.zeros((b, 1), jnp.int32)
-      key_valid, index = attention_mask, jnp.zeros((), jnp.int32)
-      key_slots = jnp.arange(t)
-    else:
-      prior = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
-      index = cache.index
-      key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask,
-                                               (0, index))
-      key_slots = jnp.arange(cache.valid.shape[1])
-    if positions is None:
-      positions = prior + jnp.cumsum(attention_mask, 1, dtype=jnp.int32) - 1
-      positions = jnp.maximum(positions, 0)
-    query_slots = index + jnp.arange(t)
+    positions, key_valid, index, key_slots, query_slots = (
+        decoder_parts.cache_slots(attention_mask, cache, positions))
     causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
     windowed = None
     if cfg.sliding_window is not None:  # Only the last W slots.
