@@ -59,8 +59,9 @@ REFUSED_TYPES = {
     'deepseek_v3': 'multi-head latent attention and experts',
 }
 
-# Our path inside a layer -> Hugging Face name inside ``layers.{i}``.
-_LAYER = {
+# Our path inside a layer -> Hugging Face name inside ``layers.{i}`` (the
+# MoE families' reader takes its attention and norm entries).
+LAYER_NAMES = {
     'attn_norm/scale': 'input_layernorm.weight',
     'attn/q_proj/kernel': 'self_attn.q_proj.weight',
     'attn/q_proj/bias': 'self_attn.q_proj.bias',
@@ -311,7 +312,8 @@ def hf_keys(config: llama.LlamaConfig, prefix: str = 'model.'
   ``*Model`` checkpoint (which has no ``lm_head``).
   """
   shapes = llama_layout.expected_shapes(config.replace(scan_layers=False))
-  layer_names = _LAYER | _FUSED | (_SANDWICH if config.sandwich_norms else {})
+  layer_names = (LAYER_NAMES | _FUSED
+                 | (_SANDWICH if config.sandwich_norms else {}))
   keys = {}
   for path in shapes:
     if path == 'embed/embedding':

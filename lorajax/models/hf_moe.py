@@ -34,29 +34,19 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lorajax.models import hf_decoders
 from lorajax.models import hf_files
 from lorajax.models import moe
 
 MOE_TYPES = ('mixtral', 'qwen3_moe')
 
-# Our path inside a layer -> transformers 5's name inside ``layers.{i}``.
-_LAYER = {
-    'attn_norm/scale': 'input_layernorm.weight',
-    'attn/q_proj/kernel': 'self_attn.q_proj.weight',
-    'attn/q_proj/bias': 'self_attn.q_proj.bias',
-    'attn/k_proj/kernel': 'self_attn.k_proj.weight',
-    'attn/k_proj/bias': 'self_attn.k_proj.bias',
-    'attn/v_proj/kernel': 'self_attn.v_proj.weight',
-    'attn/v_proj/bias': 'self_attn.v_proj.bias',
-    'attn/o_proj/kernel': 'self_attn.o_proj.weight',
-    'attn/o_proj/bias': 'self_attn.o_proj.bias',
-    'attn/q_norm/scale': 'self_attn.q_norm.weight',
-    'attn/k_norm/scale': 'self_attn.k_norm.weight',
-    'mlp_norm/scale': 'post_attention_layernorm.weight',
-    'mlp/gate/kernel': 'mlp.gate.weight',
-    'mlp/experts/gate_up_proj/kernel': 'mlp.experts.gate_up_proj',
-    'mlp/experts/down_proj/kernel': 'mlp.experts.down_proj',
-}
+# Our path inside a layer -> transformers 5's name inside ``layers.{i}``:
+# the dense decoders' attention and norms, then the router and experts.
+_LAYER = {k: v for k, v in hf_decoders.LAYER_NAMES.items()
+          if not k.startswith('mlp/')} | {
+              'mlp/gate/kernel': 'mlp.gate.weight',
+              'mlp/experts/gate_up_proj/kernel': 'mlp.experts.gate_up_proj',
+              'mlp/experts/down_proj/kernel': 'mlp.experts.down_proj'}
 # Per-expert file names save_pretrained writes: (module, gate, up, down).
 _PER_EXPERT = {'mixtral': ('block_sparse_moe', 'w1', 'w3', 'w2'),
                'qwen3_moe': ('mlp', 'gate_proj', 'up_proj', 'down_proj')}
