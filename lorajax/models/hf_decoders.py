@@ -314,8 +314,16 @@ def hf_keys(config: llama.LlamaConfig, prefix: str = 'model.'
   shapes = llama_layout.expected_shapes(config.replace(scan_layers=False))
   layer_names = (LAYER_NAMES | _FUSED
                  | (_SANDWICH if config.sandwich_norms else {}))
+  return decoder_keys(shapes, layer_names, prefix)
+
+
+def decoder_keys(paths: Any, layer_names: dict[str, str],
+                 prefix: str) -> dict[str, str]:
+  """Our unscanned decoder paths -> Hugging Face keys: embeddings, final
+  norm and ``lm_head`` by name, ``layers_{i}/<rest>`` by ``layer_names``
+  inside ``{prefix}layers.{i}`` (shared by the dense and MoE readers)."""
   keys = {}
-  for path in shapes:
+  for path in paths:
     if path == 'embed/embedding':
       keys[path] = f'{prefix}embed_tokens.weight'
     elif path == 'final_norm/scale':

@@ -183,18 +183,7 @@ def hf_keys(config: moe.MoeConfig, prefix: str = 'model.') -> dict[str, str]:
   swapped); other kernels to ``Linear`` weights (``[out, in]``).
   ``prefix`` is ``'model.'`` for ``*ForCausalLM``, ``''`` for a bare model.
   """
-  keys = {}
-  for path in expected_shapes(config):
-    if path == 'embed/embedding':
-      keys[path] = f'{prefix}embed_tokens.weight'
-    elif path == 'final_norm/scale':
-      keys[path] = f'{prefix}norm.weight'
-    elif path == 'lm_head/kernel':
-      keys[path] = 'lm_head.weight'
-    else:
-      layer, rest = path.split('/', 1)
-      keys[path] = f'{prefix}layers.{layer.split("_")[1]}.{_LAYER[rest]}'
-  return keys
+  return hf_decoders.decoder_keys(expected_shapes(config), _LAYER, prefix)
 
 
 def _expert_tensor(files: hf_files.CheckpointFiles, kind: str, key: str,
