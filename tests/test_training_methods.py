@@ -93,10 +93,21 @@ def test_methods_sweep_expands_to_one_run_per_method(tmp_path):
   runs = grid.expand(os.path.join(ROOT, 'configs', f'{METHODS_CONFIG}.py'),
                      str(tmp_path))
   assert [r.config.method for r in runs] == [
-      'lora', 'dora', 'qlora', 'bottleneck', 'prefix', 'prompt', 'loha',
-      'ia3', 'full', 'head']
+      'lora', 'dora', 'qlora', 'bottleneck', 'prefix', 'prompt', 'ptuning',
+      'loha', 'lokr', 'vera', 'ia3', 'full', 'head']
+  vera = runs[9]
+  assert (vera.config.lora.rank, vera.config.optim.learning_rate) == (256, 1e-2)
   assert runs[1].command().endswith(
       '--config.method=dora --config.optim.learning_rate=0.005')
+
+
+def test_lm_methods_sweep_expands_to_one_run_per_method(tmp_path):
+  runs = grid.expand(
+      os.path.join(ROOT, 'configs', 'shakespeare_smollm2_methods.py'),
+      str(tmp_path))
+  assert [r.config.method for r in runs] == ['lora', 'lokr', 'vera', 'ia3']
+  assert {r.config.task for r in runs} == {'lm'}
+  assert runs[2].config.lora.rank == 256
 
 
 # ---- end to end --------------------------------------------------------------

@@ -1,0 +1,51 @@
+r"""PEFT methods compared on SmolLM2-135M for Shakespeare (causal LM).
+
+Each run is ``shakespeare_smollm2_lora.py`` (windows of 128 tokens, batch 4,
+80 steps, AdamW with cosine decay, validation perplexity on 32 fixed windows
+before the first step and at steps 40 and 80) with another method on the
+attention projections of the 30 layers:
+
+- ``lora``: rank 8, alpha 16 on q and v (1e-3);
+- ``lokr``: Kronecker factors of rank 8, alpha 16 on q and v (1e-3);
+- ``vera``: PEFT's default rank 256 shared random projections, two scaling
+  vectors per kernel trained (1e-2: only vectors learn);
+- ``ia3``: learned scales of k, v and the down projection's input (1e-2).
+
+Run (resumable: the same command skips finished runs, resumes the rest):
+
+  python -m experiments.sweep --config configs/shakespeare_smollm2_methods.py \
+      --workdir workdirs/shakespeare_smollm2_methods
+
+``results.md`` in the workdir then holds validation and test perplexity,
+trainable parameters, step time and peak memory per method.
+
+``:smoke`` shrinks every run to a tiny random model and a few steps.
+"""
+
+from lorajax.training import config as config_lib
+
+# (method, learning rate, fields beyond the base config) of each run.
+RUNS = (('lora', 1e-3, {}),
+        ('lokr', 1e-3, {}),
+        ('vera', 1e-2, {'lora.rank': 256}),
+        ('ia3', 1e-2, {}))
+
+
+def get_config(arg=None):
+  """The base run (LoRA); ``arg`` may be ``'smoke'``."""
+  arg = config_lib.parse_arg(arg, smoke=False)
+  c = config_lib.smollm2_shakespeare()
+  c.name = 'shakespeare_smollm2_methods'
+  c.method = 'lora'
+  c.progress_bar = False
+  if arg.smoke:
+    config_lib.shrink(c)
+  c.lock()
+  return c
+
+
+def sweep(add, arg=None):
+  """One run per method, each with its learning rate and fields."""
+  del arg  # The smoke sweep has the same runs, each shrunk.
+  for method, learning_rate, fields in RUNS:
+    add(method=method, **{'optim.learning_rate': learning_rate}, **fields)
