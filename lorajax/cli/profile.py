@@ -8,6 +8,8 @@ r"""Peak memory, step time and FLOPs of a train step, per batch size.
 Each batch size is measured in a fresh subprocess (its peak RSS is its own
 ``VmHWM``); ``--config.k=v`` flags apply to each. Writes ``profile.md``,
 ``profile.json`` and ``profile.png`` to ``--out`` and prints the table;
+``--where`` adds where each step's time goes (XLA op time by category:
+matmuls, attention's batched matmuls, reductions, elementwise, copies);
 ``--report-only`` redraws them from ``profile.json``. ``lorajax-profile`` (a
 console script) is the same command.
 """
@@ -33,6 +35,9 @@ _STEPS = flags.DEFINE_integer(
     'noisy on a 2-core CPU).')
 _REPORT_ONLY = flags.DEFINE_bool('report-only', False, 'Only rewrite '
                                   'profile.md/.png from --out/profile.json.')
+_WHERE = flags.DEFINE_bool(
+    'where', False, 'Also trace the timed steps with jax.profiler and add '
+    '"where the time goes" (XLA op time by category) to profile.md.')
 _CHILD = flags.DEFINE_integer('child_batch_size', None, 'Internal: measure '
                               'this one batch size and print the result.')
 
@@ -41,7 +46,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _CHILD.value is not None:
-    row = step_profile.measure(_CONFIG.value, _CHILD.value, steps=_STEPS.value)
+    row = step_profile.measure(_CONFIG.value, _CHILD.value, steps=_STEPS.value,
+                               where=_WHERE.value)
     print(step_profile.RESULT_PREFIX + json.dumps(row), flush=True)
     return
   config_file = config_flags.get_config_filename(flags.FLAGS['config'])
@@ -57,7 +63,8 @@ def main(argv):
     overrides = config_flags.get_override_values(flags.FLAGS['config'])
     rows = step_profile.profile(config_file, overrides,
                                 [int(b) for b in _BATCH_SIZES.value],
-                                echo=lambda s: print(s, flush=True))
+                                echo=lambda s: print(s, flush=True),
+                                where=_WHERE.value)
     with open(path, 'w', encoding='utf-8') as f:
       json.dump({'config': config_file, 'overrides': overrides,
                  'rows': rows}, f, indent=2)

@@ -37,6 +37,7 @@ from matplotlib import figure
 import numpy as np
 
 from lorajax.data import loader
+from lorajax.profiling import op_time
 from lorajax.runtime import memory
 from lorajax.sweeps import grid
 from lorajax.training import optim
@@ -58,8 +59,8 @@ def xla_flops(compiled) -> float | None:
   return None if value is None else float(value)
 
 
-def measure(config, batch_size: int, *, steps: int = 5, warmup: int = 2
-            ) -> Row:
+def measure(config, batch_size: int, *, steps: int = 5, warmup: int = 2,
+            where: bool = False) -> Row:
   """Measures one batch size in this process (call it in a fresh one).
 
   Args:
@@ -67,6 +68,8 @@ def measure(config, batch_size: int, *, steps: int = 5, warmup: int = 2
     batch_size: examples per step.
     steps: timed steps (the median is reported).
     warmup: untimed steps first (the first one compiles).
+    where: also trace ``steps`` more steps with ``jax.profiler`` and add
+      ``where`` (``op_time.breakdown``: op time per category) to the row.
 
   Returns:
     ``batch_size``, ``step_time_s``, ``flops``, ``tokens`` (padded),
@@ -92,7 +95,7 @@ def measure(config, batch_size: int, *, steps: int = 5, warmup: int = 2
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - t0)
-  return {'batch_size': batch_size, 'step_time_s': statistics.median(times),
+  row = {'batch_size': batch_size, 'step_time_s': statistics.median(times),
           'flops': xla_flops(compiled),
           'tokens': int(np.size(host_batch[task.tokens_key])),
           'real_tokens': int(np.sum(host_batch[task.tokens_key])),
@@ -100,11 +103,19 @@ def measure(config, batch_size: int, *, steps: int = 5, warmup: int = 2
                                       jax.tree.leaves(trainable))),
           'setup_rss_bytes': setup_rss,
           'peak_rss_bytes': memory.peak_rss_bytes()}
+  if where:
+    def one_step():
+      nonlocal state
+      state, metrics = compiled(state, frozen, batch)
+      return state, metrics
+    row['where'] = op_time.breakdown(compiled.as_text(), one_step,
+                                     steps=steps)
+  return row
 
 
 def measure_in_subprocess(config_file: str, overrides: Mapping[str, Any],
-                          batch_size: int, *, timeout: float = 1800.0
-                          ) -> Row:
+                          batch_size: int, *, timeout: float = 1800.0,
+                          where: bool = False) -> Row:
   """Runs ``python -m lorajax.cli.profile --child_batch_size=B`` for one B.
 
   Raises:
@@ -112,7 +123,7 @@ def measure_in_subprocess(config_file: str, overrides: Mapping[str, Any],
   """
   argv = [sys.executable, '-m', PROFILE_MODULE,
           *grid.config_argv(config_file, overrides),
-          f'--child_batch_size={batch_size}']
+          f'--child_batch_size={batch_size}', f'--where={where}']
   proc = subprocess.run(argv, capture_output=True, text=True, check=False,
                         timeout=timeout)
   for line in proc.stdout.splitlines():
@@ -124,11 +135,12 @@ def measure_in_subprocess(config_file: str, overrides: Mapping[str, Any],
 
 
 def profile(config_file: str, overrides: Mapping[str, Any],
-            batch_sizes: Sequence[int], *, echo=print) -> list[Row]:
+            batch_sizes: Sequence[int], *, echo=print, where: bool = False
+            ) -> list[Row]:
   """Measures every batch size, each in its own subprocess."""
   rows = []
   for b in batch_sizes:
-    row = measure_in_subprocess(config_file, overrides, b)
+    row = measure_in_subprocess(config_file, overrides, b, where=where)
     echo(f'batch {b}: {1000 * row["step_time_s"]:.0f} ms/step, peak '
          f'{row["peak_rss_bytes"] / 2**20:.0f} MB, '
          f'{(row["flops"] or 0) / row["tokens"] / 1e6:.1f} MFLOPs/token')
@@ -200,6 +212,14 @@ def markdown(rows: Sequence[Row], fit: Mapping[str, float], title: str
       f'- Trainable params: {rows[0]["trainable_params"]:,d}. Peak RSS is '
       'each batch size\'s own fresh process (VmHWM); step time is the median '
       'of timed steps after warm-up.', '']
+  if all('where' in r for r in rows):
+    lines += [
+        '## Where the time goes', '',
+        'XLA op time per step by category (`lorajax.profiling.op_time`: '
+        'the compiled step traced with `jax.profiler`, each op event named '
+        'after its HLO instruction); one column a batch size.', '',
+        op_time.summarize({f'batch {r["batch_size"]}': r['where']
+                           for r in rows}), '']
   return '\n'.join(lines)
 
 

@@ -1,0 +1,60 @@
+"""Where a step's time goes: HLO categories and the traced op-time split."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lorajax.profiling import op_time
+from lorajax.profiling import step_profile
+from toy_models import load_config
+
+
+def _attention_like(w, x):
+  h = jax.nn.gelu(x @ w)                                  # dense matmul
+  q = h.reshape(4, 64, 256)
+  s = jnp.einsum('bqd,bkd->bqk', q, q)                    # batched matmul
+  return jnp.sum(jax.nn.softmax(s, -1)) + jnp.sum(h.T * 2.0)
+
+
+def _compiled(f, *args):
+  return jax.jit(jax.grad(f)).lower(*args).compile()
+
+
+def test_categories_name_dense_and_batched_matmuls():
+  w, x = jnp.ones((256, 256)), jnp.ones((256, 256))
+  kinds = op_time.categories(_compiled(_attention_like, w, x).as_text())
+  assert set(kinds.values()) <= set(op_time.CATEGORIES)
+  assert 'matmul' in kinds.values()
+  assert 'batched matmul' in kinds.values()
+
+
+def test_breakdown_sums_categories_and_finds_the_matmuls():
+  w, x = jnp.full((512, 512), 1e-3), jnp.ones((512, 512))
+  matmuls = lambda w, x: jnp.sum(((x @ w) @ w) @ w)
+  compiled = _compiled(matmuls, w, x)
+  r = op_time.breakdown(compiled.as_text(), lambda: compiled(w, x), steps=3)
+  assert set(r['ms']) == set(op_time.CATEGORIES)
+  assert r['op_ms'] == pytest.approx(sum(r['ms'].values()))
+  # Six 512^3 products and little else: the matmuls dominate op time.
+  assert r['ms']['matmul'] > 0.5 * r['op_ms'] > 0
+  assert r['top'][0][1] == 'matmul'
+
+
+def test_ops_inside_a_scan_body_are_counted():
+  ws, x = jnp.full((3, 512, 512), 1e-3), jnp.ones((256, 512))
+  body = lambda c, w: (jnp.tanh(c @ w), None)
+  f = jax.jit(lambda ws, x: jnp.sum(jax.lax.scan(body, x, ws)[0]))
+  compiled = f.lower(ws, x).compile()
+  r = op_time.breakdown(compiled.as_text(), lambda: compiled(ws, x), steps=2)
+  assert r['ms']['matmul'] > 0    # The products live in the while body.
+  assert r['ms']['elementwise'] > 0
+
+
+def test_profile_row_and_table_say_where_the_time_goes():
+  config = load_config('rt_minilm_lora')
+  row = step_profile.measure(config, 4, steps=2, warmup=1, where=True)
+  where = row['where']
+  assert where['op_ms'] > 0 and where['ms']['matmul'] > 0
+  text = step_profile.markdown([row], step_profile.fit_memory([row]), 'demo')
+  assert '## Where the time goes' in text
+  assert '| matmul |' in text and '| batch 4 |' in text
