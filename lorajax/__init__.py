@@ -16,6 +16,7 @@ from lorajax.methods.ia3 import Ia3
 from lorajax.methods.loha import LoHa
 from lorajax.methods.lokr import LoKr
 from lorajax.methods.low_rank import Lora
+from lorajax.methods.oft import Oft
 from lorajax.methods.qlora import QLora
 from lorajax.methods.qlora import Quantized
 from lorajax.methods.qlora import quantize_params

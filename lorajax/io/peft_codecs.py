@@ -18,6 +18,7 @@ from lorajax import spec as spec_lib
 from lorajax import spec_paths
 from lorajax.io import hf_models
 from lorajax.io import peft_codecs_kron as kron
+from lorajax.io import peft_codecs_oft as oft
 from lorajax.methods import ia3 as ia3_lib
 from lorajax.methods import loha as loha_lib
 
@@ -55,15 +56,17 @@ def peft_type(provider: Any) -> str:
     return 'IA3'
   if isinstance(provider, loha_lib.LoHa):
     return 'LOHA'
-  return kron.peft_type(provider) or 'LORA'
+  return kron.peft_type(provider) or oft.peft_type(provider) or 'LORA'
 
 
 def check_config(cfg: dict[str, Any], path: Any) -> None:
-  """Refuses the LoKr/VeRA options lorajax does not implement."""
-  if cfg.get('peft_type') in kron.KINDS:
+  """Refuses the LoKr/VeRA/OFT options lorajax does not implement."""
+  codec = {**dict.fromkeys(kron.KINDS, kron), 'OFT': oft}.get(
+      cfg.get('peft_type'))
+  if codec is not None:
     try:
-      kron.check_config(cfg, path)
-    except kron.Error as e:
+      codec.check_config(cfg, path)
+    except (kron.Error, oft.Error) as e:
       raise PeftFormatError(str(e)) from None
 
 
@@ -104,6 +107,11 @@ def method_tensors(peft_type: str, provider: Any, module: str,
                                  flat_ad, kernel)
     except kron.Error as e:
       raise PeftFormatError(str(e)) from None
+  if peft_type in oft.KINDS:
+    try:
+      return oft.method_tensors(provider, module, layer_path, flat_ad, kernel)
+    except oft.Error as e:
+      raise PeftFormatError(str(e)) from None
   get = lambda name: np.asarray(flat_ad[f'{layer_path}/{name}'], np.float32)  # pylint: disable=unnecessary-lambda-assignment
   if peft_type == 'IA3':
     l = get('l')
@@ -133,6 +141,11 @@ def method_config(peft_type: str, targets: dict[str, Any],
       return kron.method_config(peft_type, targets,
                                 target_modules(modules, universe))
     except kron.Error as e:
+      raise PeftFormatError(str(e)) from None
+  if peft_type in oft.KINDS:
+    try:
+      return oft.method_config(targets, target_modules(modules, universe))
+    except oft.Error as e:
       raise PeftFormatError(str(e)) from None
   if peft_type == 'IA3':
     ff = sorted(m for m, p in targets.items() if p.feedforward)
@@ -179,6 +192,12 @@ def import_method(cfg, found, modules, directory, hf, params, shared=None):
                                   hf.expected_shapes(), shared or {},
                                   pattern_value), {})
     except kron.Error as e:
+      raise PeftFormatError(str(e)) from None
+  if kind in oft.KINDS:
+    try:
+      return (*oft.import_method(cfg, found, modules, directory,
+                                 hf.expected_shapes()), {})
+    except oft.Error as e:
       raise PeftFormatError(str(e)) from None
   adapters, groups, folded = {}, collections.defaultdict(list), {}
   want = {'ia3_l'} if kind == 'IA3' else {'hada_w1_a', 'hada_w1_b',

@@ -57,12 +57,14 @@ from lorajax.io import digests
 from lorajax.io import hf_models
 from lorajax.io import peft_codecs
 from lorajax.io import peft_codecs_kron
+from lorajax.io import peft_codecs_oft
 from lorajax.io import peft_moe
 from lorajax.methods import dora as dora_lib
 from lorajax.methods import ia3 as ia3_lib
 from lorajax.methods import loha as loha_lib
 from lorajax.methods import lokr as lokr_lib
 from lorajax.methods import low_rank as lora_lib
+from lorajax.methods import oft as oft_lib
 from lorajax.methods import pissa
 from lorajax.methods import qlora
 from lorajax.methods import vera as vera_lib
@@ -73,10 +75,11 @@ CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
 PREFIX = peft_codecs.PREFIX
 PeftFormatError = peft_codecs.PeftFormatError
-PEFT_TYPES = ('LORA', 'IA3', 'LOHA', *peft_codecs_kron.KINDS)
+PEFT_TYPES = ('LORA', 'IA3', 'LOHA', *peft_codecs_kron.KINDS,
+              *peft_codecs_oft.KINDS)
 # Tensor names of each method's factors (after the module name).
 _FACTOR = re.compile(r'(.+)\.(lora_A|lora_B|ia3_l|hada_w[12]_[ab]|hada_t[12]'
-                     r'|lokr_w[12](?:_[ab])?|lokr_t2|vera_lambda_[bd])'
+                     r'|lokr_w[12](?:_[ab])?|lokr_t2|vera_lambda_[bd]|oft_R)'
                      r'(?:\.[^.]+)?(?:\.weight)?')
 # Config fields that change what a LoRA adapter computes and that lorajax's
 # Lora does not implement: (field, value that is fine).
@@ -171,7 +174,8 @@ def export_peft(directory: str | pathlib.Path, config: Any,
           f'the quantization error. Export format \'merged\' (the adapter '
           f'folded into the dequantized kernels) instead')
     if not isinstance(provider, (lora_lib.Lora, dora_lib.Dora, ia3_lib.Ia3,
-                                 loha_lib.LoHa, lokr_lib.LoKr, vera_lib.Vera)):
+                                 loha_lib.LoHa, lokr_lib.LoKr, vera_lib.Vera,
+                                 oft_lib.Oft)):
       raise PeftFormatError(
           f'{path}: {type(provider).__name__} adapters have no PEFT format '
           f'lorajax writes; Lora, Dora, Ia3 and LoHa adapters are exported')
@@ -314,8 +318,9 @@ def _with_dense_layouts(adapters: PyTree) -> PyTree:
   def wrap(node):
     if node and not any(isinstance(v, dict) for v in node.values()):
       # a [.., in, r] (LoRA, LoHa's a1) or IA3's l [.., n]: count the stack.
-      probe = next((node[k] for k in ('a', 'a1', 'w1', 'w1_a') if k in node),
-                   None)   # LoKr's w1 [.., in1, out1]; VeRA's lambda_d [.., r]
+      probe = next((node[k] for k in ('a', 'a1', 'w1', 'w1_a', 'skew')
+                   if k in node), None)   # LoKr's w1 [.., in1, out1], OFT's
+      # skew [.., r, n]; VeRA's lambda_d [.., r]
       stack = (np.ndim(node.get('l', node.get('lambda_d'))) - 1 if probe is None
                else np.ndim(probe) - 2)
       return spec_lib.AdapterParams(
@@ -338,7 +343,8 @@ def _check_numbers(cfg: Any, path: pathlib.Path) -> None:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)
             and math.isfinite(v))
 
-  checks = (('r', rank_ok, 'an integer >= 1 (the rank)'),
+  checks = ((('r', rank_ok, 'an integer >= 1 (the rank)'),)
+            if cfg.get('peft_type') != 'OFT' else ()) + (   # OFT: r may be 0
             ('lora_alpha', alpha_ok, 'a finite number (the scale numerator)'),
             ('alpha', alpha_ok, 'a finite number (the scale numerator)'))
   for field, ok, expected in checks:

@@ -31,6 +31,7 @@ from lorajax.methods import ia3 as ia3_lib
 from lorajax.methods import loha as loha_lib
 from lorajax.methods import lokr as lokr_lib
 from lorajax.methods import low_rank as lora_lib
+from lorajax.methods import oft as oft_lib
 from lorajax.methods import qlora as qlora_lib
 from lorajax.methods import vera as vera_lib
 
@@ -146,7 +147,7 @@ def spec_from_json(data: dict[str, Any] | str) -> spec_lib.LoraSpec:
 
 for _cls in (lora_lib.Lora, dora_lib.Dora, qlora_lib.Quantized, qlora_lib.QLora,
              bottleneck_lib.Bottleneck, ia3_lib.Ia3,
-             loha_lib.LoHa, lokr_lib.LoKr):
+             loha_lib.LoHa, lokr_lib.LoKr, oft_lib.Oft):
   register_provider(_cls)
 register_provider(vera_lib.Vera, to_json=vera_lib.projections_to_json,
                   from_json=vera_lib.projections_from_json)

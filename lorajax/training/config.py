@@ -27,10 +27,10 @@ from ml_collections import config_dict
 import lorajax
 from lorajax.io import hf_targets
 
-METHODS = ('lora', 'dora', 'qlora', 'loha', 'lokr', 'vera', 'ia3',
+METHODS = ('lora', 'dora', 'qlora', 'loha', 'lokr', 'vera', 'oft', 'ia3',
            'bottleneck', 'prompt', 'prefix', 'ptuning', 'full', 'head')
 # Methods whose adapters come from the config.lora fields.
-LOW_RANK_METHODS = ('lora', 'dora', 'qlora', 'loha', 'lokr', 'vera')
+LOW_RANK_METHODS = ('lora', 'dora', 'qlora', 'loha', 'lokr', 'vera', 'oft')
 # lora.targets values that name kernels the Hugging Face way (resolved
 # against the model by attach.attach_method).
 LORA_TARGET_SHORTHANDS = hf_targets.SHORTHANDS
@@ -134,7 +134,8 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # 'lora', 'dora', 'qlora' or 'loha' (adapters on lora.targets +
   # train_rules; loha and lokr take lora.rank and lora.alpha only, vera
   # lora.rank only: its update has no scale, its shared frozen projections
-  # are drawn from config.seed),
+  # are drawn from config.seed), 'oft' (rotations of the inputs of
+  # lora.targets, sized by the oft fields; no other lora field is read),
   # 'ia3' (learned scales on ia3.targets + train_rules),
   # 'bottleneck' (adapters after output projections + train_rules),
   # 'prompt', 'ptuning' (prompt tokens from an MLP encoder) or 'prefix'
@@ -170,6 +171,19 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.quant_targets = (r'encoder/layer_\d+/.*/kernel'
                      if task == 'classification'
                      else r'layers_\d+/(attn|mlp)/\w+_proj/kernel')
+  c.oft = config_dict.ConfigDict()
+  # Side b of OFT's rotation blocks (PEFT's oft_block_size; it must divide
+  # every target's input size), or 0 when oft.r gives the blocks instead.
+  c.oft.block_size = 32
+  # Number of blocks of each kernel's input (PEFT's r), or 0 (oft.block_size).
+  c.oft.r = 0
+  # One rotation block shared by all blocks of a kernel.
+  c.oft.block_share = False
+  # The Cayley–Neumann series (PEFT's default) instead of the exact Cayley
+  # transform.
+  c.oft.cayley_neumann = True
+  # Terms of that series (PEFT's num_cayley_neumann_terms).
+  c.oft.neumann_terms = 5
   c.ia3 = config_dict.ConfigDict()
   # Regex of the kernels whose output IA3 scales (keys and values) or, if
   # ia3.feedforward matches them too, whose input it scales. PEFT's default
@@ -377,7 +391,7 @@ def _low_rank_rules(config: config_dict.ConfigDict, targets: str
     return [(targets, lorajax.Lora(**kw))]
   if config.method == 'dora':
     return [(targets, lorajax.Dora(**kw))]
-  if config.method in ('loha', 'lokr', 'vera'):
+  if config.method in ('loha', 'lokr', 'vera', 'oft'):
     unused = {'lora.rslora': (kw['use_rslora'], False),
               'lora.dropout': (kw['dropout'], 0.0),
               'lora.init': (kw['init'], 'kaiming')}
@@ -389,6 +403,17 @@ def _low_rank_rules(config: config_dict.ConfigDict, targets: str
       return [(targets, lorajax.LoKr(rank=kw['rank'], alpha=kw['alpha']))]
     if config.method == 'vera':
       return [(targets, lorajax.Vera(rank=kw['rank'], seed=int(config.seed)))]
+    if config.method == 'oft':
+      o = config.oft
+      try:
+        return [(targets, lorajax.Oft(
+            block_size=o.block_size, r=o.r, block_share=bool(o.block_share),
+            cayley_neumann=bool(o.cayley_neumann),
+            neumann_terms=o.neumann_terms))]
+      except ValueError as e:
+        raise ValueError(f'config.oft (block_size={o.block_size!r}, '
+                         f'r={o.r!r}, neumann_terms={o.neumann_terms!r}): '
+                         f'{e}') from None
     return [(targets, lorajax.LoHa(rank=kw['rank'],
                                                alpha=kw['alpha']))]
   rules = [(targets, lorajax.QLora(quant=config.quant, **kw))]
