@@ -64,7 +64,7 @@ STEPS = 40
 RUNS = (('lora', 5e-3), ('dora', 5e-3), ('qlora', 5e-3),
         ('bottleneck', 5e-3), ('prefix', 1e-2), ('prompt', 3e-2),
         ('ptuning', 1e-2), ('loha', 5e-3), ('lokr', 5e-3), ('vera', 1e-2),
-        ('ia3', 1e-2), ('full', 5e-5), ('head', 1e-2))
+        ('oft', 5e-3), ('ia3', 1e-2), ('full', 5e-5), ('head', 1e-2))
 # Fields a method's run sets beyond the base config: VeRA's shared random
 # projections have PEFT's default rank 256 (only its two scaling vectors per
 # kernel train, 7.7k parameters on query/value).

@@ -94,7 +94,7 @@ def test_methods_sweep_expands_to_one_run_per_method(tmp_path):
                      str(tmp_path))
   assert [r.config.method for r in runs] == [
       'lora', 'dora', 'qlora', 'bottleneck', 'prefix', 'prompt', 'ptuning',
-      'loha', 'lokr', 'vera', 'ia3', 'full', 'head']
+      'loha', 'lokr', 'vera', 'oft', 'ia3', 'full', 'head']
   vera = runs[9]
   assert (vera.config.lora.rank, vera.config.optim.learning_rate) == (256, 1e-2)
   assert runs[1].command().endswith(
