@@ -56,19 +56,80 @@ def lora_spec(variant: str) -> lorajax.LoraSpec:
                            (r'.*', 'freeze')])
 
 
+def lora_train_step(loss_fn: Callable[[Any, Any, Any], jax.Array],
+                    tx: optax.GradientTransformation):
+  """The step every benchmark row times: ``(state, frozen, batch) ->
+  (state, loss)``, ``state = (trainable, opt_state)``, differentiating
+  ``loss_fn(trainable, frozen, batch)`` in the trainable tree only."""
+  def step(state, frozen, x):
+    t, opt_state = state
+    value, grads = jax.value_and_grad(loss_fn)(t, frozen, x)
+    updates, opt_state = tx.update(grads, opt_state, t)
+    return (optax.apply_updates(t, updates), opt_state), value
+  return step
+
+
+def jit_step(step, *, xla_options: bool = True):
+  """``jax.jit`` with the state donated; ``xla_options`` adds
+  ``lorajax.compiler_options()``, False is a plain ``jax.jit``."""
+  options = lorajax.compiler_options() if xla_options else None
+  return jax.jit(step, donate_argnums=0, compiler_options=options)
+
+
+def adamw() -> optax.GradientTransformation:
+  """AdamW of every benchmark (lr 1e-4, weight decay 0.01)."""
+  return optax.adamw(1e-4, weight_decay=0.01)
+
+
+def classification_loss(logits: jax.Array, x: dict[str, Any]) -> jax.Array:
+  """Mean cross entropy of ``[B, labels]`` logits against ``x['label']``."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), x['label']).mean()
+
+
+def lora_setup(apply: Callable[..., jax.Array], params: Any,
+               spec: lorajax.LoraSpec, adapters: Any,
+               loss_of: Callable[[jax.Array, Any], jax.Array], *,
+               xla_options: bool = True) -> Setup:
+  """The LoRA step of any model, as a user writes it with lorajax.
+
+  Args:
+    apply: ``apply(params, input_ids, attention_mask) -> logits``.
+    params: the model's parameters.
+    spec: adapted, trained and frozen leaves.
+    adapters: ``lorajax.init(spec, params, key)``'s tree (or values for it).
+    loss_of: ``(logits, batch) -> scalar loss``.
+    xla_options: jit with ``lorajax.compiler_options()``.
+  """
+  train, frozen = lorajax.partition(params, spec)
+  trainable = {'adapters': adapters, 'params': train}
+  adapted = lorajax.lora(apply, spec)
+
+  def loss(t, frozen, x):
+    logits = adapted(lorajax.combine(t['params'], frozen), t['adapters'],
+                     x['input_ids'], x['attention_mask'])
+    return loss_of(logits, x)
+
+  tx = adamw()
+  step = jit_step(lora_train_step(loss, tx), xla_options=xla_options)
+  return Setup(step, (trainable, tx.init(trainable)), frozen,
+               lorajax.count(trainable))
+
+
 def make_setup(variant: str, config: bert_lib.BertConfig, batch: dict[str, Any],
                seed: int = 0, *, params: Any = None,
-               adapters: Any = None) -> Setup:
+               adapters: Any = None, xla_options: bool = True) -> Setup:
   """Builds the train step of ``variant`` (not yet compiled).
 
   Args:
     variant: one of ``VARIANTS``.
-    config: the model's shape.
+    config: the model's shape (and compute dtype).
     batch: an example batch (for initialization shapes).
     seed: seeds the parameters and adapters that are not given.
     params: the model's parameters; ``None`` initializes them randomly.
     adapters: the LoRA adapters (``lorajax.init``'s layout); ``None``
       initializes them.
+    xla_options: jit with ``lorajax.compiler_options()``.
   """
   model = bert_lib.Bert(config)
   if params is None:
@@ -78,46 +139,31 @@ def make_setup(variant: str, config: bert_lib.BertConfig, batch: dict[str, Any],
     return model.apply({'params': p}, ids, mask).logits
 
   spec = lora_spec(variant)
-  tx = optax.adamw(1e-4, weight_decay=0.01)
+  if variant != 'full' and adapters is None:
+    adapters = lorajax.init(spec, params, jax.random.key(seed + 1))
+  if variant in ('lora', 'lora_all'):
+    return lora_setup(apply, params, spec, adapters, classification_loss,
+                      xla_options=xla_options)
   if variant == 'full':
     trainable, frozen = params, {}
 
-    def logits_fn(t, frozen, x):
+    def loss(t, frozen, x):
       del frozen
-      return apply(t, x['input_ids'], x['attention_mask'])
-  else:
-    if adapters is None:
-      adapters = lorajax.init(spec, params, jax.random.key(seed + 1))
+      return classification_loss(
+          apply(t, x['input_ids'], x['attention_mask']), x)
+  else:  # lora_materialized: W + s·a·b formed inside the step.
     train, frozen = lorajax.partition(params, spec)
     trainable = {'adapters': adapters, 'params': train}
-    if variant == 'lora_materialized':
-      def logits_fn(t, frozen, x):
-        p = lorajax.merge(lorajax.combine(t['params'], frozen),
-                          t['adapters'], spec)
-        return apply(p, x['input_ids'], x['attention_mask'])
-    else:
-      adapted = lorajax.lora(apply, spec)
 
-      def logits_fn(t, frozen, x):
-        return adapted(lorajax.combine(t['params'], frozen), t['adapters'],
-                       x['input_ids'], x['attention_mask'])
+    def loss(t, frozen, x):
+      p = lorajax.merge(lorajax.combine(t['params'], frozen), t['adapters'],
+                        spec)
+      return classification_loss(
+          apply(p, x['input_ids'], x['attention_mask']), x)
 
-  def step(state, frozen, x):
-    t, opt_state = state
-
-    def loss(t):
-      logits = logits_fn(t, frozen, x)
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, x['label']).mean()
-
-    value, grads = jax.value_and_grad(loss)(t)
-    updates, opt_state = tx.update(grads, opt_state, t)
-    return (optax.apply_updates(t, updates), opt_state), value
-
-  state = (trainable, tx.init(trainable))
-  step = jax.jit(step, donate_argnums=0,
-                 compiler_options=lorajax.compiler_options())
-  return Setup(step, state, frozen,
+  tx = adamw()
+  step = jit_step(lora_train_step(loss, tx), xla_options=xla_options)
+  return Setup(step, (trainable, tx.init(trainable)), frozen,
                lorajax.count(trainable))
 
 
@@ -133,12 +179,17 @@ def make_batch(config: bert_lib.BertConfig, batch_size: int, seq_len: int,
   }
 
 
-def flops(setup: Setup, batch) -> float:
-  compiled = setup.step.lower(setup.state, setup.frozen, batch).compile()
+def compiled_flops(compiled) -> float:
+  """XLA's FLOP count of a compiled function (``cost_analysis()``)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost['flops'])
+
+
+def flops(setup: Setup, batch) -> float:
+  return compiled_flops(
+      setup.step.lower(setup.state, setup.frozen, batch).compile())
 
 
 def peak_rss_in_subprocess(variant: str, batch_size: int, seq_len: int,

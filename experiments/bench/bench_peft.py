@@ -1,34 +1,50 @@
 """lorajax against PyTorch + transformers + PEFT on the same LoRA step.
 
-``python -m experiments.bench peft [--json]``. For every variant (a model
-size and a set of LoRA targets) the driver
+``python -m experiments.bench peft [--sizes ...] [--json]``. Rows
+(``experiments.bench.bench_inputs``): lorajax's shipped BERT at MiniLM and
+BERT-base shapes (``minilm``, ``base``), a user's own plain Flax BERT of
+MiniLM shape (``flaxbert``: LoRA through ``lorajax.lora`` alone, jitted
+with ``lorajax.compiler_options()`` and with a plain ``jax.jit``), and a
+SmolLM2-135M-shaped Llama causal LM read through ``lorajax.models.load``
+(``smollm2``: 8 × 256 tokens; ``smollm2_2k``: 1 × 2048 tokens with lorajax
+``remat`` against PEFT with activation checkpointing), each with LoRA on
+query/value or on every block Linear, in float32 or bfloat16 compute
+(PEFT under ``torch.autocast('cpu', torch.bfloat16)``). For every row the
+driver
 
-1. writes one safetensors file with Hugging Face-named BERT weights (normal
-   std 0.02, as BERT initializes), the LoRA ``A`` matrices in PEFT's layout
-   (``B`` starts at zero) and the batch, so both frameworks train the same
-   model on the same data from the same start;
-2. starts one long-lived worker per framework
-   (``experiments.bench.lorajax_worker`` and
-   ``experiments.bench.peft_worker``), each in its own process;
-3. runs warm-up steps, then alternates timed steps between the two workers
-   (the order flips every repetition), so they never run at the same time
-   and load drifts hit both alike;
+1. writes the weights (random, std 0.02), PEFT-layout LoRA ``A`` factors
+   (``B`` starts at zero) and the batch, once per shape, so both frameworks
+   train the same model on the same data from the same start;
+2. starts one long-lived worker process per contestant
+   (``experiments.bench.lorajax_worker``, ``experiments.bench.peft_worker``;
+   with ``torch_compile``, a second PEFT worker running
+   ``torch.compile(model)``, dropped with its reason where it fails);
+3. runs warm-up steps, then alternates timed steps between the workers (the
+   order flips every repetition), so they never run at the same time and
+   load drifts hit all alike;
 4. asks each worker for its peak RSS (``VmHWM`` of its own process).
 
+The GEMM ceiling (``experiments.bench.gemm_ceiling``: a jitted square
+matmul in a JAX worker) is measured at the start and at the end of the run;
+the higher of the two medians is the ceiling. Each row's utilization is
+lorajax's XLA FLOP count of the step ÷ a contestant's median step time ÷
+the ceiling of the row's dtype (PEFT's figure uses the same FLOP count: the
+same work, done by PyTorch).
+
 Each worker times its own step (around the step, waiting for the result).
-The step is float32 with AdamW (lr 1e-4, weight decay 0.01), dropout off,
-LoRA rank 8, alpha 16, classifier trained, on query/value (``qv``) or on all
-six dense kernels of every block (``all``). Both frameworks see the same
-losses step after step (reported as ``max_loss_diff``): they compute the
-same thing.
+The step is AdamW (lr 1e-4, weight decay 0.01), dropout off, LoRA rank 8,
+alpha 16 (classifier trained on the BERT rows). Both frameworks see the same
+losses step after step (``max_loss_diff``; bf16 compute differs by
+rounding, so there it is a closeness figure, not equality).
 
 Timings need a quiet machine: under load, PyTorch's OpenMP barriers lose far
 more than XLA's thread pool (at load average 4 on 2 cores PEFT's MiniLM step
 went from 1.2 s to 5.3 s, lorajax's from 0.86 s to 1.5 s). Each row records
 the load average; compare runs near 1 (the benchmark itself).
 
-Result on the 2-core AMD EPYC dev machine (jax 0.10.2, torch 2.13.0+cpu,
-transformers 5.23.0, peft 0.21.2; 10 repetitions; load average 1.4-1.7):
+Earlier result on the 2-core AMD EPYC dev machine (jax 0.10.2, torch
+2.13.0+cpu, transformers 5.23.0, peft 0.21.2; 10 repetitions; load average
+1.4-1.7), shipped BERT rows only:
 
   | variant   | lorajax ms | PEFT ms | step ratio | lorajax MB | PEFT MB | RSS ratio |
   |-----------|-----------:|--------:|-----------:|-----------:|--------:|----------:|
@@ -37,12 +53,12 @@ transformers 5.23.0, peft 0.21.2; 10 repetitions; load average 1.4-1.7):
   | base/qv   |       1288 |    2090 |      0.616 |       1362 |    1607 |     0.848 |
   | base/all  |       1543 |    2462 |      0.627 |       1825 |    2140 |     0.853 |
 
-Three quiet runs of minilm/qv gave step ratios 0.708, 0.778, 0.761 and RSS
-ratios 0.780, 0.776, 0.765: lorajax's step varies more between runs (XLA CPU
-allocates its 0.55 GB of temporaries afresh each step, so every step pays
-its page faults; transparent huge pages through
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` made single steps faster, 787 ms,
-but the median slower, 1339 ms, so the harness sets nothing).
+An outsider's re-run on a quiet 2-core EPYC (load 1.1, issue #18) measured
+minilm/qv at 1,690 vs 1,548 ms (1.09x) and 990 vs 1,370 MB (0.72x): the step
+varies by 2x between machines (XLA CPU allocates its 0.55 GB of temporaries
+afresh each step, so every step pays its page faults), hence the ceiling
+and utilization columns, which say how far a step is from this machine's
+matmul speed.
 """
 
 from __future__ import annotations
@@ -55,97 +71,58 @@ import tempfile
 from typing import Any, Callable
 
 import numpy as np
-from safetensors import numpy as safetensors_numpy
 
+from experiments.bench import bench_inputs
 from experiments.bench import worker_protocol
 
-FRAMEWORKS = ('lorajax', 'peft')
-WORKERS = {'lorajax': 'experiments.bench.lorajax_worker',
-           'peft': 'experiments.bench.peft_worker'}
-TARGETS = ('qv', 'all')
 RANK, ALPHA = 8, 16
-# Must match the optimizer of ``experiments.bench.bench_core.make_setup``.
+# Must match ``experiments.bench.bench_core.adamw``.
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.01
+LORAJAX_WORKER = 'experiments.bench.lorajax_worker'
+PEFT_WORKER = 'experiments.bench.peft_worker'
+REFERENCE = 'peft'
 
 
 @dataclasses.dataclass(frozen=True)
-class Size:
-  """A BERT shape and the batch it is benchmarked with."""
-  hidden_size: int
-  num_layers: int
-  num_heads: int
-  intermediate_size: int
-  batch_size: int
-  seq_len: int
-  vocab_size: int = 30522
-  max_position: int = 512
-  num_labels: int = 2
+class Contestant:
+  """One worker of a row: its label, module and extra request fields."""
+  label: str
+  module: str
+  fields: dict[str, Any]
+  optional: bool = False  # dropped with its reason if it fails
 
 
-SIZES = {
-    'minilm': Size(384, 6, 12, 1536, batch_size=32, seq_len=128),
-    'base': Size(768, 12, 12, 3072, batch_size=8, seq_len=128),
-}
+def _reason(e: Exception, limit: int = 300) -> str:
+  """The first ``limit`` characters of a worker's error (compiler errors
+  run to pages)."""
+  text = ' '.join(str(e).split())
+  return text if len(text) <= limit else text[:limit] + '…'
 
 
-def _linear_shapes(size: Size) -> dict[str, tuple[int, int]]:
-  """Hugging Face module name -> ``[out, in]`` of every encoder Linear."""
-  h, f = size.hidden_size, size.intermediate_size
-  shapes = {}
-  for i in range(size.num_layers):
-    block = f'encoder.layer.{i}'
-    for proj in ('query', 'key', 'value'):
-      shapes[f'{block}.attention.self.{proj}'] = (h, h)
-    shapes[f'{block}.attention.output.dense'] = (h, h)
-    shapes[f'{block}.intermediate.dense'] = (f, h)
-    shapes[f'{block}.output.dense'] = (h, f)
-  return shapes
+def contestants(row: bench_inputs.Row, *,
+                torch_compile: bool) -> list[Contestant]:
+  """lorajax and PEFT; the plain-jit lorajax on ``flaxbert`` rows; PEFT
+  with ``torch.compile`` when asked."""
+  out = [Contestant('lorajax', LORAJAX_WORKER, {'jit': 'xla'})]
+  if row.model == 'flaxbert':
+    out.append(Contestant('lorajax plain jit', LORAJAX_WORKER,
+                          {'jit': 'plain'}))
+  out.append(Contestant(REFERENCE, PEFT_WORKER, {'torch_compile': False}))
+  if torch_compile:
+    out.append(Contestant('peft+compile', PEFT_WORKER,
+                          {'torch_compile': True}, optional=True))
+  return out
 
 
-def make_tensors(size: Size, seed: int = 0) -> dict[str, np.ndarray]:
-  """Weights, LoRA ``A`` factors and one batch, named as both sides read them.
-
-  Returns:
-    ``bert.*`` and ``classifier.*``: a ``BertForSequenceClassification``
-    state dict (Linear weights ``[out, in]``); ``lora.<module>.A``: ``[r, in]``
-    Kaiming-uniform factors for every encoder Linear; ``batch.input_ids``,
-    ``batch.attention_mask`` ``[B, T]`` and ``batch.label`` ``[B]`` int32.
-  """
-  rng = np.random.default_rng(seed)
-  h = size.hidden_size
-  out: dict[str, np.ndarray] = {}
-
-  def normal(*shape):
-    return (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float32)
-
-  def linear(name, n_out, n_in):
-    out[f'{name}.weight'] = normal(n_out, n_in)
-    out[f'{name}.bias'] = np.zeros(n_out, np.float32)
-
-  def norm(name):
-    out[f'{name}.weight'] = np.ones(h, np.float32)
-    out[f'{name}.bias'] = np.zeros(h, np.float32)
-
-  for table, rows in (('word', size.vocab_size),
-                      ('position', size.max_position), ('token_type', 2)):
-    out[f'bert.embeddings.{table}_embeddings.weight'] = normal(rows, h)
-  norm('bert.embeddings.LayerNorm')
-  for name, (n_out, n_in) in _linear_shapes(size).items():
-    linear(f'bert.{name}', n_out, n_in)
-    bound = 1.0 / np.sqrt(n_in)
-    out[f'lora.{name}.A'] = rng.uniform(-bound, bound,
-                                        (RANK, n_in)).astype(np.float32)
-  for i in range(size.num_layers):
-    norm(f'bert.encoder.layer.{i}.attention.output.LayerNorm')
-    norm(f'bert.encoder.layer.{i}.output.LayerNorm')
-  linear('bert.pooler.dense', h, h)
-  linear('classifier', size.num_labels, h)
-  shape = (size.batch_size, size.seq_len)
-  out['batch.input_ids'] = rng.integers(0, size.vocab_size, shape,
-                                        dtype=np.int32)
-  out['batch.attention_mask'] = np.ones(shape, np.int32)
-  out['batch.label'] = rng.integers(0, size.num_labels, (size.batch_size,),
-                                    dtype=np.int32)
+def measure_ceilings(dtypes, *, size: int, reps: int,
+                     log: Callable[[str], None]) -> dict[str, Any]:
+  """``gemm_ceiling.measure`` of each dtype, in a fresh JAX worker."""
+  with worker_protocol.Worker([sys.executable, '-m', LORAJAX_WORKER],
+                              'gemm') as w:
+    out = {d: w.call('gemm', dtype=d, size=size, reps=reps) for d in dtypes}
+  for d, m in out.items():
+    log(f'GEMM ceiling {d} ({size}x{size} matmul, median of {reps}): '
+        f'{m["gflops_median"]:.1f} GFLOP/s')
   return out
 
 
@@ -163,83 +140,184 @@ def _summary(reply: dict[str, Any], times: list[float], losses: list[float],
   return row
 
 
-def run_variant(size_name: str, targets: str, *, reps: int, warmup: int,
-                workdir: str, log: Callable[[str], None]) -> dict[str, Any]:
-  """Measures one variant in both frameworks; returns its result row."""
-  size = SIZES[size_name]
-  weights = os.path.join(workdir, f'{size_name}.safetensors')
-  if not os.path.exists(weights):
-    safetensors_numpy.save_file(make_tensors(size), weights)
-  request = dict(dataclasses.asdict(size), targets=targets, rank=RANK,
-                 alpha=ALPHA, learning_rate=LEARNING_RATE,
-                 weight_decay=WEIGHT_DECAY, weights=weights)
-  variant = f'{size_name}/{targets}'
-  workers = {}
+def _compare(results: dict[str, dict[str, Any]], flops: float,
+             ceiling_gflops: float | None) -> None:
+  """Adds utilization and ratios against PEFT to every result."""
+  ref = results[REFERENCE]
+  for label, m in results.items():
+    if ceiling_gflops:
+      m['utilization'] = round(
+          flops / (m['step_ms_median'] / 1e3) / (ceiling_gflops * 1e9), 3)
+    if label == REFERENCE:
+      continue
+    m['step_ratio'] = round(m['step_ms_median'] / ref['step_ms_median'], 3)
+    m['rss_ratio'] = round(m['peak_rss_mb'] / ref['peak_rss_mb'], 3)
+    m['max_loss_diff'] = float(np.max(np.abs(
+        np.subtract(m['losses'], ref['losses']))))
+  if 'peft+compile' in results:
+    compiled = results['peft+compile']['step_ms_median']
+    results['lorajax']['step_ratio_compiled'] = round(
+        results['lorajax']['step_ms_median'] / compiled, 3)
+
+
+def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
+            torch_compile: bool = False,
+            ceilings: dict[str, Any] | None = None,
+            torch_threads: int | None = None,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Measures one row with every contestant; returns its result dict.
+
+  Args:
+    row: what to measure.
+    reps: timed steps per contestant.
+    warmup: untimed steps first (torch.compile compiles in the first).
+    workdir: where the weights and batches are written (once per shape).
+    torch_compile: add PEFT with ``torch.compile``.
+    ceilings: ``{dtype: gemm_ceiling.measure(...)}`` for utilization;
+      None leaves it out.
+    torch_threads: PyTorch's threads; None is the machine's core count.
+    log: progress lines.
+  """
+  request = dict(dataclasses.asdict(row.shape), model=row.model,
+                 targets=row.targets, dtype=row.dtype, rank=RANK, alpha=ALPHA,
+                 learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                 torch_threads=torch_threads,
+                 **bench_inputs.write_inputs(row, workdir, RANK))
+  workers, setup, skipped = {}, {}, {}
+  optional = set()
   try:
-    setup = {}
-    for fw in FRAMEWORKS:  # one after the other: setups never overlap
-      workers[fw] = worker_protocol.Worker(
-          [sys.executable, '-m', WORKERS[fw]], f'{fw} ({variant})')
-      setup[fw] = workers[fw].call('setup', **request)
-      log(f'{variant}: {fw} set up in {setup[fw]["setup_s"]:.1f} s, '
-          f'{setup[fw]["trainable_params"]:,d} trainable params')
-    times = {fw: [] for fw in FRAMEWORKS}
-    losses = {fw: [] for fw in FRAMEWORKS}
+    for c in contestants(row, torch_compile=torch_compile):
+      if c.optional:
+        optional.add(c.label)
+      # One after the other: setups never overlap.
+      workers[c.label] = worker_protocol.Worker(
+          [sys.executable, '-m', c.module], f'{c.label} ({row.name})')
+      try:
+        setup[c.label] = workers[c.label].call('setup', **(request | c.fields))
+      except worker_protocol.WorkerError as e:
+        if not c.optional:
+          raise
+        skipped[c.label] = _reason(e)
+        workers.pop(c.label).close()
+        log(f'{row.name}: {c.label} skipped: {e}')
+        continue
+      log(f'{row.name}: {c.label} set up in {setup[c.label]["setup_s"]:.1f} '
+          f's, {setup[c.label]["trainable_params"]:,d} trainable params')
+    times = {label: [] for label in workers}
+    losses = {label: [] for label in workers}
     for r in range(warmup + reps):
-      order = FRAMEWORKS if r % 2 == 0 else FRAMEWORKS[::-1]
-      for fw in order:
-        reply = workers[fw].call('step')
-        losses[fw].append(reply['loss'])
+      labels = list(workers)
+      for label in labels if r % 2 == 0 else labels[::-1]:
+        try:
+          reply = workers[label].call('step')
+        except worker_protocol.WorkerError as e:
+          if label not in optional:
+            raise
+          skipped[label] = _reason(e)
+          workers.pop(label).close()
+          del times[label], losses[label]
+          log(f'{row.name}: {label} skipped: {e}')
+          continue
+        losses[label].append(reply['loss'])
         if r >= warmup:
-          times[fw].append(reply['step_s'])
+          times[label].append(reply['step_s'])
       if r >= warmup:
-        log(f'{variant} repetition {r - warmup + 1}/{reps}: ' + ', '.join(
-            f'{fw} {times[fw][-1] * 1e3:.0f} ms' for fw in FRAMEWORKS))
-    stats = {fw: workers[fw].call('stats') for fw in FRAMEWORKS}
+        log(f'{row.name} repetition {r - warmup + 1}/{reps}: ' + ', '.join(
+            f'{label} {times[label][-1] * 1e3:.0f} ms' for label in workers))
+    stats = {label: w.call('stats') for label, w in workers.items()}
   finally:
     for w in workers.values():
       w.close()
-  tokens = size.batch_size * size.seq_len
-  row = {'variant': variant, 'size': size_name, 'targets': targets,
-         'batch_size': size.batch_size, 'seq_len': size.seq_len,
-         'reps': reps, 'load_avg_1m': round(os.getloadavg()[0], 2)}
-  for fw in FRAMEWORKS:
-    row[fw] = _summary(setup[fw] | stats[fw], times[fw], losses[fw], tokens)
-  ours, theirs = row['lorajax'], row['peft']
-  row['step_ratio'] = round(ours['step_ms_median'] / theirs['step_ms_median'],
-                            3)
-  row['rss_ratio'] = round(ours['peak_rss_mb'] / theirs['peak_rss_mb'], 3)
-  row['max_loss_diff'] = float(np.max(np.abs(
-      np.subtract(ours['losses'], theirs['losses']))))
-  return row
+  results = {label: _summary(setup[label] | stats[label], times[label],
+                             losses[label], row.tokens)
+             for label in workers}
+  flops = setup['lorajax']['flops_per_step']
+  ceiling = ceilings[row.dtype]['gflops_median'] if ceilings else None
+  _compare(results, flops, ceiling)
+  shape = row.shape
+  return {'row': row.name, 'size': row.size, 'model': row.model,
+          'targets': row.targets, 'dtype': row.dtype,
+          'batch_size': shape.batch_size, 'seq_len': shape.seq_len,
+          'remat': bool(getattr(shape, 'remat', False)), 'reps': reps,
+          'flops_per_step': flops, 'ceiling_gflops': ceiling,
+          'load_avg_1m': round(os.getloadavg()[0], 2),
+          'results': results, 'skipped': skipped}
 
 
-def run(variants: list[tuple[str, str]], *, reps: int = 10, warmup: int = 2,
-        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """Measures every ``(size, targets)`` variant; one row each."""
-  rows = []
+def run(rows: list[bench_inputs.Row], *, reps: int = 10, warmup: int = 2,
+        torch_compile: bool = True, gemm_size: int = 2048,
+        gemm_reps: int = 10, torch_threads: int | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Measures the GEMM ceiling, every row, and the ceiling again.
+
+  ``reps``, ``warmup``, ``torch_compile`` and ``torch_threads`` are
+  ``run_row``'s; ``gemm_size`` and ``gemm_reps`` the ceiling's matmul.
+
+  Returns:
+    ``{'ceilings': {dtype: {'gflops_median', 'start', 'end', ...}},
+    'rows': [row result, ...]}``; a row's ceiling is its dtype's.
+  """
+  dtypes = sorted({r.dtype for r in rows})
+  start = measure_ceilings(dtypes, size=gemm_size, reps=gemm_reps, log=log)
+  out = []
   with tempfile.TemporaryDirectory(prefix='lorajax_bench_peft_') as workdir:
-    for size_name, targets in variants:
-      rows.append(run_variant(size_name, targets, reps=reps, warmup=warmup,
-                              workdir=workdir, log=log))
-  return rows
+    for row in rows:
+      out.append(run_row(row, reps=reps, warmup=warmup, workdir=workdir,
+                         torch_compile=torch_compile,
+                         torch_threads=torch_threads, log=log))
+  end = measure_ceilings(dtypes, size=gemm_size, reps=gemm_reps, log=log)
+  ceilings = {}
+  for d in dtypes:
+    best = max(start[d]['gflops_median'], end[d]['gflops_median'])
+    ceilings[d] = {'gflops_median': best, 'size': gemm_size,
+                   'reps': gemm_reps, 'start': start[d]['gflops_median'],
+                   'end': end[d]['gflops_median']}
+  for r in out:  # Utilization against the higher of the two ceilings.
+    r['ceiling_gflops'] = ceilings[r['dtype']]['gflops_median']
+    _compare(r['results'], r['flops_per_step'], r['ceiling_gflops'])
+  return {'ceilings': ceilings, 'rows': out}
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-  """A markdown table: one line per variant and framework, with ratios."""
-  lines = ['| variant | batch | framework | trainable | step ms median '
-           '(min–max) | tokens/s | peak RSS MB | lorajax/PEFT step | '
-           'lorajax/PEFT RSS |',
-           '|---|---|---|---:|---:|---:|---:|---:|---:|']
-  for r in rows:
-    for fw in FRAMEWORKS:
-      m = r[fw]
-      ratio = ((f"{r['step_ratio']:.3f}", f"{r['rss_ratio']:.3f}")
-               if fw == 'lorajax' else ('', ''))
+def table(result: dict[str, Any]) -> str:
+  """A markdown table: one line per row and contestant, with ratios."""
+  lines = ['| row | batch | framework | trainable | step ms median (min–max) '
+           '| tokens/s | peak RSS MB | XLA GFLOP/step | GEMM util. | '
+           '×PEFT step | ×PEFT RSS | max abs Δloss vs PEFT |',
+           '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in result['rows']:
+    batch = f"{r['batch_size']}×{r['seq_len']}" + (' remat' if r['remat']
+                                                   else '')
+    for label, m in r['results'].items():
+      ratios = ('', '', '')
+      if label != REFERENCE:
+        ratios = (f"{m['step_ratio']:.3f}", f"{m['rss_ratio']:.3f}",
+                  f"{m['max_loss_diff']:.1e}")
+      gflop = (f"{r['flops_per_step'] / 1e9:.1f}" if label == 'lorajax'
+               else '')
+      util = f"{m['utilization']:.0%}" if 'utilization' in m else ''
       lines.append(
-          f"| {r['variant']} | {r['batch_size']}×{r['seq_len']} | {fw} | "
-          f"{m['trainable_params']:,d} | {m['step_ms_median']:.0f} "
-          f"({m['step_ms_min']:.0f}–{m['step_ms_max']:.0f}) | "
-          f"{m['tokens_per_s']:.0f} | {m['peak_rss_mb']:.0f} | "
-          f'{ratio[0]} | {ratio[1]} |')
+          f"| {r['row']} | {batch} | {label} | {m['trainable_params']:,d} | "
+          f"{m['step_ms_median']:.0f} ({m['step_ms_min']:.0f}–"
+          f"{m['step_ms_max']:.0f}) | {m['tokens_per_s']:.0f} | "
+          f"{m['peak_rss_mb']:.0f} | {gflop} | {util} | {ratios[0]} | "
+          f"{ratios[1]} | {ratios[2]} |")
   return '\n'.join(lines)
+
+
+def notes(result: dict[str, Any]) -> list[str]:
+  """The lines printed under the table: ceilings, load, skips."""
+  out = []
+  for d, c in result['ceilings'].items():
+    out.append(f"GEMM ceiling {d}: {c['gflops_median']:.1f} GFLOP/s "
+               f"(jitted {c['size']}² matmul, median of {c['reps']}; "
+               f"{c['start']:.1f} at the start, {c['end']:.1f} at the end)")
+  for r in result['rows']:
+    line = (f"{r['row']}: load average {r['load_avg_1m']}; "
+            f"{len(r['results']['lorajax']['losses'])} steps")
+    if 'step_ratio_compiled' in r['results']['lorajax']:
+      line += (f"; lorajax/(PEFT+torch.compile) step "
+               f"{r['results']['lorajax']['step_ratio_compiled']:.3f}")
+    out.append(line)
+    for label, reason in r['skipped'].items():
+      out.append(f'{r["row"]}: {label} skipped: {reason}')
+  return out
