@@ -256,9 +256,15 @@ def count(tree: PyTree) -> int:
 
 
 def trainable_report(spec: spec_lib.LoraSpec, params: PyTree,
-                     adapters: PyTree, *, log: bool = False) -> str:
+                     adapters: PyTree, *, tokens: PyTree = None,
+                     log: bool = False) -> str:
   """Returns ``trainable params: N || all params: M || trainable%: P`` and,
   per rule, the paths it matched. ``all`` counts the base plus the adapters.
+
+  ``tokens``: trained token rows (``{'embed': [n, d], ...}``,
+  ``lorajax.methods.tokens``): their ``n·d`` values count as trainable (and
+  in ``all``, as PEFT counts its ``trainable_tokens_delta``), not the
+  ``[V, d]`` tables they are written into, which stay frozen.
 
   The caller prints or logs the text; ``log=True`` also writes it to absl
   INFO on process 0 (kept for old callers; off by default).
@@ -266,10 +272,14 @@ def trainable_report(spec: spec_lib.LoraSpec, params: PyTree,
   resolution = spec_lib.resolve(spec, params)
   trained = [leaf for path, leaf in spec_lib.flatten_paths(params)
              if resolution.actions[path] == spec_lib.TRAIN]
-  n_train = count(adapters) + count(trained)
-  n_all = count(params) + count(adapters)
+  n_tokens = count(tokens) if tokens else 0
+  n_train = count(adapters) + count(trained) + n_tokens
+  n_all = count(params) + count(adapters) + n_tokens
   lines = [f'trainable params: {n_train:,d} || all params: {n_all:,d} || '
            f'trainable%: {100.0 * n_train / max(n_all, 1):.4f}']
+  if tokens:
+    lines.append(f'trainable token rows: {n_tokens:,d} values (' + ', '.join(
+        f'{k} {tuple(np.shape(v))}' for k, v in sorted(tokens.items())) + ')')
   for i, (pattern, action) in enumerate(spec.rules):
     paths = [p for p, r in resolution.rule_of.items() if r == i]
     lines.append(f'rule {i} {pattern!r} -> {action!r}: {len(paths)} '

@@ -294,6 +294,8 @@ class HfModel:
         hf.update(labels)
       stored = [f for f in ('dtype', 'torch_dtype') if f in hf] or ['dtype']
       hf.update({f: 'float32' for f in stored})
+      if hf.get('vocab_size', c.vocab_size) != c.vocab_size:
+        hf['vocab_size'] = c.vocab_size   # grown by config.new_tokens
       return hf
     if self.family == 'bert':
       return {

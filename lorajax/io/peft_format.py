@@ -59,6 +59,7 @@ from lorajax.io import peft_codecs
 from lorajax.io import peft_codecs_kron
 from lorajax.io import peft_codecs_oft
 from lorajax.io import peft_moe
+from lorajax.io import peft_tokens
 from lorajax.methods import dora as dora_lib
 from lorajax.methods import ia3 as ia3_lib
 from lorajax.methods import loha as loha_lib
@@ -85,7 +86,7 @@ _FACTOR = re.compile(r'(.+)\.(lora_A|lora_B|ia3_l|hada_w[12]_[ab]|hada_t[12]'
 # Lora does not implement: (field, value that is fine).
 _MUST_BE = (('fan_in_fan_out', False), ('bias', 'none'),
             ('lora_bias', False), ('layer_replication', None),
-            ('target_parameters', None), ('trainable_token_indices', None),
+            ('target_parameters', None),
             ('use_qalora', False), ('use_bdlora', None))
 
 
@@ -99,17 +100,24 @@ class PeftAdapter:
     adapters: ``{'a': [in, r], 'b': [r, out]}`` per kernel path.
     trained: the saved modules' parameters, nested like the params.
     config: the ``adapter_config.json`` dict.
+    tokens: trained token rows (``trainable_token_indices``, or the
+      ``TRAINABLE_TOKENS`` method): ``(TrainableTokens, values)``
+      (``io.peft_tokens``), or None.
   """
   spec: spec_lib.LoraSpec
   adapters: PyTree
   trained: PyTree
   config: dict[str, Any]
+  tokens: peft_tokens.Tokens | None = None
 
   def params_for(self, params: PyTree) -> PyTree:
-    """``params`` with the saved modules' parameters put in."""
+    """``params`` with the saved modules' parameters and the token rows
+    put in."""
     out = _copy_dicts(params)
     for path, value in spec_lib.flatten_paths(self.trained):
       spec_lib.set_by_path(out, path, value)
+    if self.tokens is not None:
+      out = self.tokens[0].merge(out, self.tokens[1])
     return out
 
 
@@ -123,7 +131,8 @@ def export_peft(directory: str | pathlib.Path, config: Any,
                 spec: spec_lib.LoraSpec, adapters: PyTree, params: PyTree, *,
                 base_model_name_or_path: str | None = None,
                 source: str | os.PathLike[str] | None = None,
-                head: str | None = None) -> pathlib.Path:
+                head: str | None = None,
+                tokens: peft_tokens.Tokens | None = None) -> pathlib.Path:
   """Writes ``adapter_config.json`` + ``adapter_model.safetensors``.
 
   Args:
@@ -140,6 +149,9 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       from (``lorajax.models.load``); None for the shipped models.
     head: the head whose transformers class PEFT will wrap (default: the
       source's own; see ``hf_models.hf_model``).
+    tokens: trained token rows ``(TrainableTokens, values)``, written as
+      LoRA's ``trainable_token_indices`` (or, without adapters, as PEFT's
+      ``TRAINABLE_TOKENS``; ``io.peft_tokens``).
 
   Returns:
     The directory.
@@ -151,6 +163,8 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       (``QLora``), factors or a head of shapes the model does not have, or
       a model config transformers cannot express (mean pooling).
   """
+  if tokens is not None and isinstance(config, moe.MoeConfig):
+    peft_tokens.check_exportable(config, 'LORA')
   if isinstance(config, moe.MoeConfig):  # experts: target_parameters
     return peft_moe.export_moe_lora(
         directory, config, spec, adapters, params,
@@ -185,6 +199,8 @@ def export_peft(directory: str | pathlib.Path, config: Any,
     raise PeftFormatError(f'a PEFT directory holds one method; this spec '
                           f'mixes {sorted(kinds)}')
   peft_type = kinds.pop() if kinds else 'LORA'
+  if tokens is not None:
+    peft_tokens.check_exportable(config, peft_type)
   quantized = [p for p, leaf in spec_lib.flatten_paths(params)
                if isinstance(leaf, spec_lib.FrozenKernel)]
   if quantized:
@@ -298,6 +314,12 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       'init_lora_weights': True, 'layers_to_transform': None,
       'layers_pattern': None, 'revision': None,
   }
+  if tokens is not None:   # trainable_token_indices, or TRAINABLE_TOKENS
+    more, fields = peft_tokens.export_parts(hf, tokens, alone=not targets,
+                                            saved=saved)
+    tensors.update(more)
+    cfg = ({**{k: v for k, v in common_cfg.items() if k != 'modules_to_save'},
+            **fields} if not targets else {**cfg, **fields})
   hf_models.write_files(directory, {WEIGHTS_FILE: tensors, CONFIG_FILE: cfg})
   return pathlib.Path(directory)
 
@@ -372,6 +394,8 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     raise PeftFormatError(f'{path} is not JSON: {e}') from None
   _check_numbers(cfg, path)
   kind = cfg.get('peft_type')
+  if kind == peft_tokens.ALONE_TYPE:   # token rows alone (io.peft_tokens)
+    return cfg
   if kind not in PEFT_TYPES:
     raise PeftFormatError(
         f'{path}: peft_type {kind!r} is not supported; lorajax imports '
@@ -458,8 +482,14 @@ def import_peft(directory: str | pathlib.Path, config: Any,
   modules = hf.kernel_modules()
   by_key = {key: path for path, key in hf.keys.items()}
   shared = peft_codecs_kron.pop_shared(tensors)
-  rename = _renamer({_module_name(k.removeprefix(PREFIX)) for k in tensors},
-                    hf)
+  token_tensors = peft_tokens.pop_tensors(tensors, hf)
+  rename = _renamer({_module_name(k.removeprefix(PREFIX)) for k in tensors}
+                    | set(token_tensors), hf)
+  tokens = peft_tokens.import_tokens(cfg, token_tensors, hf, rename, params,
+                                     str(directory))
+  if cfg['peft_type'] == peft_tokens.ALONE_TYPE:
+    return PeftAdapter(spec_lib.LoraSpec([('.*', spec_lib.FREEZE)]), {}, {},
+                       cfg, tokens)
   lora, saved = collections.defaultdict(dict), {}
   for key, value in tensors.items():
     module = _module_name(key.removeprefix(PREFIX))
@@ -524,7 +554,7 @@ def import_peft(directory: str | pathlib.Path, config: Any,
     except ValueError as e:
       raise PeftFormatError(f'{directory}: the adapter does not fit these '
                             f'params: {e}') from None
-  return PeftAdapter(spec, adapters, trained, cfg)
+  return PeftAdapter(spec, adapters, trained, cfg, tokens)
 
 
 def _module_name(name: str) -> str:

@@ -38,10 +38,12 @@ from lorajax.io import hf_models
 from lorajax.io import hf_targets
 from lorajax.methods import prompts as prompts_lib
 from lorajax.methods import ptuning as ptuning_lib
+from lorajax.methods import tokens as tokens_lib
 from lorajax.methods import vera as vera_lib
 from lorajax.models import moe
 from lorajax.training import config as config_lib
 from lorajax.training import model_loading
+from lorajax.training import trainable_tokens
 
 PyTree = Any
 
@@ -59,12 +61,18 @@ class Method:
       (``lorajax.methods.prompts``); ``{}`` for other methods.
     pretrained: the base before the PiSSA residual was taken, where it
       differs from ``params``; None otherwise.
+    tokens: the trained token rows' values ``{'embed': [n, d][, 'head']}``
+      (``trainable_tokens``); ``{}`` without ``config.trainable_tokens`` /
+      ``new_tokens``.
+    token_rows: the ``TrainableTokens`` they are written into, or None.
   """
   spec: lorajax.LoraSpec
   params: PyTree
   adapters: PyTree
   prompts: PyTree = dataclasses.field(default_factory=dict)
   pretrained: PyTree = None
+  tokens: PyTree = dataclasses.field(default_factory=dict)
+  token_rows: tokens_lib.TrainableTokens | None = None
 
   @property
   def original_params(self) -> PyTree:
@@ -78,6 +86,8 @@ class Method:
     trainable = {'adapters': self.adapters, 'params': train}
     if self.prompts:
       trainable['prompts'] = self.prompts
+    if self.tokens:
+      trainable['tokens'] = self.tokens
     return trainable, frozen
 
 
@@ -187,5 +197,7 @@ def attach_method(config, model: model_loading.Model) -> Method:
   adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1),
                           **traced)
   base = _pissa_residual(spec, params, adapters)
+  rows = trainable_tokens.for_model(config, model, spec)
   return Method(spec, base, adapters, init_prompts(config, model),
-                None if base is params else params)
+                None if base is params else params,
+                trainable_tokens.init_values(rows, params), rows)

@@ -230,6 +230,16 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.train_rules = r'classifier/.*' if task == 'classification' else ''
   # Regex of leaves that no method trains; '' for none.
   c.frozen_rules = ''
+  # Token ids whose rows of the word embedding (and of an untied LM head)
+  # are trained, comma-separated ('5,17'), next to the method's adapters
+  # (PEFT's trainable_token_indices; lorajax.training.trainable_tokens).
+  # Only the [n, d] rows are trained, saved and exported; '' for none.
+  c.trainable_tokens = ''
+  # Strings added to the tokenizer as special tokens, comma-separated
+  # ('<|tool|>,<|/tool|>'); the vocabulary grows (new rows drawn as
+  # transformers' resize_token_embeddings draws them) and their rows are
+  # trained as trainable_tokens' are; '' for none.
+  c.new_tokens = ''
 
   # The data.
   c.data = config_dict.ConfigDict()
@@ -371,9 +381,10 @@ def make_spec(config: config_dict.ConfigDict, *,
     rules.append((config.ia3.targets, lorajax.Ia3()))
   elif method == 'bottleneck':
     rules.extend(_bottleneck_rules(config))
-  elif method == 'head' and not config.train_rules:
-    raise ValueError("config.method='head' trains only config.train_rules, "
-                     'which is empty')
+  elif method == 'head' and not (config.train_rules or config.get(
+      'trainable_tokens') or config.get('new_tokens')):
+    raise ValueError("config.method='head' trains only config.train_rules "
+                     '(and token rows), which are empty')
   if config.train_rules:
     rules.append((config.train_rules, lorajax.TRAIN))
   return lorajax.LoraSpec(rules + [(r'.*', lorajax.FREEZE)])

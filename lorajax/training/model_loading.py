@@ -47,6 +47,7 @@ from lorajax.models import llama
 from lorajax.models import llama_loading
 from lorajax.training import model_factory
 from lorajax.training import sharding as sharding_lib
+from lorajax.training import trainable_tokens
 
 PyTree = Any
 
@@ -263,12 +264,14 @@ def load_model(config, labels: Sequence[str] = ()) -> Model:
     raise ValueError(f'config.task={config.task!r}; expected one of '
                      f'{sorted(_LOADERS)}')
   if config.model.get('factory'):
-    return load_factory(config, labels)
-  if config.model.get('path'):
-    return load_checkpoint(config, labels)
-  name, load = _LOADERS[config.task]
-  if config.model.name != name:
-    raise ValueError(f'model.name={config.model.name!r}; {config.task} '
-                     f'supports {name!r}')
-  return load(config, labels) if config.task == 'classification' else load(
-      config)
+    model = load_factory(config, labels)
+  elif config.model.get('path'):
+    model = load_checkpoint(config, labels)
+  else:
+    name, load = _LOADERS[config.task]
+    if config.model.name != name:
+      raise ValueError(f'model.name={config.model.name!r}; {config.task} '
+                       f'supports {name!r}')
+    model = (load(config, labels) if config.task == 'classification'
+             else load(config))
+  return trainable_tokens.add_new_tokens(config, model)   # config.new_tokens

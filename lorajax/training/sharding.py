@@ -207,8 +207,9 @@ def param_specs(trainable: PyTree, frozen: PyTree, spec: spec_lib.LoraSpec,
   if 'params' in trainable:
     out['params'] = map_paths(plain, trainable['params'],
                               is_leaf=spec_lib.is_kernel_node)
-  if 'prompts' in trainable:  # Small and used whole by every layer.
-    out['prompts'] = jax.tree.map(lambda _: P(), trainable['prompts'])
+  for small in ('prompts', 'tokens'):  # Small, used whole: replicated.
+    if small in trainable:
+      out[small] = jax.tree.map(lambda _: P(), trainable[small])
   return out, map_paths(plain, frozen, is_leaf=spec_lib.is_kernel_node)
 
 

@@ -243,6 +243,10 @@ def build_task(config, *, splits: Iterable[str] = SPLITS,
                labels: Sequence[str] | None = None) -> Task:
   """Loads the model, attaches the method and loads ``splits`` of the data.
 
+  Trained token rows (``config.trainable_tokens``/``new_tokens``) are
+  written into the frozen base's tables inside ``loss_fn`` and ``eval_fn``
+  (``_with_token_rows``), so gradients reach only ``trainable['tokens']``.
+
   Args:
     config: the run config.
     splits: the data splits to tokenize; an evaluation passes the one it
@@ -253,6 +257,28 @@ def build_task(config, *, splits: Iterable[str] = SPLITS,
   Raises:
     ValueError: an unknown task or model, or a method that does not fit.
   """
+  return _with_token_rows(_build_task(config, splits=splits, labels=labels))
+
+
+def _with_token_rows(task: Task) -> Task:
+  """``task`` whose loss and eval write ``trainable['tokens']`` into the
+  rows of the frozen tables first (``attach.Method.token_rows``)."""
+  rows = task.method.token_rows
+  if rows is None:
+    return task
+
+  def written(fn):
+    def f(trainable, frozen, *args, **kwargs):
+      return fn(trainable, rows.apply(frozen, trainable['tokens']), *args,
+                **kwargs)
+    return f
+  return dataclasses.replace(task, loss_fn=written(task.loss_fn),
+                             eval_fn=written(task.eval_fn))
+
+
+def _build_task(config, *, splits: Iterable[str],
+                labels: Sequence[str] | None) -> Task:
+  """``build_task`` without the token rows."""
   if labels is None:
     labels = input_pipeline.label_names(config)
   model = model_loading.load_model(config, labels)

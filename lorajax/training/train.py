@@ -72,6 +72,7 @@ from lorajax.training import saved_run
 from lorajax.training import signals
 from lorajax.training import step as step_lib
 from lorajax.training import tasks
+from lorajax.training import trainable_tokens
 from lorajax.training import validate as validate_lib
 from lorajax.training import workdir_lock
 
@@ -228,11 +229,12 @@ def _train(config, workdir: str, log_file: str, wall_start: float,
     raise ValueError(f'config.data.train_split={config.data.train_split!r} '
                      'has no rows; nothing to train on')
   trainable, frozen = task.split_params()
-  report = lorajax.trainable_report(task.spec, task.params, task.adapters)
+  report = lorajax.trainable_report(task.spec, task.params, task.adapters,
+                                    tokens=task.method.tokens)
   logging.info('%s', report)
   n_train = lorajax.count(trainable)
   n_all = (lorajax.count(task.params) + lorajax.count(task.adapters)
-           + lorajax.count(task.prompts))
+           + lorajax.count(task.prompts) + lorajax.count(task.method.tokens))
   if task.prompts:
     logging.info('prompts: %d trained parameters %s', lorajax.count(
         task.prompts), ckpt_lib.tree_shapes(task.prompts))
@@ -559,6 +561,7 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
   if fmt not in EXPORT_FORMATS:
     raise ValueError(f'format {fmt!r}; expected one of {EXPORT_FORMATS}')
   model_factory.check_export(config, fmt)   # no HF class for your model
+  trainable_tokens.check_export(config, fmt)   # token rows: peft or merged
   if config.method in config_lib.PROMPT_METHODS:
     _check_prompt_export(config, fmt)
   # No data: export scores none; a classifier's classes are in the meta.
@@ -576,11 +579,16 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
         out, model.config, trainable['prompts'], **attach.hf_origin(config)))
   spec, adapters = method.spec, trainable['adapters']
   tuned = lorajax.combine(trainable['params'], frozen)   # what it ran with
+  rows = method.token_rows   # trained token rows, written or exported
+  tokens = None if rows is None else (rows, trainable['tokens'])
   if fmt == 'merged':
+    if rows is not None:
+      tuned = rows.merge(tuned, trainable['tokens'])
     io_lib.export_merged(out, model.config, tuned, adapters, spec,
                          **attach.hf_origin(config))
     if labels:
       _name_labels(os.path.join(out, 'config.json'), labels)
+    trainable_tokens.write_tokenizer(out, config, model)
     return out
   base = lorajax.combine(trainable['params'],
                          lorajax.partition(method.original_params, spec)[1])
@@ -589,7 +597,8 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
                                            start=method.adapters)
   if fmt == 'peft':
     io_lib.export_peft(out, model.config, spec, adapters, base,
-                       **attach.hf_origin(config))
+                       tokens=tokens, **attach.hf_origin(config))
+    trainable_tokens.write_tokenizer(out, config, model)
   else:
     io_lib.save_adapter(out, spec, adapters, base,
                         metadata={'config': config.name, 'workdir': workdir})
