@@ -57,25 +57,34 @@ def checkpoints(tmp_path_factory):
   return get
 
 
+def _tables(model):
+  """``{name: (path, vocabulary axis)}`` of a loaded model's tables."""
+  if 'embeddings' in model.params:   # BERT
+    return {'embed': ('embeddings/word_embeddings/embedding', 0)}
+  out = {'embed': ('embed/embedding', 0)}
+  if 'lm_head' in model.params:
+    out['head'] = ('lm_head/kernel', 1)
+  return out
+
+
 def _grown(model, size=GROWN):
   """``model`` (``lorajax.models.load``) with the vocabulary grown, as a
   run with new tokens grows it (``tokens.grow``)."""
-  params = dict(model.params)
-  params['embed'] = {'embedding': jnp.asarray(tokens_lib.grow(
-      params['embed']['embedding'], size, jax.random.key(0)))}
-  if 'lm_head' in params:
-    params['lm_head'] = {'kernel': jnp.asarray(tokens_lib.grow(
-        params['lm_head']['kernel'], size, jax.random.key(1), axis=1))}
+  params = model.params
+  for i, (path, axis) in enumerate(_tables(model).values()):
+    table = jnp.asarray(tokens_lib.grow(lorajax.spec.get_by_path(
+        params, path), size, jax.random.key(i), axis))
+    params = tokens_lib.replace_path(params, path.split('/'),
+                                     lambda _, t=table: t)
   cfg = model.config.replace(vocab_size=size)
   return dataclasses.replace(model, params=params, config=cfg,
                              module=type(model.module)(cfg))
 
 
 def _rows(model, indices=ROWS):
-  tables = {'embed': tokens_lib.TokenTable('embed/embedding', indices)}
-  if 'lm_head' in model.params:
-    tables['head'] = tokens_lib.TokenTable('lm_head/kernel', indices, 1)
-  return tokens_lib.TrainableTokens.of(tables)
+  return tokens_lib.TrainableTokens.of({
+      name: tokens_lib.TokenTable(path, indices, axis)
+      for name, (path, axis) in _tables(model).items()})
 
 
 def _trained(rows, params, seed=3):
@@ -90,17 +99,17 @@ def _ours(model, spec, adapters, params):
   return np.asarray(fn(params, adapters, jnp.asarray(IDS)))
 
 
+def _torch_logits(model):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(IDS)).logits.numpy()
+
+
 def _torch_base(directory, size=GROWN):
   model = transformers.LlamaForCausalLM.from_pretrained(
       directory, attn_implementation='eager').eval()
   if size != V:
     model.resize_token_embeddings(size)
   return model
-
-
-def _torch_logits(model):
-  with torch.no_grad():
-    return model(input_ids=torch.tensor(IDS)).logits.numpy()
 
 
 def _close(what, got, want, tol=1e-4):
@@ -363,6 +372,67 @@ def test_export_refuses_what_peft_cannot_say(checkpoints, tmp_path):
     peft_tokens.check_exportable(moe.MoeConfig.tiny(), 'LORA')
 
 
+def test_bert_classifier_rows_both_ways(tmp_path):
+  """A BERT sequence classifier with two new tokens (its head saved whole,
+  as PEFT's SEQ_CLS saves it): lorajax -> PEFT and a PEFT-made adapter ->
+  lorajax."""
+  torch.manual_seed(0)
+  directory = tmp_path / 'bert'
+  transformers.BertForSequenceClassification(transformers.BertConfig(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=37, vocab_size=V, max_position_embeddings=40,
+      initializer_range=0.3, num_labels=3)).save_pretrained(directory)
+
+  def peer():
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        directory, attn_implementation='eager').eval()
+    model.resize_token_embeddings(GROWN)
+    return model
+
+  model = _grown(lorajax.models.load(directory))
+  rows = _rows(model)
+  values = _trained(rows, model.params)
+  spec = LoraSpec([(r'.*/attention/(query|value)/kernel',
+                    lorajax.Lora(rank=2, alpha=4.0)), ('.*', 'freeze')])
+  adapters = toy_models.perturb(
+      lorajax.init(spec, model.params, jax.random.key(1)), seed=2)
+  ours = _ours(model, spec, adapters, rows.apply(model.params, values))
+  peft_format.export_peft(tmp_path / 'out', model.config, spec, adapters,
+                          model.params, source=directory,
+                          tokens=(rows, values))
+  cfg = json.loads((tmp_path / 'out' / 'adapter_config.json').read_text())
+  assert cfg['trainable_token_indices'] == list(ROWS)
+  pm = peft.PeftModel.from_pretrained(peer(), tmp_path / 'out').eval()
+  _close('bert lorajax->PEFT', ours, _torch_logits(pm))
+  pm = peft.get_peft_model(peer(), peft.LoraConfig(
+      task_type='SEQ_CLS', r=2, lora_alpha=5, target_modules=['query',
+                                                              'value'],
+      trainable_token_indices=list(ROWS)))
+  with torch.no_grad():
+    for n, p in pm.named_parameters():
+      if 'trainable_tokens_delta' in n or 'lora_B' in n:
+        p.add_(torch.randn_like(p) * 0.5)
+  pm.save_pretrained(tmp_path / 'made')
+  imported = peft_format.import_peft(tmp_path / 'made', model.config,
+                                     model.params, source=directory)
+  _close('bert PEFT->lorajax', _ours(
+      model, imported.spec, imported.adapters,
+      imported.params_for(model.params)), _torch_logits(pm.eval()))
+
+
+def test_the_serving_registry_refuses_token_rows(checkpoints):
+  """Registered adapters share one base: token rows are not served."""
+  from lorajax.serving import registry  # pylint: disable=g-import-not-at-top
+  model = _grown(lorajax.models.load(checkpoints(True)))
+  rows = _rows(model)
+  spec, adapters = _lora(model)
+  bundle = peft_format.PeftAdapter(spec, adapters, {}, {},
+                                   (rows, rows.init(model.params)))
+  served = registry.AdapterRegistry(model.apply, model.params)
+  with pytest.raises(ValueError, match="adapter 'x' trains token rows"):
+    served.add_bundle('x', bundle)
+
+
 # ---- the config system ------------------------------------------------------
 
 NEW = '<|turn|>,<|end|>'
@@ -470,6 +540,23 @@ def test_sft_run_with_new_tokens_trains_saves_resumes_and_exports(
     theirs = hf(input_ids=torch.tensor(np.asarray(ids))).logits.numpy()
   _close('sft run merged (Qwen2, tied)', ours, theirs)
   assert (tmp_path / 'merged' / 'tokenizer.json').exists()
+
+
+def test_rows_alone_with_method_head(qwen2_dir):
+  """method='head' with token rows and no train_rules: the trainable tree
+  is the [3, 32] rows, and the task's jitted loss sends gradient to each."""
+  config = _sft_config(qwen2_dir, method='head')
+  task = tasks.build_task(config, splits=())
+  trainable, frozen = task.split_params()
+  assert lorajax.count(trainable) == 3 * 32
+  ids = np.array([[1, 49152, 5, 300, 49153, 7, 5, 49152]], np.int32)
+  batch = {'inputs': ids, 'targets': np.roll(ids, -1, 1),
+           'mask': np.ones_like(ids), 'segment_ids': np.ones_like(ids),
+           'positions': np.arange(8, dtype=np.int32)[None]}
+  grads = jax.jit(jax.grad(lambda t: task.loss_fn(
+      t, frozen, batch, jax.random.key(0))[0]))(trainable)
+  assert lorajax.count(grads) == 3 * 32
+  assert (np.abs(np.asarray(grads['tokens']['embed'])).max(1) > 0).all()
 
 
 @pytest.mark.parametrize('fields,match', [

@@ -168,7 +168,18 @@ class AdapterRegistry:
     self._stack = None
 
   def add_bundle(self, name: str, bundle: Any) -> None:
-    """Registers a loaded ``AdapterBundle`` or ``PeftAdapter``."""
+    """Registers a loaded ``AdapterBundle`` or ``PeftAdapter``.
+
+    Raises:
+      ValueError: also for a PEFT adapter with trained token rows
+        (``trainable_token_indices``), which the registry does not serve.
+    """
+    if getattr(bundle, 'tokens', None) is not None:
+      raise ValueError(
+          f'adapter {name!r} trains token rows (trainable_token_indices), '
+          'which the registry does not serve; run it alone: '
+          'lorajax.lora(apply_fn, bundle.spec)(bundle.params_for(params), '
+          'bundle.adapters, ...)')
     self.add(name, bundle.adapters, bundle.spec,
              trained=bundle.trained or None)
 
