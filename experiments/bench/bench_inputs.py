@@ -116,6 +116,11 @@ class Row:
     return f'{self.size}/{self.targets}{suffix}'
 
   @property
+  def remat(self) -> bool:
+    """Whether the step recomputes activations (Llama shapes only)."""
+    return isinstance(self.shape, LlamaShape) and self.shape.remat
+
+  @property
   def tokens(self) -> int:
     return self.shape.batch_size * self.shape.seq_len
 

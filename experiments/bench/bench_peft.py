@@ -238,7 +238,7 @@ def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
   return {'row': row.name, 'size': row.size, 'model': row.model,
           'targets': row.targets, 'dtype': row.dtype,
           'batch_size': shape.batch_size, 'seq_len': shape.seq_len,
-          'remat': bool(getattr(shape, 'remat', False)), 'reps': reps,
+          'remat': row.remat, 'reps': reps,
           'flops_per_step': flops, 'ceiling_gflops': ceiling,
           'load_avg_1m': round(os.getloadavg()[0], 2),
           'results': results, 'skipped': skipped}
