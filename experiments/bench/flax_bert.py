@@ -8,10 +8,10 @@ measures the transform on a model lorajax has never seen.
 
 It computes what ``transformers.BertForSequenceClassification`` computes
 (exact-erf GELU, LayerNorm eps 1e-12, the pooler on ``[CLS]``), so its loss
-equals PEFT's on the same weights. Parameter names follow the Hugging Face
-keys (``encoder/layer_0/attention/self/query/kernel`` is
-``bert.encoder.layer.0.attention.self.query.weight`` transposed), which is
-how such a user loads a checkpoint (``hf_key``, ``load_params``).
+equals PEFT's on the same weights. Parameter names spell the Hugging Face
+keys with ``_`` for their dots (``encoder_layer_0/attention_self/query/kernel``
+is ``bert.encoder.layer.0.attention.self.query.weight`` transposed), which
+is how such a user loads a checkpoint (``hf_key``, ``load_params``).
 
 Example:
 
@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -134,7 +133,7 @@ def hf_key(path: str) -> str:
   name = module.replace('/', '.')
   for keep in _KEEP:
     name = name.replace(keep, keep.replace('_', '#'))
-  name = re.sub(r'_', '.', name).replace('#', '_')
+  name = name.replace('_', '.').replace('#', '_')
   leaf = {'kernel': 'weight', 'scale': 'weight',
           'embedding': 'weight'}.get(leaf, leaf)
   prefix = '' if name == 'classifier' else 'bert.'
