@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax.models import ops
+from lorajax.models import remat as remat_lib
 
 Dtype = Any
 # What ``BertConfig.pooling`` may be: the [CLS] pooler, or the token mean.
@@ -136,8 +137,10 @@ class BertConfig:
   head: str = 'bert'
   position_padding_idx: int | None = None
   hidden_act: str = 'gelu'
+  remat: str = 'none'
 
   def __post_init__(self):
+    object.__setattr__(self, 'remat', remat_lib.check(self.remat))
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f'hidden_size={self.hidden_size} is not divisible by '
@@ -305,12 +308,15 @@ class BertSelfAttention(nn.Module):
 
 
 class BertLayer(nn.Module):
-  """One post-LN transformer block: attention, then a GELU feed-forward."""
+  """One post-LN transformer block: attention, then a GELU feed-forward.
+
+  Its arguments may be given by position (``nn.remat`` picks the static
+  ``deterministic`` by position).
+  """
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, *,
-               deterministic: bool,
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool,
                prefix: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     x = BertSelfAttention(cfg, name='attention')(
@@ -335,10 +341,13 @@ class BertEncoder(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, *,
                deterministic: bool,
                prefix: jax.Array | None = None) -> jax.Array:
+    # deterministic (argument 3, self is 0) is a Python bool: static.
+    layer_cls = remat_lib.wrap(BertLayer, self.config.remat,
+                               static_argnums=(3,))
     for i in range(self.config.num_layers):
-      x = BertLayer(self.config, name=f'layer_{i}')(
-          x, mask, deterministic=deterministic,
-          prefix=None if prefix is None else prefix[i])
+      x = layer_cls(self.config, name=f'layer_{i}')(
+          x, mask, deterministic,
+          None if prefix is None else prefix[i])
     return x
 
 

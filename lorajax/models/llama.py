@@ -70,6 +70,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax.models import decoder_parts
+from lorajax.models import remat as remat_lib
 # RoPE lives in its own module; these names stay importable from here.
 from lorajax.models.rope import apply_rope
 from lorajax.models.rope import Llama3Rope
@@ -99,7 +100,10 @@ class LlamaConfig:
     dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``); parameters stay
       float32, logits are returned as float32.
     scan_layers: run the layers as one ``nn.scan`` (stacked parameters).
-    remat: rematerialize each layer in the backward pass.
+    remat: what the backward pass keeps of each layer: ``'none'``,
+      ``'layer'`` (its input only) or ``'dots'`` (its projections'
+      outputs); see ``lorajax.models.remat``. ``True``/``False`` mean
+      ``'layer'``/``'none'``.
     qkv_bias: the q, k and v projections have biases (Qwen2).
     out_bias: the output projection ``o_proj`` has a bias.
     mlp_bias: the gate, up and down projections have biases.
@@ -142,7 +146,7 @@ class LlamaConfig:
   tie_embeddings: bool = True
   dtype: Any = jnp.float32
   scan_layers: bool = False
-  remat: bool = False
+  remat: str = 'none'
   qkv_bias: bool = False
   out_bias: bool = False
   mlp_bias: bool = False
@@ -161,6 +165,7 @@ class LlamaConfig:
   rope_dim: int | None = None
 
   def __post_init__(self):
+    object.__setattr__(self, 'remat', remat_lib.check(self.remat))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
                        f'num_kv_heads={self.num_kv_heads}')
@@ -492,9 +497,8 @@ class Llama(nn.Module):
       h = jnp.concatenate([jnp.broadcast_to(
           prompt.astype(h.dtype), (b, n_prompt, cfg.hidden_size)), h], 1)
     kv = None if cache is None else (cache.keys, cache.values)
-    layer_cls = DecoderLayer
-    if cfg.remat:
-      layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers)
+    layer_cls = remat_lib.wrap(DecoderLayer, cfg.remat,
+                               prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(layer_cls, variable_axes={'params': 0},
                       split_rngs={'params': True},

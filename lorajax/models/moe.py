@@ -51,6 +51,7 @@ import jax.numpy as jnp
 
 from lorajax.models import decoder_parts
 from lorajax.models import llama
+from lorajax.models import remat as remat_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,9 +246,8 @@ class MoeDecoder(nn.Module):
                      embedding_init=nn.initializers.normal(0.02), name='embed')
     h = embed(tokens)
     kv = None if cache is None else (cache.keys, cache.values)
-    layer_cls = MoeLayer
-    if cfg.remat:
-      layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers)
+    layer_cls = remat_lib.wrap(MoeLayer, cfg.remat,
+                               prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(layer_cls, variable_axes={'params': 0},
                       split_rngs={'params': True},

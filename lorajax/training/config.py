@@ -69,6 +69,16 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # LoRA, but full fine-tuning at small batches can be slower; figures in
   # lorajax/runtime/compiler.py).
   c.xla_options = True
+  # Rematerialization of every layer of the model (BERT family, Llama
+  # family, MoE): 'none'; 'layer' (keep each layer's input, run the layer
+  # again in the backward pass); 'dots' (keep its projections' outputs, run
+  # the rest again). Same losses and gradients, less memory, more FLOPs
+  # (lorajax.models.remat; figures: experiments/bench/lm_memory.py).
+  c.remat = 'none'
+  # Tasks lm and sft: run the LM head and the cross entropy over chunks of
+  # about this many tokens, so that the [B, T, vocab] logits never exist
+  # whole (lorajax.models.lm_head); 0 computes them at once.
+  c.loss_chunk = 0
   # The device mesh of mode 'mesh'.
   c.mesh = config_dict.ConfigDict()
   # Size of the 'data' axis (batch rows); -1 takes the devices left.

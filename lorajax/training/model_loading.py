@@ -45,6 +45,7 @@ from lorajax.models import bert_tokenizer
 from lorajax.models import bpe_tokenizer
 from lorajax.models import llama
 from lorajax.models import llama_loading
+from lorajax.models import remat as remat_lib
 from lorajax.training import model_factory
 from lorajax.training import sharding as sharding_lib
 from lorajax.training import trainable_tokens
@@ -98,6 +99,11 @@ def _check_size(size: str, pretrained: bool) -> None:
     raise ValueError(f"model.size={size!r}; expected 'base' or 'tiny'")
 
 
+def _remat(config) -> str:
+  """``config.remat``, checked (the models' ``remat`` field)."""
+  return remat_lib.check(config.get('remat', 'none'), field='config.remat')
+
+
 def _arch(cfg: Any, drop: tuple[str, ...]) -> dict[str, Any]:
   return {k: v for k, v in dataclasses.asdict(cfg).items()
           if k not in drop and 'dropout' not in k}
@@ -111,7 +117,8 @@ def load_minilm(config, labels: Sequence[str] = ()) -> Model:
   num_labels = len(labels) or 2
   _check_size(m.size, m.pretrained)
   overrides = dict(dtype=jnp.dtype(m.dtype), hidden_dropout=m.dropout,
-                   attention_dropout=m.dropout, pooling=m.pooling)
+                   attention_dropout=m.dropout, pooling=m.pooling,
+                   remat=_remat(config))
   key = jax.random.key(config.seed)
   if m.pretrained:
     cfg, params = bert_loading.load_minilm(num_labels, key=key,
@@ -125,7 +132,7 @@ def load_minilm(config, labels: Sequence[str] = ()) -> Model:
       cfg = bert.BertConfig.minilm_l6(num_labels=num_labels, **overrides)
     params = bert.Bert(cfg).init(key, jnp.ones((1, 8), jnp.int32))['params']
   info = {'name': 'minilm', 'size': m.size,
-          **_arch(cfg, ('dtype', 'param_dtype')),
+          **_arch(cfg, ('dtype', 'param_dtype', 'remat')),
           **({'labels': list(labels)} if labels else {})}
   return Model('minilm', bert.Bert(cfg), params, cfg, info,
                bert_tokenizer.bert_tokenizer(),
@@ -143,15 +150,14 @@ def load_smollm2(config) -> Model:
   tok = bpe_tokenizer.gguf_tokenizer(reader)
   special_ids = bpe_tokenizer.gguf_special_ids(reader)
   eos = special_ids['eos']
-  dtype = jnp.dtype(m.dtype)
+  kw = dict(dtype=jnp.dtype(m.dtype), remat=_remat(config))
   if m.pretrained:
-    cfg, params = llama_loading.load_gguf_llama(reader, dtype=dtype)
+    cfg, params = llama_loading.load_gguf_llama(reader, **kw)
   else:
     if m.size == 'tiny':
-      cfg = llama.LlamaConfig.tiny(vocab_size=tok.get_vocab_size(),
-                                   dtype=dtype)
+      cfg = llama.LlamaConfig.tiny(vocab_size=tok.get_vocab_size(), **kw)
     else:
-      cfg = llama.LlamaConfig.smollm2_135m(dtype=dtype)
+      cfg = llama.LlamaConfig.smollm2_135m(**kw)
     params = llama.Llama(cfg).init(jax.random.key(config.seed),
                                    jnp.ones((1, 8), jnp.int32))['params']
   logging.info('smollm2 (%s, pretrained=%s) loaded in %.1f s', m.size,
@@ -196,7 +202,8 @@ def load_checkpoint(config, labels: Sequence[str] = ()) -> Model:
   """
   m = config.model
   start = time.perf_counter()
-  overrides = {'key': jax.random.key(config.seed), 'dtype': jnp.dtype(m.dtype)}
+  overrides = {'key': jax.random.key(config.seed), 'dtype': jnp.dtype(m.dtype),
+               'remat': _remat(config)}
   if config.task == 'classification':
     overrides.update(head='classification', hidden_dropout=m.dropout,
                      attention_dropout=m.dropout)
@@ -238,6 +245,13 @@ def load_checkpoint(config, labels: Sequence[str] = ()) -> Model:
 def load_factory(config, labels: Sequence[str] = ()) -> Model:
   """Your own model: ``config.model.factory`` called and checked
   (``model_factory.load``); a classifier of ``len(labels)`` classes."""
+  remat = _remat(config)
+  if remat != 'none':
+    raise ValueError(f'config.remat={remat!r}: model.factory='
+                     f'{config.model.factory!r} is your own model, whose '
+                     'layers lorajax does not know; wrap them in nn.remat / '
+                     "jax.checkpoint in the factory and leave config.remat="
+                     "'none'")
   loaded = model_factory.load(config, labels)
   return Model(config.model.factory, None, loaded.params, None, loaded.info,
                loaded.tokenizer, None, loaded.eos_id, apply=loaded.apply)

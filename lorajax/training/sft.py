@@ -127,10 +127,18 @@ def _logits_nll(apply_fn, trainable, frozen, batch, lora_rng, inputs):
   return logits, nll
 
 
-def sft_loss(trainable, frozen, batch, rng, *, apply_fn, inputs_fn):
-  """Mean cross entropy over trained tokens; ``loss_sum``, ``count``."""
-  _, nll = _logits_nll(apply_fn, trainable, frozen, batch, rng,
-                       inputs_fn(trainable))
+def sft_loss(trainable, frozen, batch, rng, *, apply_fn, inputs_fn,
+             per_token=False):
+  """Mean cross entropy over trained tokens; ``loss_sum``, ``count``.
+  ``per_token``: ``apply_fn`` gives the token losses
+  (``tasks.nll_apply``, ``config.loss_chunk``), not logits."""
+  if per_token:
+    params = lorajax.combine(trainable['params'], frozen)
+    nll = apply_fn(params, trainable['adapters'], batch, lora_rng=rng,
+                   **inputs_fn(trainable))
+  else:
+    _, nll = _logits_nll(apply_fn, trainable, frozen, batch, rng,
+                         inputs_fn(trainable))
   mask = batch['mask'].astype(jnp.float32)
   total, count = jnp.sum(nll * mask), jnp.sum(mask)
   return total / jnp.maximum(count, 1.0), {'loss_sum': total, 'count': count}

@@ -58,6 +58,7 @@ import lorajax
 from lorajax.methods import prompts as prompts_lib
 from lorajax.models import bert
 from lorajax.models import llama
+from lorajax.models import lm_head
 from lorajax.training import attach
 from lorajax.training import input_pipeline
 from lorajax.training import model_loading
@@ -211,31 +212,67 @@ def lm_apply(module: llama.Llama):
   return apply
 
 
-def _nll(apply_fn, trainable, frozen, batch, lora_rng):
+def nll_apply(apply, model_config: Any, chunk: int):
+  """``apply(p, batch, **kw) -> logits`` (``lm_apply``, ``sft_apply``)
+  turned into ``(p, batch, **kw) -> nll [B, T]``: the decoder's hidden
+  states, then its head and cross entropy over chunks of about ``chunk``
+  tokens (``config.loss_chunk``, ``lorajax.models.lm_head``). The head runs
+  inside this function, so ``lorajax.lora`` adapts it as in ``apply``."""
+  def f(p, batch, *, train=False, rng=None, **inputs):
+    hidden = apply(p, batch, train=train, rng=rng, hidden_only=True,
+                   **inputs)
+    return lm_head.token_nll(model_config, p, hidden, batch['targets'],
+                             chunk=chunk)
+  return f
+
+
+def loss_chunk(config, model: model_loading.Model) -> int:
+  """``config.loss_chunk``, checked against the task and the model."""
+  chunk = config.get('loss_chunk', 0)
+  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+    raise ValueError(f'config.loss_chunk={chunk!r}: expected an integer >= '
+                     '0 (0 computes the logits at once)')
+  if chunk and config.task == 'classification':
+    raise ValueError(f'config.loss_chunk={chunk}: task classification has '
+                     'no vocabulary logits to chunk; leave it 0')
+  if chunk and model.apply is not None:
+    raise ValueError(f'config.loss_chunk={chunk}: model.factory='
+                     f'{config.model.factory!r} gives logits, not hidden '
+                     'states and a head lorajax can run in chunks; leave it '
+                     '0')
+  return chunk
+
+
+def _nll(apply_fn, trainable, frozen, batch, lora_rng, per_token=False):
   params = lorajax.combine(trainable['params'], frozen)
   # Training (a lora_rng) hands the model its own dropout key; the Llama
   # ignores both, a model.factory model may use them.
   train = {} if lora_rng is None else {
       'train': True, 'rng': jax.random.fold_in(lora_rng, 1)}
-  logits = apply_fn(params, trainable['adapters'], batch, lora_rng=lora_rng,
-                    **train, **_prompt_inputs(trainable))
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
+  out = apply_fn(params, trainable['adapters'], batch, lora_rng=lora_rng,
+                 **train, **_prompt_inputs(trainable))
+  if per_token:  # nll_apply: the token losses themselves.
+    nll = out
+  else:
+    logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
   mask = batch['mask'].astype(jnp.float32)
   if 'valid' in batch:
     mask = mask * batch['valid'].astype(jnp.float32)[:, None]
   return nll, mask
 
 
-def lm_loss(trainable, frozen, batch, rng, *, apply_fn):
-  """Mean next-token cross entropy over real targets; ``loss_sum``, ``count``."""
-  nll, mask = _nll(apply_fn, trainable, frozen, batch, rng)
+def lm_loss(trainable, frozen, batch, rng, *, apply_fn, per_token=False):
+  """Mean next-token cross entropy over real targets; ``loss_sum``,
+  ``count``. ``per_token``: ``apply_fn`` gives the token losses
+  (``nll_apply``), not logits."""
+  nll, mask = _nll(apply_fn, trainable, frozen, batch, rng, per_token)
   total, count = jnp.sum(nll * mask), jnp.sum(mask)
   return total / jnp.maximum(count, 1.0), {'loss_sum': total, 'count': count}
 
 
-def lm_eval(trainable, frozen, batch, *, apply_fn):
-  nll, mask = _nll(apply_fn, trainable, frozen, batch, None)
+def lm_eval(trainable, frozen, batch, *, apply_fn, per_token=False):
+  nll, mask = _nll(apply_fn, trainable, frozen, batch, None, per_token)
   return {'loss_sum': jnp.sum(nll * mask), 'count': jnp.sum(mask)}
 
 
@@ -282,6 +319,7 @@ def _build_task(config, *, splits: Iterable[str],
   if labels is None:
     labels = input_pipeline.label_names(config)
   model = model_loading.load_model(config, labels)
+  chunk = loss_chunk(config, model)
   method = attach.attach_method(config, model)
   data = input_pipeline.load_splits(config, model, splits)
   if config.task == 'classification':
@@ -294,11 +332,19 @@ def _build_task(config, *, splits: Iterable[str],
   if config.task == 'sft':   # Trained tokens: the assistant's (mask).
     apply_fn = lorajax.lora(sft.sft_apply(model.module), method.spec)
     kw = dict(apply_fn=apply_fn, inputs_fn=_prompt_inputs)
-    return Task('sft', model, method, functools.partial(sft.sft_loss, **kw),
+    train_kw = kw
+    if chunk:  # The exact match of sft_eval needs whole logits.
+      train_kw = dict(kw, per_token=True, apply_fn=lorajax.lora(
+          nll_apply(sft.sft_apply(model.module), model.config, chunk),
+          method.spec))
+    return Task('sft', model, method,
+                functools.partial(sft.sft_loss, **train_kw),
                 functools.partial(sft.sft_eval, **kw), data, 'accuracy',
                 'mask')
-  apply_fn = lorajax.lora(model.apply or lm_apply(model.module), method.spec)
-  return Task('lm', model, method,
-              functools.partial(lm_loss, apply_fn=apply_fn),
-              functools.partial(lm_eval, apply_fn=apply_fn),
-              data, 'perplexity', 'mask')
+  apply = model.apply or lm_apply(model.module)
+  if chunk:
+    apply = nll_apply(apply, model.config, chunk)
+  apply_fn = lorajax.lora(apply, method.spec)
+  kw = dict(apply_fn=apply_fn, per_token=bool(chunk))
+  return Task('lm', model, method, functools.partial(lm_loss, **kw),
+              functools.partial(lm_eval, **kw), data, 'perplexity', 'mask')

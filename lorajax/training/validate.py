@@ -38,6 +38,7 @@ from typing import Any
 from lorajax.methods import low_rank
 from lorajax.methods import quant
 from lorajax.models import bert
+from lorajax.models import remat as remat_lib
 from lorajax.training import config as config_lib
 from lorajax.training import optim
 
@@ -46,7 +47,9 @@ from lorajax.training import optim
 FREE_FIELDS = ('name', 'eval_every', 'log_every', 'checkpoint_every',
                'max_to_keep', 'async_checkpoint', 'progress_bar',
                'eval_batch_size', 'eval_at_start', 'data.max_eval_batches',
-               'data.dir', 'allow_config_change', 'xla_options')
+               'data.dir', 'allow_config_change', 'xla_options',
+               # Memory layouts of the same step (losses equal to rounding).
+               'remat', 'loss_chunk')
 _MISSING = object()
 _ENUMS = {
     'task': config_lib.TASKS,
@@ -58,12 +61,13 @@ _ENUMS = {
     'lora.init': low_rank.INITS,
     'quant': quant.METHODS,
     'bottleneck.style': ('houlsby', 'pfeiffer'),
+    'remat': remat_lib.POLICIES,
 }
 _INTS_AT_LEAST = {
     'num_train_steps': 1, 'batch_size': 1, 'eval_batch_size': 1,
     'eval_every': 1, 'log_every': 1, 'checkpoint_every': 1,
     'max_to_keep': 1, 'lora.rank': 1, 'optim.accum_steps': 1,
-    'optim.warmup_steps': 0,
+    'optim.warmup_steps': 0, 'loss_chunk': 0,
 }
 # Methods a model.factory model cannot take: prompts and bottleneck
 # adapters go into the shipped models' own layers.
@@ -157,6 +161,18 @@ def problems(config) -> list[str]:
     if _get(config, 'task') not in ('classification', 'lm'):
       bad('task', _get(config, 'task'), "'classification' or 'lm' with "
           f'model.factory={factory!r}')
+    if _get(config, 'remat') not in (_MISSING, 'none'):
+      bad('remat', _get(config, 'remat'), f"'none' with model.factory="
+          f"{factory!r}: lorajax does not know your model's layers (wrap "
+          'them in nn.remat / jax.checkpoint in your factory)')
+    if _get(config, 'loss_chunk') not in (_MISSING, 0):
+      bad('loss_chunk', _get(config, 'loss_chunk'), '0 with model.factory='
+          f'{factory!r}: your apply gives logits, not hidden states and a '
+          'head lorajax can run in chunks')
+  if (_get(config, 'task') == 'classification'
+      and _get(config, 'loss_chunk') not in (_MISSING, 0)):
+    bad('loss_chunk', _get(config, 'loss_chunk'), "0 for task "
+        "'classification' (it has no vocabulary logits to chunk)")
   for field in _SPLITS:
     value = _get(config, field)
     if value is _MISSING:
