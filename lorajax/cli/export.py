@@ -21,9 +21,11 @@ as ``base_model_name_or_path``, and ``merged`` keeps its ``config.json``
 ``peft`` and ``merged`` reproduce the run's logits in transformers (to 1e-4)
 or stop with an error that says what the format cannot express, writing
 nothing: a classifier on mean-pooled tokens (``model.pooling='mean'``;
-``BertForSequenceClassification`` reads ``[CLS]`` through its pooler),
-bottleneck adapters, or, for ``peft``, a QLoRA run (PEFT would put the
-adapter on the float base; ``merged`` folds it into the dequantized one).
+``BertForSequenceClassification`` reads ``[CLS]`` through its pooler) or
+bottleneck adapters. A QLoRA or LoftQ run's ``peft`` export also writes the
+base it ran on, dequantized, to ``<out>/base`` (the adapter's
+``base_model_name_or_path``; ``lorajax.io.peft_dequantized``): on the float
+base PEFT's logits would differ by the quantization error.
 """
 
 from absl import app

@@ -32,10 +32,12 @@ import numpy as np
 from lorajax import kernels
 from lorajax import spec as spec_lib
 
-INITS = ('kaiming', 'gaussian', 'pissa', 'olora')
+INITS = ('kaiming', 'gaussian', 'pissa', 'olora', 'loftq')
 # Inits whose factors are a function of the kernel: the frozen base becomes
 # the residual W - s·a·b (lorajax.pissa.residual_base).
 RESIDUAL_INITS = ('pissa', 'olora')
+# Inits only a quantized base takes (QLora; lorajax.methods.loftq).
+QUANTIZED_INITS = ('loftq',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,8 @@ class Lora(spec_lib.Adapter):
       the residual ``W - s·a·b`` (``lorajax.pissa.residual_base``) so that
       the adapted function still equals the base at initialization;
       ``'olora'`` the same with ``a``, ``b`` from the kernel's QR
-      decomposition (``b`` orthonormal).
+      decomposition (``b`` orthonormal). ``'loftq'`` (``QLora`` only;
+      ``lorajax.methods.loftq``) is made with the quantized base.
     batch_axes: kernel axes (of the per-call kernel, after any ``scan``
       stacking) that get an adapter of their own per index even where a
       product leaves them free, e.g. ``(0,)`` for an ensemble made with
@@ -86,6 +89,11 @@ class Lora(spec_lib.Adapter):
     if self.init not in INITS:
       raise ValueError(f'Lora init must be one of {INITS}, got '
                        f'{self.init!r}')
+    if self.init in QUANTIZED_INITS and not hasattr(self, 'quantize'):
+      raise ValueError(
+          f'{type(self).__name__}(init={self.init!r}) chooses a quantized '
+          'base with the factors; a float base has no quantization error to '
+          "make up for: use QLora(init='loftq') (config.method='qlora')")
 
   @property
   def scale(self) -> float:

@@ -35,6 +35,7 @@ import numpy as np
 from lorajax import rewrite
 from lorajax import spec as spec_lib
 from lorajax import kernels
+from lorajax.methods import loftq as loftq_lib
 from lorajax.methods import low_rank
 from lorajax.methods import quant
 
@@ -108,10 +109,15 @@ class QLora(low_rank.Lora):
     quant: ``'nf4'`` or ``'int8'``, used by ``quantize_params``.
     block_size: NF4 values per absmax block.
     double_quant: NF4 double quantization of the block scales.
+    loftq_iter: with ``init='loftq'`` (``lorajax.methods.loftq``), the
+      alternations of quantization and SVD that choose the quantized kernel
+      and the starting factors together; ``lorajax.init`` must then see the
+      float kernel.
   """
   quant: str = 'nf4'
   block_size: int = 64
   double_quant: bool = True
+  loftq_iter: int = 1
 
   supports_batch = False
 
@@ -122,11 +128,33 @@ class QLora(low_rank.Lora):
       raise ValueError(f'QLora does not take init={self.init!r}: the '
                        'residual kernel would have to be re-quantized; use '
                        'Lora')
+    if (isinstance(self.loftq_iter, bool)
+        or not isinstance(self.loftq_iter, (int, np.integer))
+        or self.loftq_iter < 1):
+      raise ValueError(f'QLora loftq_iter must be an integer >= 1, got '
+                       f'{self.loftq_iter!r}')
+    if self.loftq_iter != 1 and self.init != 'loftq':
+      raise ValueError(f'QLora loftq_iter={self.loftq_iter} is read only '
+                       f"with init='loftq', not init={self.init!r}")
+
+  def _loftq(self, w, layout, *, factors: bool):
+    return loftq_lib.loftq(
+        w, layout, method=self.quant, block_size=self.block_size,
+        double_quant=self.double_quant, rank=self.rank, scale=self.scale,
+        num_iter=self.loftq_iter, factors=factors)
 
   def quantize(self, w: jax.Array, layout: spec_lib.KernelLayout
                ) -> quant.QuantizedKernel:
+    if self.init == 'loftq':
+      return self._loftq(w, layout, factors=False)[0]
     return quant.quantize(w, self.quant, layout, block_size=self.block_size,
                           double_quant=self.double_quant)
+
+  def init_params(self, key, kernel, layout):
+    if self.init != 'loftq':
+      return super().init_params(key, kernel, layout)
+    loftq_lib.check_float(kernel, 'QLora')
+    return self._loftq(kernel, layout, factors=True)[1]
 
   def dot(self, x, kernel, params, dims, *, rng, context=None):
     _need_quantized(kernel, 'QLora')

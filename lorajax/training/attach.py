@@ -194,8 +194,10 @@ def attach_method(config, model: model_loading.Model) -> Method:
                  args=(jnp.zeros((1, 2), jnp.int32),))
             if isinstance(model.config, moe.MoeConfig) else {})
   spec = vera_lib.bind_projections(spec, params, **traced)  # VeRA's shared A, B
-  adapters = lorajax.init(spec, params, jax.random.key(config.seed + 1),
-                          **traced)
+  # From the float kernels: LoftQ's factors need W (lora.init='loftq'; its
+  # quantize_params above ran the same loop for the base).
+  adapters = lorajax.init(spec, model.params,
+                          jax.random.key(config.seed + 1), **traced)
   base = _pissa_residual(spec, params, adapters)
   rows = trainable_tokens.for_model(config, model, spec)
   return Method(spec, base, adapters, init_prompts(config, model),

@@ -170,8 +170,12 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # Start of the factors: 'kaiming' (a uniform, b zero; PEFT's default),
   # 'gaussian', 'pissa' (a·b = the kernel's top-r singular part) or
   # 'olora' (a, b from the kernel's QR decomposition); with the last two the
-  # frozen base holds the residual (method 'lora' only).
+  # frozen base holds the residual (method 'lora' only); 'loftq' (method
+  # 'qlora' only: the quantized base and a, b chosen together so that
+  # deq(Q) + s·a·b is close to the float kernel; lorajax.methods.loftq).
   c.lora.init = 'kaiming'
+  # LoftQ's alternations of quantization and rank-r SVD (lora.init='loftq').
+  c.lora.loftq_iter = 1
   # Format of the frozen base under method 'qlora': 'nf4' (4-bit NormalFloat,
   # double-quantized block scales) or 'int8' (one scale per output unit).
   c.quant = 'nf4'
@@ -408,6 +412,10 @@ def _low_rank_rules(config: config_dict.ConfigDict, targets: str
             use_rslora=bool(config.lora.rslora),
             dropout=float(config.lora.dropout),
             init=str(config.lora.get('init', 'kaiming')))
+  loftq_iter = config.lora.get('loftq_iter', 1)
+  if loftq_iter != 1 and (config.method, kw['init']) != ('qlora', 'loftq'):
+    raise ValueError(f'config.lora.loftq_iter={loftq_iter!r} is read only '
+                     "with method 'qlora' and lora.init='loftq'")
   if config.method == 'lora':
     return [(targets, lorajax.Lora(**kw))]
   if config.method == 'dora':
@@ -437,7 +445,8 @@ def _low_rank_rules(config: config_dict.ConfigDict, targets: str
                          f'{e}') from None
     return [(targets, lorajax.LoHa(rank=kw['rank'],
                                                alpha=kw['alpha']))]
-  rules = [(targets, lorajax.QLora(quant=config.quant, **kw))]
+  rules = [(targets, lorajax.QLora(quant=config.quant, loftq_iter=loftq_iter,
+                                   **kw))]
   if config.quant_targets:
     rules.append((config.quant_targets, lorajax.Quantized(config.quant)))
   return rules

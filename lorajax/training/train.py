@@ -57,6 +57,7 @@ import lorajax
 from lorajax import io as io_lib
 from lorajax.data import loader
 from lorajax.io import digests
+from lorajax.io import peft_dequantized
 from lorajax.io import peft_prompts
 from lorajax.runtime import memory
 from lorajax.training import attach
@@ -595,9 +596,11 @@ def export_checkpoint(config, workdir: str, out: str, fmt: str = 'lorajax',
   if lorajax.pissa.uses_pissa(spec):
     spec, adapters = lorajax.pissa.to_lora(spec, base, adapters,
                                            start=method.adapters)
-  if fmt == 'peft':
-    io_lib.export_peft(out, model.config, spec, adapters, base,
-                       tokens=tokens, **attach.hf_origin(config))
+  if fmt == 'peft':   # QLoRA/LoftQ: with the dequantized base it ran on
+    export = (peft_dequantized.export_peft_dequantized
+              if config.method == 'qlora' else io_lib.export_peft)
+    export(out, model.config, spec, adapters, base, tokens=tokens,
+           **attach.hf_origin(config))
     trainable_tokens.write_tokenizer(out, config, model)
   else:
     io_lib.save_adapter(out, spec, adapters, base,
