@@ -351,12 +351,24 @@ def test_report_from_a_fake_sweep(tmp_path):
   assert 'Full fine-tuning: test 80.0 ± 0.0 (95% CI ± 0.0, n=3)' in md
   assert 'Head-only: test 60.0 ± 0.0' in md
   assert ('Best LoRA configuration by mean validation accuracy: '
-          '`lora.targets=encoder') in md
-  assert '| `.*/attention/(query\\|value)/kernel` |' in md  # Escaped pipe.
+          '`lora.rank=2,lora.alpha=8`') in md
   for name in ('metric_vs_rank', 'rank_alpha_heatmap', 'metric_vs_params'):
     pixels = mpimg.imread(paths[name])
     assert pixels.shape[0] > 100 and pixels.shape[1] > 100
     assert pixels.std() > 0  # Not a blank image.
+
+
+def test_swept_values_with_pipes_are_escaped_in_the_table(tmp_path):
+  path = write_config(tmp_path, """
+      add(**{'lora.targets': '.*/attention/(query|value)/kernel'})
+      add(**{'lora.targets': '.*/attention/key/kernel'})""")
+  sweep_dir = str(tmp_path / 'sweep')
+  runs = grid.expand(path, sweep_dir)
+  runner.run_sweep(runs, sweep_dir, launcher=FakeTrainer(),
+                   echo=lambda s: None)
+  with open(report.write_report(sweep_dir)['md']) as f:
+    md = f.read()
+  assert '| `.*/attention/(query\\|value)/kernel` |' in md
 
 
 def test_report_of_an_empty_folder_is_an_error(tmp_path):
