@@ -9,6 +9,7 @@ from lorajax.adapters import unmerge
 from lorajax.methods import loftq
 from lorajax.methods import pissa
 from lorajax.methods import prompts
+from lorajax.methods.adalora import AdaLora
 from lorajax.methods.bottleneck import Bottleneck
 from lorajax.methods.bottleneck import houlsby_rules
 from lorajax.methods.bottleneck import pfeiffer_rules

@@ -17,6 +17,7 @@ import numpy as np
 from lorajax import spec as spec_lib
 from lorajax import spec_paths
 from lorajax.io import hf_models
+from lorajax.io import peft_codecs_adalora as ada
 from lorajax.io import peft_codecs_kron as kron
 from lorajax.io import peft_codecs_oft as oft
 from lorajax.methods import ia3 as ia3_lib
@@ -56,11 +57,18 @@ def peft_type(provider: Any) -> str:
     return 'IA3'
   if isinstance(provider, loha_lib.LoHa):
     return 'LOHA'
+  if ada.peft_type(provider):
+    return 'ADALORA'
   return kron.peft_type(provider) or oft.peft_type(provider) or 'LORA'
 
 
 def check_config(cfg: dict[str, Any], path: Any) -> None:
   """Refuses the LoKr/VeRA/OFT options lorajax does not implement."""
+  if cfg.get('peft_type') in ada.KINDS:
+    try:
+      ada.check_config(cfg, path)
+    except ada.Error as e:
+      raise PeftFormatError(str(e)) from None
   codec = {**dict.fromkeys(kron.KINDS, kron), 'OFT': oft}.get(
       cfg.get('peft_type'))
   if codec is not None:
@@ -112,6 +120,12 @@ def method_tensors(peft_type: str, provider: Any, module: str,
       return oft.method_tensors(provider, module, layer_path, flat_ad, kernel)
     except oft.Error as e:
       raise PeftFormatError(str(e)) from None
+  if peft_type in ada.KINDS:
+    try:
+      return ada.method_tensors(provider, module, layer_path, flat_ad,
+                                kernel)
+    except ada.Error as e:
+      raise PeftFormatError(str(e)) from None
   get = lambda name: np.asarray(flat_ad[f'{layer_path}/{name}'], np.float32)  # pylint: disable=unnecessary-lambda-assignment
   if peft_type == 'IA3':
     l = get('l')
@@ -133,8 +147,17 @@ def method_tensors(peft_type: str, provider: Any, module: str,
 
 
 def method_config(peft_type: str, targets: dict[str, Any],
-                   universe: list[str]) -> dict[str, Any]:
-  """``adapter_config.json`` fields of an IA3 or LoHa adapter."""
+                   universe: list[str],
+                   tensors: dict[str, np.ndarray] | None = None
+                   ) -> dict[str, Any]:
+  """``adapter_config.json`` fields of an IA3 or LoHa adapter (AdaLoRA:
+  also drops its unused triplets from ``tensors``)."""
+  if peft_type in ada.KINDS:
+    try:
+      return ada.method_config(
+          targets, target_modules(sorted(targets), universe), tensors)
+    except ada.Error as e:
+      raise PeftFormatError(str(e)) from None
   modules = sorted(targets)
   if peft_type in kron.KINDS:
     try:
@@ -198,6 +221,12 @@ def import_method(cfg, found, modules, directory, hf, params, shared=None):
       return (*oft.import_method(cfg, found, modules, directory,
                                  hf.expected_shapes()), {})
     except oft.Error as e:
+      raise PeftFormatError(str(e)) from None
+  if kind in ada.KINDS:
+    try:
+      return (*ada.import_method(cfg, found, modules, directory,
+                                 hf.expected_shapes()), {})
+    except ada.Error as e:
       raise PeftFormatError(str(e)) from None
   adapters, groups, folded = {}, collections.defaultdict(list), {}
   want = {'ia3_l'} if kind == 'IA3' else {'hada_w1_a', 'hada_w1_b',

@@ -56,10 +56,12 @@ from lorajax.io import adapter_files
 from lorajax.io import digests
 from lorajax.io import hf_models
 from lorajax.io import peft_codecs
+from lorajax.io import peft_codecs_adalora
 from lorajax.io import peft_codecs_kron
 from lorajax.io import peft_codecs_oft
 from lorajax.io import peft_moe
 from lorajax.io import peft_tokens
+from lorajax.methods import adalora as adalora_lib
 from lorajax.methods import dora as dora_lib
 from lorajax.methods import ia3 as ia3_lib
 from lorajax.methods import loha as loha_lib
@@ -76,10 +78,11 @@ CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
 PREFIX = peft_codecs.PREFIX
 PeftFormatError = peft_codecs.PeftFormatError
-PEFT_TYPES = ('LORA', 'IA3', 'LOHA', *peft_codecs_kron.KINDS,
+PEFT_TYPES = ('LORA', 'IA3', 'LOHA', *peft_codecs_adalora.KINDS,
+              *peft_codecs_kron.KINDS,
               *peft_codecs_oft.KINDS)
 # Tensor names of each method's factors (after the module name).
-_FACTOR = re.compile(r'(.+)\.(lora_A|lora_B|ia3_l|hada_w[12]_[ab]|hada_t[12]'
+_FACTOR = re.compile(r'(.+)\.(lora_[ABE]|ia3_l|hada_w[12]_[ab]|hada_t[12]'
                      r'|lokr_w[12](?:_[ab])?|lokr_t2|vera_lambda_[bd]|oft_R)'
                      r'(?:\.[^.]+)?(?:\.weight)?')
 # Config fields that change what a LoRA adapter computes and that lorajax's
@@ -188,6 +191,7 @@ def export_peft(directory: str | pathlib.Path, config: Any,
           f'the quantization error. Export format \'merged\' (the adapter '
           f'folded into the dequantized kernels) instead')
     if not isinstance(provider, (lora_lib.Lora, dora_lib.Dora, ia3_lib.Ia3,
+                                 adalora_lib.AdaLora,
                                  loha_lib.LoHa, lokr_lib.LoKr, vera_lib.Vera,
                                  oft_lib.Oft)):
       raise PeftFormatError(
@@ -293,7 +297,8 @@ def export_peft(directory: str | pathlib.Path, config: Any,
       'revision': None,
   }
   if peft_type != 'LORA':
-    cfg = {**peft_codecs.method_config(peft_type, targets, universe), **common_cfg}
+    cfg = {**peft_codecs.method_config(peft_type, targets, universe,
+                                       tensors), **common_cfg}
     hf_models.write_files(directory, {WEIGHTS_FILE: tensors, CONFIG_FILE: cfg})
     return pathlib.Path(directory)
   common = collections.Counter(
@@ -374,6 +379,8 @@ def _check_numbers(cfg: Any, path: pathlib.Path) -> None:
       raise PeftFormatError(f'{path}: {field}={cfg[field]!r}: expected '
                             f'{expected}')
   for field, ok in (('rank_pattern', rank_ok), ('alpha_pattern', alpha_ok)):
+    if field == 'rank_pattern' and cfg.get('peft_type') == 'ADALORA':
+      continue   # [bool] * init_r, checked by peft_codecs_adalora
     pattern = cfg.get(field) or {}
     if not isinstance(pattern, dict):
       raise PeftFormatError(f'{path}: {field}={pattern!r}: expected an '

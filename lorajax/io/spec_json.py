@@ -25,6 +25,7 @@ import json
 from typing import Any, Callable
 
 from lorajax import spec as spec_lib
+from lorajax.methods import adalora as adalora_lib
 from lorajax.methods import bottleneck as bottleneck_lib
 from lorajax.methods import dora as dora_lib
 from lorajax.methods import ia3 as ia3_lib
@@ -151,3 +152,4 @@ for _cls in (lora_lib.Lora, dora_lib.Dora, qlora_lib.Quantized, qlora_lib.QLora,
   register_provider(_cls)
 register_provider(vera_lib.Vera, to_json=vera_lib.projections_to_json,
                   from_json=vera_lib.projections_from_json)
+register_provider(adalora_lib.AdaLora)

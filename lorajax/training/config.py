@@ -28,9 +28,11 @@ import lorajax
 from lorajax.io import hf_targets
 
 METHODS = ('lora', 'dora', 'qlora', 'loha', 'lokr', 'vera', 'oft', 'ia3',
-           'bottleneck', 'prompt', 'prefix', 'ptuning', 'full', 'head')
+           'adalora', 'bottleneck', 'prompt', 'prefix', 'ptuning', 'full',
+           'head')
 # Methods whose adapters come from the config.lora fields.
-LOW_RANK_METHODS = ('lora', 'dora', 'qlora', 'loha', 'lokr', 'vera', 'oft')
+LOW_RANK_METHODS = ('adalora', 'lora', 'dora', 'qlora',
+                    'loha', 'lokr', 'vera', 'oft')
 # lora.targets values that name kernels the Hugging Face way (resolved
 # against the model by attach.attach_method).
 LORA_TARGET_SHORTHANDS = hf_targets.SHORTHANDS
@@ -146,6 +148,9 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # lora.rank only: its update has no scale, its shared frozen projections
   # are drawn from config.seed), 'oft' (rotations of the inputs of
   # lora.targets, sized by the oft fields; no other lora field is read),
+  # 'adalora' (SVD-form adapters on lora.targets whose rank the allocator
+  # lowers from adalora.init_r to adalora.target_r; lora.alpha and
+  # lora.dropout as PEFT's lora_alpha and lora_dropout),
   # 'ia3' (learned scales on ia3.targets + train_rules),
   # 'bottleneck' (adapters after output projections + train_rules),
   # 'prompt', 'ptuning' (prompt tokens from an MLP encoder) or 'prefix'
@@ -174,6 +179,24 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # 'qlora' only: the quantized base and a, b chosen together so that
   # deq(Q) + s·a·b is close to the float kernel; lorajax.methods.loftq).
   c.lora.init = 'kaiming'
+  # AdaLoRA (method 'adalora', PEFT's AdaLoraConfig; its total_step is
+  # num_train_steps).
+  c.adalora = config_dict.ConfigDict()
+  # Triplets (rank) each adapted kernel starts with.
+  c.adalora.init_r = 12
+  # Average triplets a kernel keeps at the end (<= init_r).
+  c.adalora.target_r = 8
+  # Steps before the budget starts to fall, and steps at the end with the
+  # final budget; tinit + tfinal < num_train_steps.
+  c.adalora.tinit = 0
+  c.adalora.tfinal = 0
+  # Steps between two allocations while the budget falls.
+  c.adalora.deltaT = 1
+  # EMA decays of the importance (sensitivity) and of its uncertainty.
+  c.adalora.beta1 = 0.85
+  c.adalora.beta2 = 0.85
+  # Weight of the penalty ||AAᵀ - I|| + ||BᵀB - I|| added to the loss.
+  c.adalora.orth_reg_weight = 0.5
   # LoftQ's alternations of quantization and rank-r SVD (lora.init='loftq').
   c.lora.loftq_iter = 1
   # Format of the frozen base under method 'qlora': 'nf4' (4-bit NormalFloat,
@@ -416,6 +439,8 @@ def _low_rank_rules(config: config_dict.ConfigDict, targets: str
   if loftq_iter != 1 and (config.method, kw['init']) != ('qlora', 'loftq'):
     raise ValueError(f'config.lora.loftq_iter={loftq_iter!r} is read only '
                      "with method 'qlora' and lora.init='loftq'")
+  if config.method == 'adalora':
+    return [(targets, _adalora(config, kw))]
   if config.method == 'lora':
     return [(targets, lorajax.Lora(**kw))]
   if config.method == 'dora':
@@ -450,6 +475,35 @@ def _low_rank_rules(config: config_dict.ConfigDict, targets: str
   if config.quant_targets:
     rules.append((config.quant_targets, lorajax.Quantized(config.quant)))
   return rules
+
+
+def _adalora(config: config_dict.ConfigDict, kw: dict[str, Any]
+             ) -> lorajax.AdaLora:
+  """The ``AdaLora`` of ``config.adalora`` (``total_step`` =
+  ``num_train_steps``), ``lora.alpha`` and ``lora.dropout``."""
+  unused = {'lora.rank': (kw['rank'], 8), 'lora.rslora': (
+      kw['use_rslora'], False), 'lora.init': (kw['init'], 'kaiming')}
+  for field, (value, default) in unused.items():
+    if value != default:
+      raise ValueError(f"config.method='adalora' has no {field} (got "
+                       f'{value!r}; the rank is adalora.init_r); leave it '
+                       f'at {default!r}')
+  a = config.adalora
+  fields = dict(init_r=a.init_r, target_r=a.target_r, tinit=a.tinit,
+                tfinal=a.tfinal, delta_t=a.deltaT, beta1=a.beta1,
+                beta2=a.beta2, orth_reg_weight=a.orth_reg_weight,
+                total_step=config.num_train_steps)
+  if isinstance(a.target_r, int) and isinstance(a.init_r, int) and (
+      a.target_r > a.init_r):
+    raise ValueError(f'config.adalora.target_r={a.target_r} is larger than '
+                     f'adalora.init_r={a.init_r}; the budget only falls')
+  try:
+    return lorajax.AdaLora(alpha=kw['alpha'], dropout=kw['dropout'],
+                           **fields)
+  except ValueError as e:
+    shown = ', '.join(f'{k}={v!r}' for k, v in fields.items())
+    raise ValueError(f'config.adalora ({shown}; total_step is '
+                     f'config.num_train_steps): {e}') from None
 
 
 def _bottleneck_rules(config: config_dict.ConfigDict

@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +60,7 @@ from lorajax.data import loader
 from lorajax.io import digests
 from lorajax.io import peft_dequantized
 from lorajax.io import peft_prompts
+from lorajax.methods import adalora_allocator
 from lorajax.runtime import memory
 from lorajax.training import attach
 from lorajax.training import checkpoint as ckpt_lib
@@ -250,6 +252,9 @@ def _train(config, workdir: str, log_file: str, wall_start: float,
       *([f'prompts: {lorajax.count(task.prompts):,d} trained parameters '
          f'(method {config.method})'] if task.prompts else [])]))
   tx, schedule = optim.from_config(config.optim, num_steps)
+  loss_fn, tx = adalora_allocator.training_hooks(   # AdaLoRA, else as is
+      task.spec, task.params, task.loss_fn, tx)
+  task = dataclasses.replace(task, loss_fn=loss_fn)
   runner = parallel.runner_from_config(config, task, tx)
   state = step_lib.create_state(trainable, tx, config.seed)
   state, frozen = runner.place(state, frozen)
