@@ -6,6 +6,7 @@ from lorajax.adapters import with_layouts
 from lorajax.adapters import merge
 from lorajax.adapters import merge_quantized
 from lorajax.adapters import unmerge
+from lorajax.methods import eva
 from lorajax.methods import loftq
 from lorajax.methods import pissa
 from lorajax.methods import prompts

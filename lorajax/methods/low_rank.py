@@ -32,12 +32,14 @@ import numpy as np
 from lorajax import kernels
 from lorajax import spec as spec_lib
 
-INITS = ('kaiming', 'gaussian', 'pissa', 'olora', 'loftq')
+INITS = ('kaiming', 'gaussian', 'pissa', 'olora', 'loftq', 'eva')
 # Inits whose factors are a function of the kernel: the frozen base becomes
 # the residual W - s·a·b (lorajax.pissa.residual_base).
 RESIDUAL_INITS = ('pissa', 'olora')
 # Inits only a quantized base takes (QLora; lorajax.methods.loftq).
 QUANTIZED_INITS = ('loftq',)
+# Inits made from data batches, by lorajax.eva.init (plain Lora only).
+DATA_INITS = ('eva',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,8 @@ class Lora(spec_lib.Adapter):
       the adapted function still equals the base at initialization;
       ``'olora'`` the same with ``a``, ``b`` from the kernel's QR
       decomposition (``b`` orthonormal). ``'loftq'`` (``QLora`` only;
-      ``lorajax.methods.loftq``) is made with the quantized base.
+      ``lorajax.methods.loftq``) and ``'eva'`` (``lorajax.eva.init``, from
+      data batches) are made outside ``init``.
     batch_axes: kernel axes (of the per-call kernel, after any ``scan``
       stacking) that get an adapter of their own per index even where a
       product leaves them free, e.g. ``(0,)`` for an ensemble made with
@@ -94,6 +97,10 @@ class Lora(spec_lib.Adapter):
           f'{type(self).__name__}(init={self.init!r}) chooses a quantized '
           'base with the factors; a float base has no quantization error to '
           "make up for: use QLora(init='loftq') (config.method='qlora')")
+    exact = type(self) is Lora  # pylint: disable=unidiomatic-typecheck
+    if self.init in DATA_INITS and not exact:
+      raise ValueError(f'{type(self).__name__}(init={self.init!r}) is not '
+                       'implemented; EVA initializes Lora rules')
 
   @property
   def scale(self) -> float:
@@ -115,6 +122,11 @@ class Lora(spec_lib.Adapter):
     return {'a': (*stack, *cshape, self.rank), 'b': (*stack, self.rank, *fshape)}
 
   def init_params(self, key, kernel, layout):
+    if self.init in DATA_INITS:
+      raise ValueError(
+          f"Lora(init={self.init!r}) takes a from the layer inputs of data "
+          'batches: lorajax.eva.init(spec, params, batches, fn=...) makes '
+          'the adapters (and the per-kernel ranks)')
     if self.init in RESIDUAL_INITS:
       if isinstance(kernel, spec_lib.FrozenKernel):
         raise ValueError(f"Lora(init={self.init!r}) needs a float kernel, "

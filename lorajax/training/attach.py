@@ -6,7 +6,8 @@ export shares::
   spec (config.method) -> quantize (qlora) -> init adapters
       -> PiSSA residual base (lora.init='pissa') -> prompts (prompt/prefix)
 
-It reads no data. What it returns is deterministic in ``config.seed``, so a
+It reads no data, but for EVA (``lora.init='eva'``, ``eva_run``: training
+batches). What it returns is deterministic in ``config.seed``, so a
 resumed run, an evaluation and an export all rebuild the same frozen base and
 the same initial adapters the training run started from (the PiSSA residual
 and ``pissa.to_lora`` need the latter).
@@ -42,6 +43,7 @@ from lorajax.methods import tokens as tokens_lib
 from lorajax.methods import vera as vera_lib
 from lorajax.models import moe
 from lorajax.training import config as config_lib
+from lorajax.training import eva_run
 from lorajax.training import model_loading
 from lorajax.training import trainable_tokens
 
@@ -194,10 +196,12 @@ def attach_method(config, model: model_loading.Model) -> Method:
                  args=(jnp.zeros((1, 2), jnp.int32),))
             if isinstance(model.config, moe.MoeConfig) else {})
   spec = vera_lib.bind_projections(spec, params, **traced)  # VeRA's shared A, B
+  eva = eva_run.fit(config, model, spec)  # lora.init='eva': ranks, a from data
   # From the float kernels: LoftQ's factors need W (lora.init='loftq'; its
   # quantize_params above ran the same loop for the base).
-  adapters = lorajax.init(spec, model.params,
-                          jax.random.key(config.seed + 1), **traced)
+  adapters = eva.adapters if eva is not None else lorajax.init(
+      spec, model.params, jax.random.key(config.seed + 1), **traced)
+  spec = eva.spec if eva is not None else spec
   base = _pissa_residual(spec, params, adapters)
   rows = trainable_tokens.for_model(config, model, spec)
   return Method(spec, base, adapters, init_prompts(config, model),

@@ -177,7 +177,10 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # 'olora' (a, b from the kernel's QR decomposition); with the last two the
   # frozen base holds the residual (method 'lora' only); 'loftq' (method
   # 'qlora' only: the quantized base and a, b chosen together so that
-  # deq(Q) + s·a·b is close to the float kernel; lorajax.methods.loftq).
+  # deq(Q) + s·a·b is close to the float kernel; lorajax.methods.loftq) or
+  # 'eva' (method 'lora' only: a from the principal directions of each
+  # kernel's inputs over training batches, ranks redistributed by explained
+  # variance, b zero; lorajax.training.eva_run and the eva fields).
   c.lora.init = 'kaiming'
   # AdaLoRA (method 'adalora', PEFT's AdaLoraConfig; its total_step is
   # num_train_steps).
@@ -199,6 +202,21 @@ def base_config(task: str) -> config_dict.ConfigDict:
   c.adalora.orth_reg_weight = 0.5
   # LoftQ's alternations of quantization and rank-r SVD (lora.init='loftq').
   c.lora.loftq_iter = 1
+  c.eva = config_dict.ConfigDict()
+  # A kernel's EVA rank is at most round(lora.rank * rho); 1 keeps every
+  # kernel at lora.rank (PEFT's EvaConfig.rho).
+  c.eva.rho = 2.0
+  # A component has converged when its cosine similarity with the previous
+  # batch's is at least tau (PEFT's EvaConfig.tau).
+  c.eva.tau = 0.99
+  # Divide each a column by the square root of its singular value.
+  c.eva.whiten = False
+  # Scale a kernel's alpha by its EVA rank / lora.rank (alpha / rank kept).
+  c.eva.adjust_scaling_factors = True
+  # Training batches read (the run's first ones), cycled until convergence.
+  c.eva.num_batches = 32
+  # Forward passes before EVA gives up with an error (not converged).
+  c.eva.max_steps = 512
   # Format of the frozen base under method 'qlora': 'nf4' (4-bit NormalFloat,
   # double-quantized block scales) or 'int8' (one scale per output unit).
   c.quant = 'nf4'
@@ -435,6 +453,9 @@ def _low_rank_rules(config: config_dict.ConfigDict, targets: str
             use_rslora=bool(config.lora.rslora),
             dropout=float(config.lora.dropout),
             init=str(config.lora.get('init', 'kaiming')))
+  if kw['init'] == 'eva' and config.method != 'lora':
+    raise ValueError(f"config.lora.init='eva' is implemented for method "
+                     f"'lora', not {config.method!r}")
   loftq_iter = config.lora.get('loftq_iter', 1)
   if loftq_iter != 1 and (config.method, kw['init']) != ('qlora', 'loftq'):
     raise ValueError(f'config.lora.loftq_iter={loftq_iter!r} is read only '
