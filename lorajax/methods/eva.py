@@ -104,10 +104,12 @@ class EvaResult(NamedTuple):
 
 
 def is_eva(action: Any) -> bool:
+  """True for a provider with ``init='eva'``."""
   return getattr(action, 'init', None) == 'eva'
 
 
 def uses_eva(spec: spec_lib.LoraSpec) -> bool:
+  """True if a rule of ``spec`` has an ``init='eva'`` provider."""
   return any(is_eva(a) for _, a in spec.rules)
 
 
