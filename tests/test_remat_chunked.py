@@ -72,6 +72,8 @@ def _assert_same(got, want, rel=1e-5):
   assert scale > 0
   err = max(float(jnp.max(jnp.abs(a - b)))
             for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)))
+  print(f'|dloss| {abs(loss - loss0):.2e}, max|dgrad| {err:.2e} '
+        f'(largest |grad| {scale:.2e})')
   assert err <= rel * scale, (err, scale)
 
 
