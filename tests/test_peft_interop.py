@@ -330,8 +330,10 @@ Q = 'base_model.model.bert.encoder.layer.0.attention.self.query'
 
 
 @pytest.mark.parametrize('config,tensors,match', [
+    (dict(LORA_CFG, peft_type='BOFT'), {},
+     "peft_type 'BOFT' is not supported"),
     (dict(LORA_CFG, peft_type='ADALORA'), {},
-     "peft_type 'ADALORA' is not supported"),
+     'init_r=None: expected an integer >= 1'),
     (dict(LORA_CFG, peft_type='IA3'), {}, r"a IA3 adapter needs \['ia3_l'\]"),
     (dict(LORA_CFG, use_dora=True), {}, r'needs .*magnitude.*use_dora=True'),
     (dict(LORA_CFG, bias='all'), {}, "bias='all' is not supported"),
@@ -343,7 +345,7 @@ Q = 'base_model.model.bert.encoder.layer.0.attention.self.query'
     (LORA_CFG, {f'{Q}.lora_A.weight': A}, r"has \['lora_A'\] but needs"),
     (dict(LORA_CFG, r=8), {f'{Q}.lora_A.weight': A, f'{Q}.lora_B.weight': B},
      'rank 2 but the config says r=8'),
-], ids=['adalora', 'ia3_with_lora_tensors', 'dora', 'bias', 'embedding', 'layernorm', 'half', 'rank'])
+], ids=['boft', 'adalora_without_init_r', 'ia3_with_lora_tensors', 'dora', 'bias', 'embedding', 'layernorm', 'half', 'rank'])
 def test_unsupported_peft_adapters_are_refused(tmp_path, config, tensors,
                                                match):
   _write_peft(tmp_path, config, tensors or {f'{Q}.lora_A.weight': A,
