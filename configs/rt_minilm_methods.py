@@ -80,11 +80,17 @@ STEPS = 40
 RUNS = (('lora', 5e-3), ('dora', 5e-3), ('qlora', 5e-3),
         ('bottleneck', 5e-3), ('prefix', 1e-2), ('prompt', 3e-2),
         ('ptuning', 1e-2), ('loha', 5e-3), ('lokr', 5e-3), ('vera', 1e-2),
-        ('oft', 5e-3), ('ia3', 1e-2), ('full', 5e-5), ('head', 1e-2))
+        ('oft', 5e-3), ('ia3', 1e-2), ('adalora', 5e-3), ('full', 5e-5),
+        ('head', 1e-2))
 # Fields a method's run sets beyond the base config: VeRA's shared random
 # projections have PEFT's default rank 256 (only its two scaling vectors per
 # kernel train, 7.7k parameters on query/value).
-RUN_FIELDS = {'vera': {'lora.rank': 256}}
+# AdaLoRA starts at rank 12 on query/value and its allocator brings the
+# budget down to an average rank 8 (the LoRA run's) between step 5 and step
+# 30, then keeps the mask fixed for the last 10 steps.
+RUN_FIELDS = {'vera': {'lora.rank': 256},
+              'adalora': {'adalora.init_r': 12, 'adalora.target_r': 8,
+                          'adalora.tinit': 5, 'adalora.tfinal': 10}}
 
 
 def get_config(arg=None):

@@ -9,7 +9,10 @@ attention projections of the 30 layers:
 - ``lokr``: Kronecker factors of rank 8, alpha 16 on q and v (1e-3);
 - ``vera``: PEFT's default rank 256 shared random projections, two scaling
   vectors per kernel trained (1e-2: only vectors learn);
-- ``ia3``: learned scales of k, v and the down projection's input (1e-2).
+- ``ia3``: learned scales of k, v and the down projection's input (1e-2);
+- ``adalora``: SVD-form adapters on q and v that start at rank 12; the
+  allocator lowers the budget to an average rank 8 between steps 10 and 60
+  and keeps the mask fixed for the last 20 steps (1e-3).
 
 Run (resumable: the same command skips finished runs, resumes the rest):
 
@@ -46,7 +49,9 @@ from lorajax.training import config as config_lib
 RUNS = (('lora', 1e-3, {}),
         ('lokr', 1e-3, {}),
         ('vera', 1e-2, {'lora.rank': 256}),
-        ('ia3', 1e-2, {}))
+        ('ia3', 1e-2, {}),
+        ('adalora', 1e-3, {'adalora.init_r': 12, 'adalora.target_r': 8,
+                           'adalora.tinit': 10, 'adalora.tfinal': 20}))
 
 
 def get_config(arg=None):

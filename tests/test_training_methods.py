@@ -94,9 +94,12 @@ def test_methods_sweep_expands_to_one_run_per_method(tmp_path):
                      str(tmp_path))
   assert [r.config.method for r in runs] == [
       'lora', 'dora', 'qlora', 'bottleneck', 'prefix', 'prompt', 'ptuning',
-      'loha', 'lokr', 'vera', 'oft', 'ia3', 'full', 'head']
+      'loha', 'lokr', 'vera', 'oft', 'ia3', 'adalora', 'full', 'head']
   vera = runs[9]
   assert (vera.config.lora.rank, vera.config.optim.learning_rate) == (256, 1e-2)
+  adalora = runs[12].config.adalora
+  assert (adalora.init_r, adalora.target_r, adalora.tinit,
+          adalora.tfinal) == (12, 8, 5, 10)
   assert runs[1].command().endswith(
       '--config.method=dora --config.optim.learning_rate=0.005')
 
@@ -105,9 +108,13 @@ def test_lm_methods_sweep_expands_to_one_run_per_method(tmp_path):
   runs = grid.expand(
       os.path.join(ROOT, 'configs', 'shakespeare_smollm2_methods.py'),
       str(tmp_path))
-  assert [r.config.method for r in runs] == ['lora', 'lokr', 'vera', 'ia3']
+  assert [r.config.method for r in runs] == [
+      'lora', 'lokr', 'vera', 'ia3', 'adalora']
   assert {r.config.task for r in runs} == {'lm'}
   assert runs[2].config.lora.rank == 256
+  adalora = runs[4].config.adalora
+  assert (adalora.init_r, adalora.target_r, adalora.tinit,
+          adalora.tfinal) == (12, 8, 10, 20)
 
 
 # ---- end to end --------------------------------------------------------------
