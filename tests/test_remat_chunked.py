@@ -344,3 +344,85 @@ def test_chunks_cover_about_the_asked_tokens():
   assert lm_head.chunk_positions(1, 2048, 512) == 512
   assert lm_head.chunk_positions(16, 256, 8) == 1     # at least a position
   assert lm_head.chunk_positions(1, 100, 512) == 100  # at most the sequence
+
+
+# ---- config.attn_chunk --------------------------------------------------
+
+
+def test_attention_in_blocks_keeps_outputs_and_gradients():
+  """Grouped queries, a prefix, padding holes and two packed segments, T=37
+  not a multiple of the 8-query blocks (the last block is padded): the
+  same logits and gradients as attention over all queries at once."""
+  cfg = llama.LlamaConfig.tiny(num_layers=2, num_heads=4, num_kv_heads=2)
+  b, t = 2, 37
+  tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+  seg = np.where(np.arange(t) < 20, 1, 2)[None].repeat(b, 0)
+  pad = np.ones((b, t), np.int32)
+  pad[0, :5] = 0   # left padding: rows with no visible key
+  kw = dict(attention_mask=jnp.asarray(pad), segment_ids=jnp.asarray(seg))
+  params = llama.Llama(cfg).init(jax.random.key(0), tokens[:, :4])['params']
+  prefix = 0.1 * jax.random.normal(
+      jax.random.key(1), (cfg.num_layers, 2, 3, cfg.num_kv_heads,
+                          cfg.head_dim))
+  results = {}
+  for chunk in (0, 8, 64):
+    model = llama.Llama(cfg.replace(attn_chunk=chunk))
+    def loss(p, pre, model=model):
+      logits = model.apply({'params': p}, tokens, prefix=pre, **kw)
+      return jnp.mean(jnp.square(logits)), logits
+    (value, logits), grads = jax.jit(
+        jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            params, prefix)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    results[chunk] = (float(value), grads, logits)
+  for chunk in (8, 64):
+    np.testing.assert_allclose(results[chunk][2], results[0][2], atol=2e-5)
+    _assert_same(results[chunk][:2], results[0][:2])
+
+
+def test_attention_in_blocks_lowers_the_temporaries_of_a_long_sequence():
+  """1 x 1024 tokens through a tiny Llama with remat per layer: the
+  compiled step's temporaries fall with 128-query blocks (the scores of
+  all queries, [heads, T, T], dominate them otherwise); the same loss."""
+  cfg = llama.LlamaConfig.tiny(num_layers=2, remat='layer')
+  tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (1, 1024)), jnp.int32)
+  params = llama.Llama(cfg).init(jax.random.key(0), tokens[:, :4])['params']
+  values, temps = {}, {}
+  for chunk in (0, 128):
+    model = llama.Llama(cfg.replace(attn_chunk=chunk))
+    def loss(p, model=model):
+      return lm_head.token_nll(cfg, p, model.apply(
+          {'params': p}, tokens, hidden_only=True), tokens).mean()
+    compiled = _compiled(jax.value_and_grad(loss), params)
+    values[chunk] = float(compiled(params)[0])
+    temps[chunk] = _temp_bytes(compiled)
+  print('temp bytes', temps)
+  assert abs(values[128] - values[0]) <= 1e-5 * abs(values[0])
+  assert temps[128] < 0.5 * temps[0]
+
+
+def test_attn_chunk_reaches_the_decoder_and_bad_values_are_refused():
+  model = model_loading.load_model(_config('lm', attn_chunk=256))
+  assert model.config.attn_chunk == 256
+  with pytest.raises(validate.ConfigError,
+                     match=r'config.attn_chunk=-1: expected an integer >= 0'):
+    validate.check_config(_config('lm', attn_chunk=-1))
+  with pytest.raises(ValueError, match=r'config.attn_chunk=-1'):
+    model_loading.load_model(_config('lm', attn_chunk=-1))
+  cls = _config('classification', attn_chunk=64)
+  with pytest.raises(validate.ConfigError,
+                     match=r"config.attn_chunk=64: expected 0 for task "
+                           r"'classification'"):
+    validate.check_config(cls)
+  with pytest.raises(ValueError, match=r'config.attn_chunk=64: task '
+                                       r'classification trains an encoder'):
+    model_loading.load_model(cls)
+  factory = _config('lm', attn_chunk=64, **{
+      'model.factory': 'toy_factory:make_lm'})
+  with pytest.raises(validate.ConfigError, match=r'config.attn_chunk=64'):
+    validate.check_config(factory)
+  with pytest.raises(ValueError, match=r"config.attn_chunk=64: "
+                                       r"model.factory='toy_factory:make_lm'"):
+    model_loading.load_model(factory)
+  with pytest.raises(ValueError, match=r'attn_chunk=-2'):
+    llama.LlamaConfig.tiny(attn_chunk=-2)

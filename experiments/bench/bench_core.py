@@ -40,11 +40,17 @@ ALL = (r'encoder/layer_\d+/(attention/(query|key|value|output)|intermediate|'
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """A compiled-ready step for one variant."""
+  """A compiled-ready step for one variant.
+
+  ``flops_twin``: where ``step`` runs loops (attention blocks, loss chunks)
+  whose bodies XLA's cost analysis counts once, the same step written
+  without them, compiled only to count the step's FLOPs.
+  """
   step: Callable[..., Any]
   state: Any
   frozen: Any
   trainable_params: int
+  flops_twin: 'Setup | None' = None
 
 
 def lora_spec(variant: str) -> lorajax.LoraSpec:

@@ -8,6 +8,10 @@ One builder per model of ``experiments.bench.bench_inputs.MODELS``, each
   with LoRA through ``lorajax.lora`` only;
 - ``llama``: the Hugging Face checkpoint read by ``lorajax.models.load``
   (compute dtype and ``remat`` as its overrides), next-token cross entropy.
+  A ``remat`` row runs what a long-sequence config runs (``config.remat =
+  'layer'``, ``config.attn_chunk = ATTN_CHUNK``, ``config.loss_chunk =
+  LOSS_CHUNK``): attention over blocks of queries and the head and cross
+  entropy over chunks of tokens; the loss is the same.
 
 Every LoRA ``a`` is the file's PEFT ``lora_A`` transposed, so both
 frameworks start from the same adapters. The request's ``dtype`` is the
@@ -18,6 +22,7 @@ compute dtype (parameters, adapters and optimizer state stay float32, as
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -33,6 +38,7 @@ from lorajax import spec as spec_lib
 from lorajax.models import bert as bert_lib
 from lorajax.models import bert_loading
 from lorajax.models import hf_decoders
+from lorajax.models import lm_head
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -148,10 +154,38 @@ def causal_lm_loss(logits: jax.Array, x: Batch) -> jax.Array:
       logits[:, :-1].astype(jnp.float32), x['input_ids'][:, 1:]).mean()
 
 
+# What a remat row's lorajax side sets (a long-sequence config's fields).
+ATTN_CHUNK, LOSS_CHUNK = 256, 512
+
+
+def chunked_causal_lm(loaded: Any) -> Callable[..., jax.Array]:
+  """``apply(params, ids, mask) -> [B, T]`` next-token losses (the last
+  position's is 0): the decoder's hidden states and
+  ``lm_head.token_nll`` over chunks of ``LOSS_CHUNK`` tokens, so the
+  ``[B, T, V]`` logits never exist whole."""
+  def apply(params, input_ids, attention_mask):
+    hidden = loaded.module.apply({'params': params}, input_ids,
+                                 attention_mask=attention_mask,
+                                 hidden_only=True)
+    targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
+    nll = lm_head.token_nll(loaded.config, params, hidden, targets,
+                            chunk=LOSS_CHUNK)
+    return nll.at[:, -1].set(0.0)
+  return apply
+
+
+def chunked_loss(nll: jax.Array, x: Batch) -> jax.Array:
+  """``causal_lm_loss`` from ``chunked_causal_lm``'s per-token losses."""
+  del x
+  return nll[:, :-1].mean()
+
+
 def llama(req: dict[str, Any]) -> tuple[bench_core.Setup, Batch]:
   """The checkpoint through ``lorajax.models.load``, LoRA, causal LM."""
+  long = bool(req['remat'])
   loaded = models.load(req['checkpoint'], dtype=jnp.dtype(req['dtype']),
-                       remat=bool(req['remat']))
+                       remat='layer' if long else 'none',
+                       attn_chunk=ATTN_CHUNK if long else 0)
   batch = read_batch(req['inputs'], ('input_ids', 'attention_mask'))
   spec = lorajax.LoraSpec([(LLAMA_TARGETS[req['targets']], _lora(req)),
                            (r'.*', 'freeze')])
@@ -159,9 +193,18 @@ def llama(req: dict[str, Any]) -> tuple[bench_core.Setup, Batch]:
   adapters = load_adapters(
       req['inputs'], lorajax.init(spec, loaded.params, jax.random.key(0)),
       lambda p: hf_of[p].removesuffix('.weight'))
-  setup = bench_core.lora_setup(loaded.apply, loaded.params, spec, adapters,
-                                causal_lm_loss,
+  apply, loss = ((chunked_causal_lm(loaded), chunked_loss) if long
+                 else (loaded.apply, causal_lm_loss))
+  setup = bench_core.lora_setup(apply, loaded.params, spec, adapters, loss,
                                 xla_options=req['jit'] == 'xla')
+  if long:   # XLA counts a loop's body once: count the loop-free step
+    whole = loaded.module.clone(config=loaded.config.replace(attn_chunk=0))
+    def whole_apply(params, input_ids, attention_mask):
+      return whole.apply({'params': params}, input_ids,
+                         attention_mask=attention_mask)
+    setup = dataclasses.replace(setup, flops_twin=bench_core.lora_setup(
+        whole_apply, loaded.params, spec, adapters, causal_lm_loss,
+        xla_options=req['jit'] == 'xla'))
   return setup, batch
 
 

@@ -81,6 +81,10 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # about this many tokens, so that the [B, T, vocab] logits never exist
   # whole (lorajax.models.lm_head); 0 computes them at once.
   c.loss_chunk = 0
+  # Decoders (tasks lm and sft): attention over blocks of this many queries,
+  # so that a long sequence's [heads, T, T] scores are never whole in memory
+  # (LlamaConfig.attn_chunk; equal outputs and gradients); 0: all at once.
+  c.attn_chunk = 0
   # The device mesh of mode 'mesh'.
   c.mesh = config_dict.ConfigDict()
   # Size of the 'data' axis (batch rows); -1 takes the devices left.

@@ -150,7 +150,8 @@ def load_smollm2(config) -> Model:
   tok = bpe_tokenizer.gguf_tokenizer(reader)
   special_ids = bpe_tokenizer.gguf_special_ids(reader)
   eos = special_ids['eos']
-  kw = dict(dtype=jnp.dtype(m.dtype), remat=_remat(config))
+  kw = dict(dtype=jnp.dtype(m.dtype), remat=_remat(config),
+            attn_chunk=int(config.get('attn_chunk', 0)))
   if m.pretrained:
     cfg, params = llama_loading.load_gguf_llama(reader, **kw)
   else:
@@ -211,6 +212,7 @@ def load_checkpoint(config, labels: Sequence[str] = ()) -> Model:
       overrides['num_labels'] = len(labels)
   else:
     overrides['head'] = 'causal_lm'
+    overrides['attn_chunk'] = int(config.get('attn_chunk', 0))
   if config.get('mode') == 'mesh':
     overrides['place'] = _mesh_placement(config)
   try:
@@ -263,6 +265,24 @@ _LOADERS = {'classification': ('minilm', load_minilm),
             'sft': ('smollm2', load_smollm2)}
 
 
+def _check_attn_chunk(config) -> None:
+  """``config.attn_chunk``: an integer >= 0, and 0 where lorajax does not
+  run the attention (encoders, a ``model.factory`` model)."""
+  chunk = config.get('attn_chunk', 0)
+  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+    raise ValueError(f'config.attn_chunk={chunk!r}: expected an integer >= 0')
+  if not chunk:
+    return
+  if config.model.get('factory'):
+    raise ValueError(f'config.attn_chunk={chunk}: model.factory='
+                     f'{config.model.factory!r} is your own model, whose '
+                     'attention lorajax does not run; leave it 0')
+  if config.task == 'classification':
+    raise ValueError(f'config.attn_chunk={chunk}: task classification '
+                     'trains an encoder; only the decoders (lm, sft) run '
+                     'attention in blocks')
+
+
 def load_model(config, labels: Sequence[str] = ()) -> Model:
   """The base model of ``config.task`` / ``config.model``.
 
@@ -277,6 +297,7 @@ def load_model(config, labels: Sequence[str] = ()) -> Model:
   if config.task not in _LOADERS:
     raise ValueError(f'config.task={config.task!r}; expected one of '
                      f'{sorted(_LOADERS)}')
+  _check_attn_chunk(config)
   if config.model.get('factory'):
     model = load_factory(config, labels)
   elif config.model.get('path'):

@@ -49,7 +49,7 @@ FREE_FIELDS = ('name', 'eval_every', 'log_every', 'checkpoint_every',
                'eval_batch_size', 'eval_at_start', 'data.max_eval_batches',
                'data.dir', 'allow_config_change', 'xla_options',
                # Memory layouts of the same step (losses equal to rounding).
-               'remat', 'loss_chunk')
+               'remat', 'loss_chunk', 'attn_chunk')
 _MISSING = object()
 _ENUMS = {
     'task': config_lib.TASKS,
@@ -67,7 +67,7 @@ _INTS_AT_LEAST = {
     'num_train_steps': 1, 'batch_size': 1, 'eval_batch_size': 1,
     'eval_every': 1, 'log_every': 1, 'checkpoint_every': 1,
     'max_to_keep': 1, 'lora.rank': 1, 'optim.accum_steps': 1,
-    'optim.warmup_steps': 0, 'loss_chunk': 0,
+    'optim.warmup_steps': 0, 'loss_chunk': 0, 'attn_chunk': 0,
 }
 # Methods a model.factory model cannot take: prompts and bottleneck
 # adapters go into the shipped models' own layers.
@@ -169,6 +169,13 @@ def problems(config) -> list[str]:
       bad('loss_chunk', _get(config, 'loss_chunk'), '0 with model.factory='
           f'{factory!r}: your apply gives logits, not hidden states and a '
           'head lorajax can run in chunks')
+    if _get(config, 'attn_chunk') not in (_MISSING, 0):
+      bad('attn_chunk', _get(config, 'attn_chunk'), '0 with model.factory='
+          f"{factory!r}: lorajax does not know your model's attention")
+  if (_get(config, 'task') == 'classification'
+      and _get(config, 'attn_chunk') not in (_MISSING, 0)):
+    bad('attn_chunk', _get(config, 'attn_chunk'), "0 for task "
+        "'classification' (only the decoders' attention runs in blocks)")
   if (_get(config, 'task') == 'classification'
       and _get(config, 'loss_chunk') not in (_MISSING, 0)):
     bad('loss_chunk', _get(config, 'loss_chunk'), "0 for task "
