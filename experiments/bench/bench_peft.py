@@ -59,6 +59,13 @@ varies by 2x between machines (XLA CPU allocates its 0.55 GB of temporaries
 afresh each step, so every step pays its page faults), hence the ceiling
 and utilization columns, which say how far a step is from this machine's
 matmul speed.
+
+On the 2-core Intel Xeon of 2026-11-30 (quiet, ``chrt -f 1``), every row ran
+slower than PEFT. The float32 time ratios were 1.36-1.64 for minilm/qv,
+1.42 for smollm2/qv, and 4.23 for smollm2_2k with remat against
+checkpointing. PyTorch's GEMMs reached 0.63-0.83 of XLA's GEMM ceiling;
+lorajax's steps reached 0.20-0.56. The rows, commands and profiles are in
+``experiments/results/bench_peft/``.
 """
 
 from __future__ import annotations
