@@ -46,6 +46,18 @@ def test_an_encoder_path_is_refused_for_the_lm(tmp_path):
                        **{'model.path': str(tmp_path)})
   with pytest.raises(ValueError, match='model.path=.*task lm.*bert encoder'):
     model_loading.load_model(config)
+  config = load_config('shakespeare_smollm2_lora', attn_chunk=64,
+                       **{'model.path': str(tmp_path)})
+  with pytest.raises(ValueError, match='model.path=.*task lm.*bert encoder'):
+    model_loading.load_model(config)
+
+
+def test_attn_chunk_reaches_a_decoder_directory(qwen2_dir):
+  config = load_config('shakespeare_smollm2_lora', attn_chunk=64,
+                       **{'model.path': str(qwen2_dir)})
+  model = model_loading.load_model(config)
+  assert model.config.attn_chunk == 64
+  assert model.module.config.attn_chunk == 64
 
 
 def test_lora_trains_a_distilbert_classifier_directory(tmp_path):

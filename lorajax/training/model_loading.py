@@ -212,7 +212,6 @@ def load_checkpoint(config, labels: Sequence[str] = ()) -> Model:
       overrides['num_labels'] = len(labels)
   else:
     overrides['head'] = 'causal_lm'
-    overrides['attn_chunk'] = int(config.get('attn_chunk', 0))
   if config.get('mode') == 'mesh':
     overrides['place'] = _mesh_placement(config)
   try:
@@ -226,6 +225,10 @@ def load_checkpoint(config, labels: Sequence[str] = ()) -> Model:
                      f'{"decoder" if decoder else "encoder"}; task '
                      f'{config.task!r} trains '
                      f'{"an encoder" if decoder else "a decoder"}')
+  if decoder and config.get('attn_chunk', 0):   # a decoder-only field
+    cfg = loaded.config.replace(attn_chunk=int(config.attn_chunk))
+    loaded = dataclasses.replace(loaded, config=cfg,
+                                 module=loaded.module.clone(config=cfg))
   if loaded.tokenizer is None:
     raise ValueError(f'model.path={m.path!r} has no tokenizer.json; the data '
                      'pipeline needs one')
