@@ -249,6 +249,17 @@ def kernel_value(kernel: Any) -> jax.Array:
   return kernel
 
 
+def add_delta(kernel: Any, delta: jax.Array) -> jax.Array:
+  """``W + delta`` (a merge), summed in float32, in the kernel's dtype."""
+  w = kernel_value(kernel)
+  return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+
+def remove_delta(kernel: jax.Array, delta: jax.Array) -> jax.Array:
+  """``W - delta`` (an unmerge), in float32, in the kernel's dtype."""
+  return (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Inverted dropout on the adapter input; identity without an rng."""
   if rng is None or rate <= 0.0:

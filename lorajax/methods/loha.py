@@ -95,9 +95,7 @@ class LoHa(spec_lib.Adapter):
     return kernels.base_dot(x, w + delta, dims)
 
   def merge(self, kernel, params, layout):
-    w = kernels.kernel_value(kernel)
-    return (w.astype(jnp.float32) + self.delta(params, layout)).astype(w.dtype)
+    return kernels.add_delta(kernel, self.delta(params, layout))
 
   def unmerge(self, kernel, params, layout):
-    return (kernel.astype(jnp.float32) - self.delta(params, layout)).astype(
-        kernel.dtype)
+    return kernels.remove_delta(kernel, self.delta(params, layout))

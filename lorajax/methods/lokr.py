@@ -177,10 +177,9 @@ class LoKr(spec_lib.Adapter):
     return kernels.base_dot(x, kernel.astype(delta.dtype) + delta, dims)
 
   def merge(self, kernel, params, layout):
-    w = kernels.kernel_value(kernel)
-    d = self.delta(params, layout, w.shape)
-    return (w.astype(jnp.float32) + d).astype(w.dtype)
+    shape = kernels.kernel_value(kernel).shape
+    return kernels.add_delta(kernel, self.delta(params, layout, shape))
 
   def unmerge(self, kernel, params, layout):
-    d = self.delta(params, layout, kernel.shape)
-    return (kernel.astype(jnp.float32) - d).astype(kernel.dtype)
+    return kernels.remove_delta(kernel,
+                                self.delta(params, layout, kernel.shape))

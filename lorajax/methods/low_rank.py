@@ -171,10 +171,9 @@ class Lora(spec_lib.Adapter):
     return take(b.T) @ (a.T * self.scale)  # rows of bᵀ: [out, r] @ [r, in]
 
   def merge(self, kernel, params, layout):
-    w = kernels.kernel_value(kernel)
-    delta = kernels.delta_weight(params['a'], params['b'], layout, self.scale)
-    return (w.astype(jnp.float32) + delta).astype(w.dtype)
+    return kernels.add_delta(kernel, kernels.delta_weight(
+        params['a'], params['b'], layout, self.scale))
 
   def unmerge(self, kernel, params, layout):
-    delta = kernels.delta_weight(params['a'], params['b'], layout, self.scale)
-    return (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
+    return kernels.remove_delta(kernel, kernels.delta_weight(
+        params['a'], params['b'], layout, self.scale))

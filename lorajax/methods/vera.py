@@ -195,13 +195,12 @@ class Vera(spec_lib.Adapter):
     return kernels.delta_weight(a, b, layout, 1.0)
 
   def merge(self, kernel, params, layout):
-    w = kernels.kernel_value(kernel)
-    return (w.astype(jnp.float32)
-            + self.delta(params, layout, w.shape)).astype(w.dtype)
+    shape = kernels.kernel_value(kernel).shape
+    return kernels.add_delta(kernel, self.delta(params, layout, shape))
 
   def unmerge(self, kernel, params, layout):
-    return (kernel.astype(jnp.float32)
-            - self.delta(params, layout, kernel.shape)).astype(kernel.dtype)
+    return kernels.remove_delta(kernel,
+                                self.delta(params, layout, kernel.shape))
 
 
 def bind_projections(spec: spec_lib.LoraSpec, params: PyTree, *,
