@@ -69,6 +69,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lorajax.models import attention
 from lorajax.models import decoder_parts
 from lorajax.models import remat as remat_lib
 # RoPE lives in its own module; these names stay importable from here.
@@ -105,11 +106,11 @@ class LlamaConfig:
       outputs); see ``lorajax.models.remat``. ``True``/``False`` mean
       ``'layer'``/``'none'``.
     attn_chunk: if > 0, attention runs over blocks of this many queries
-      (``lax.map``, each block rematerialized), so the ``[heads, T, S]``
-      scores of a long sequence are never whole in memory, forward or
-      backward; every query still sees all its keys, so outputs and
-      gradients equal the whole computation's (float rounding). 0: one
-      block.
+      (``lorajax.models.attention``: ``lax.map``, each block
+      rematerialized), so the ``[heads, T, S]`` scores of a long sequence
+      are never whole in memory, forward or backward; every query still
+      sees all its keys, so outputs and gradients equal the whole
+      computation's (float rounding). 0: one block.
     qkv_bias: the q, k and v projections have biases (Qwen2).
     out_bias: the output projection ``o_proj`` has a bias.
     mlp_bias: the gate, up and down projections have biases.
@@ -277,58 +278,6 @@ def _dense(features: int, name: str, dtype: Any,
                   kernel_init=nn.initializers.normal(0.02))
 
 
-def attend(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array,
-           mask: jax.Array) -> jax.Array:
-  """Grouped-query softmax attention of queries ``q`` ``[B, T, kv_heads,
-  groups, hd]`` over keys and values ``[B, S, kv_heads, hd]``, where
-  ``mask`` ``[B, T, S]`` says which keys each query sees; ``[B, T,
-  kv_heads, groups, hd]``."""
-  scores = jnp.einsum('btkgd,bskd->bkgts', q, k.astype(q.dtype),
-                      preferred_element_type=jnp.float32)
-  if cfg.query_scale is None:
-    scores = scores / math.sqrt(cfg.head_dim)
-  else:
-    scores = scores * cfg.query_scale
-  if cfg.attn_softcap is not None:
-    scores = decoder_parts.softcap(scores, cfg.attn_softcap)
-  # A finite fill keeps rows with no visible key (left padding) NaN-free.
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-  return jnp.einsum('bkgts,bskd->btkgd', weights, v.astype(cfg.dtype))
-
-
-def attend_in_blocks(cfg: LlamaConfig, q: jax.Array, k: jax.Array,
-                     v: jax.Array, mask: jax.Array) -> jax.Array:
-  """``attend`` over blocks of ``cfg.attn_chunk`` queries (all at once
-  when it is 0 or covers ``T``).
-
-  The blocks run under ``lax.map`` and each is rematerialized, so forward
-  and backward hold the scores of one block, ``[B, heads, chunk, S]``,
-  never ``[B, heads, T, S]``. The last block is padded with queries that
-  see no key (their rows are dropped). Each query's row is computed as in
-  ``attend``: same softmax over the same keys.
-  """
-  b, t = q.shape[:2]
-  chunk = cfg.attn_chunk
-  if not chunk or chunk >= t:
-    return attend(cfg, q, k, v, mask)
-  n = -(-t // chunk)
-  pad = n * chunk - t
-  if pad:
-    q = jnp.pad(q, [(0, 0), (0, pad)] + [(0, 0)] * (q.ndim - 2))
-    mask = jnp.pad(mask, [(0, 0), (0, pad), (0, 0)])
-  blocks = (q.reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1),
-            mask.reshape(b, n, chunk, mask.shape[-1]).swapaxes(0, 1))
-
-  @jax.checkpoint
-  def block(qm):
-    return attend(cfg, qm[0], k, v, qm[1])
-
-  out = jax.lax.map(block, blocks)        # [n, B, chunk, kv_heads, g, hd]
-  out = out.swapaxes(0, 1).reshape(b, n * chunk, *out.shape[3:])
-  return out[:, :t]
-
-
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE and an optional layer cache."""
   config: LlamaConfig
@@ -388,7 +337,7 @@ class Attention(nn.Module):
       k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-    out = attend_in_blocks(cfg, q, k, v, mask)
+    out = attention.attend_in_blocks(cfg, q, k, v, mask)
     out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
     return _dense(cfg.hidden_size, 'o_proj', cfg.dtype,
                   cfg.out_bias)(out), layer_cache
