@@ -215,9 +215,11 @@ def markdown(rows: Sequence[Row], fit: Mapping[str, float], title: str
   if all('where' in r for r in rows):
     lines += [
         '## Where the time goes', '',
-        'XLA op time per step by category (`lorajax.profiling.op_time`: '
-        'the compiled step traced with `jax.profiler`, each op event named '
-        'after its HLO instruction); one column a batch size.', '',
+        'The step\'s wall time by the category of the XLA op running '
+        '(`lorajax.profiling.op_time`: the compiled step traced with '
+        '`jax.profiler`; an op runs from its event to its `end:` event, '
+        'and an instant when several ops run is shared between them); one '
+        'column a batch size.', '',
         op_time.summarize({f'batch {r["batch_size"]}': r['where']
                            for r in rows}), '']
   return '\n'.join(lines)
