@@ -87,3 +87,12 @@ def test_overlapping_ops_share_the_wall_time_they_overlap():
   assert sorted(op_time._op_intervals(
       events, {'dot.1': 'matmul', 'fusion': 'elementwise'})) == [
           (0.0, 30.5, 'dot.1'), (31.0, 35.0, 'fusion')]
+
+
+def test_a_lost_end_event_does_not_shift_the_pairing():
+  """The profiler can drop events; an op's end belongs to its own run."""
+  events = [{'name': 'dot.1', 'ts': 0.0, 'dur': 1.0},          # end lost
+            {'name': 'dot.1', 'ts': 100.0, 'dur': 1.0},
+            {'name': 'end: dot.1', 'ts': 150.0, 'dur': 0.0}]
+  assert sorted(op_time._op_intervals(events, {'dot.1': 'matmul'})) == [
+      (0.0, 1.0, 'dot.1'), (100.0, 150.0, 'dot.1')]
