@@ -42,5 +42,6 @@ from lorajax.spec import LoraSpec
 from lorajax.spec import resolve
 from lorajax.spec import TRAIN
 from lorajax.runtime.compiler import compiler_options
+from lorajax.runtime.rng import unroll_threefry
 
 __version__ = '0.1.0'
