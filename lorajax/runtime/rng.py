@@ -13,11 +13,11 @@ unrolled lowering, which jax uses on GPU and TPU, is one elementwise fusion.
 the same, so every random bit is the same (``tests/test_rng.py``); only
 functions lowered afterwards change, and only in speed (jax keeps the inner
 hash's lowering per shape: a shape already lowered in this process keeps
-its loop until ``jax.clear_caches()``). Measured on the
-shipped MiniLM LoRA training step (batch 32 × 48, dropout 0.1), interleaved
-in one process: 963 ms with the loop, 855 ms unrolled, 828 ms with no
-dropout at all; the same losses to the last bit; compile time 13.4 s
-either way.
+its loop until ``jax.clear_caches()``). Measured on the shipped MiniLM LoRA
+training step (batch 32 x 48, dropout 0.1), interleaved in one process,
+medians of 9, machine otherwise idle: 476 ms with the loop, 442 ms unrolled,
+400 ms with no dropout at all (dropout's cost 76 -> 42 ms); the same losses
+to the last bit.
 
 The training loop calls it when it builds its step (``config.xla_options``,
 on by default). It uses a private jax module; where that module is not as

@@ -258,7 +258,7 @@ def runner_from_config(config, task, tx: optax.GradientTransformation
   kwargs = dict(loss_fn=task.loss_fn, eval_fn=task.eval_fn, tx=tx,
                 accum_steps=int(config.optim.accum_steps))
   if config.get('xla_options', True):
-    rng.unroll_threefry()   # Same random bits; masks 5x cheaper on CPU.
+    rng.unroll_threefry()   # Same random bits; cheaper masks on CPU.
   if mode != 'pmap' and config.get('xla_options', True):
     kwargs['compiler_options'] = compiler.compiler_options()
   if mode == 'pmap':
