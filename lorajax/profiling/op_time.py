@@ -220,9 +220,10 @@ def _share_wall_time(intervals: Sequence[tuple[float, float, str]]
     if last is not None and t > last:
       k = sum(running.values())
       for op, c in running.items():
-        if c:
-          share[op] += (t - last) * c / k
+        share[op] += (t - last) * c / k
     running[name] += delta
+    if not running[name]:
+      del running[name]   # keep only the ops running now
     last = t
   return dict(share), sum(t1 - t0 for t0, t1, _ in intervals)
 

@@ -5,8 +5,9 @@ its bits from ``jax.random``, whose Threefry-2x32 hash jax 0.10 lowers on
 CPU as a 5-iteration ``while`` loop, to keep compile times short. Each
 iteration then runs as separate XLA ops over full-size ``uint32`` arrays,
 and the loop copies its carried state: on a MiniLM LoRA training step at
-32 × 128 tokens, four ``[32, 12, 128, 128]`` attention masks cost 13% of the
-step in copies alone (``experiments/results/bench_peft/README.md``). The
+32 × 128 tokens (1.7 s), each ``[32, 12, 128, 128]`` attention mask cost
+about 20 ms in copies alone (``experiments/results/bench_peft/README.md``,
+``where_minilm_32x128.md``). The
 unrolled lowering, which jax uses on GPU and TPU, is one elementwise fusion.
 
 ``unroll_threefry()`` registers that unrolled lowering for CPU. The hash is
