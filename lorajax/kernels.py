@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lorajax import matmul
+
 PyTree = Any
 
 
@@ -270,15 +272,16 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 
 def base_dot(x: jax.Array, w: jax.Array, dims: DotDims) -> jax.Array:
-  """The original ``dot_general`` of ``x`` and the (per-call) kernel ``w``."""
-  if dims.kernel_is_lhs:
-    dn = ((tuple(dims.w_contract), tuple(dims.x_contract)),
-          (tuple(dims.w_batch), tuple(dims.x_batch)))
-    return lax.dot_general(w, x, dn, precision=dims.precision,
-                           preferred_element_type=dims.preferred_element_type)
+  """The original ``dot_general`` of ``x`` and the (per-call) kernel ``w``
+  (a bfloat16 one on the CPU in ``lorajax.matmul``'s form)."""
+  lhs, rhs = (w, x) if dims.kernel_is_lhs else (x, w)
   dn = ((tuple(dims.x_contract), tuple(dims.w_contract)),
         (tuple(dims.x_batch), tuple(dims.w_batch)))
-  return lax.dot_general(x, w, dn, precision=dims.precision,
+  if dims.kernel_is_lhs:
+    dn = ((dn[0][1], dn[0][0]), (dn[1][1], dn[1][0]))
+  if matmul.wanted(lhs, rhs, dn, dims.preferred_element_type):
+    return matmul.dot_general(lhs, rhs, dn, dims.precision)
+  return lax.dot_general(lhs, rhs, dn, precision=dims.precision,
                          preferred_element_type=dims.preferred_element_type)
 
 

@@ -27,6 +27,7 @@ import jax.extend.core as jex
 import numpy as np
 
 from lorajax import kernels
+from lorajax import matmul
 from lorajax import spec as spec_lib
 
 PyTree = Any
@@ -424,6 +425,13 @@ def _eval(jaxpr, consts, args, ctx: _Ctx) -> list[Any]:
     with manager if manager is not None else contextlib.nullcontext():
       if any(isinstance(v, KernelRef) for v in invals):
         outs = _with_refs(eqn, invals, ctx)
+      elif eqn.primitive.name == 'dot_general' and matmul.wanted(
+          *invals, eqn.params['dimension_numbers'],
+          eqn.params.get('preferred_element_type')):
+        # A bfloat16 product on the CPU: the float32-accumulated form that
+        # the CPU's bfloat16 units run (lorajax.matmul).
+        outs = [matmul.dot_general(*invals, eqn.params['dimension_numbers'],
+                                   eqn.params.get('precision'))]
       else:
         outs = eqn.primitive.bind(
             *invals, **eqn.primitive.get_bind_params(eqn.params))

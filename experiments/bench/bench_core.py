@@ -75,10 +75,10 @@ def lora_train_step(loss_fn: Callable[[Any, Any, Any], jax.Array],
   return step
 
 
-def jit_step(step, *, xla_options: bool = True):
+def jit_step(step, *, xla_options: bool = True, dtype: Any = None):
   """``jax.jit`` with the state donated; ``xla_options`` adds
-  ``lorajax.compiler_options()``, False is a plain ``jax.jit``."""
-  options = lorajax.compiler_options() if xla_options else None
+  ``lorajax.compiler_options(dtype=dtype)``, False is a plain ``jax.jit``."""
+  options = lorajax.compiler_options(dtype=dtype) if xla_options else None
   return jax.jit(step, donate_argnums=0, compiler_options=options)
 
 
@@ -96,7 +96,7 @@ def classification_loss(logits: jax.Array, x: dict[str, Any]) -> jax.Array:
 def lora_setup(apply: Callable[..., jax.Array], params: Any,
                spec: lorajax.LoraSpec, adapters: Any,
                loss_of: Callable[[jax.Array, Any], jax.Array], *,
-               xla_options: bool = True) -> Setup:
+               xla_options: bool = True, dtype: Any = None) -> Setup:
   """The LoRA step of any model, as a user writes it with lorajax.
 
   Args:
@@ -105,7 +105,8 @@ def lora_setup(apply: Callable[..., jax.Array], params: Any,
     spec: adapted, trained and frozen leaves.
     adapters: ``lorajax.init(spec, params, key)``'s tree (or values for it).
     loss_of: ``(logits, batch) -> scalar loss``.
-    xla_options: jit with ``lorajax.compiler_options()``.
+    xla_options: jit with ``lorajax.compiler_options(dtype=dtype)``.
+    dtype: the model's compute dtype.
   """
   train, frozen = lorajax.partition(params, spec)
   trainable = {'adapters': adapters, 'params': train}
@@ -117,7 +118,8 @@ def lora_setup(apply: Callable[..., jax.Array], params: Any,
     return loss_of(logits, x)
 
   tx = adamw()
-  step = jit_step(lora_train_step(loss, tx), xla_options=xla_options)
+  step = jit_step(lora_train_step(loss, tx), xla_options=xla_options,
+                  dtype=dtype)
   return Setup(step, (trainable, tx.init(trainable)), frozen,
                lorajax.count(trainable))
 
@@ -149,7 +151,7 @@ def make_setup(variant: str, config: bert_lib.BertConfig, batch: dict[str, Any],
     adapters = lorajax.init(spec, params, jax.random.key(seed + 1))
   if variant in ('lora', 'lora_all'):
     return lora_setup(apply, params, spec, adapters, classification_loss,
-                      xla_options=xla_options)
+                      xla_options=xla_options, dtype=config.dtype)
   if variant == 'full':
     trainable, frozen = params, {}
 
@@ -168,7 +170,8 @@ def make_setup(variant: str, config: bert_lib.BertConfig, batch: dict[str, Any],
           apply(p, x['input_ids'], x['attention_mask']), x)
 
   tx = adamw()
-  step = jit_step(lora_train_step(loss, tx), xla_options=xla_options)
+  step = jit_step(lora_train_step(loss, tx), xla_options=xla_options,
+                  dtype=config.dtype)
   return Setup(step, (trainable, tx.init(trainable)), frozen,
                lorajax.count(trainable))
 

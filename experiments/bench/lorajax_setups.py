@@ -142,7 +142,8 @@ def flaxbert(req: dict[str, Any]) -> tuple[bench_core.Setup, Batch]:
 
   setup = bench_core.lora_setup(apply, params, spec, adapters,
                                 bench_core.classification_loss,
-                                xla_options=req['jit'] == 'xla')
+                                xla_options=req['jit'] == 'xla',
+                                dtype=req['dtype'])
   return setup, batch
 
 
@@ -196,7 +197,8 @@ def llama(req: dict[str, Any]) -> tuple[bench_core.Setup, Batch]:
   apply, loss = ((chunked_causal_lm(loaded), chunked_loss) if long
                  else (loaded.apply, causal_lm_loss))
   setup = bench_core.lora_setup(apply, loaded.params, spec, adapters, loss,
-                                xla_options=req['jit'] == 'xla')
+                                xla_options=req['jit'] == 'xla',
+                                dtype=req['dtype'])
   if long:   # XLA counts a loop's body once: count the loop-free step
     whole = loaded.module.clone(config=loaded.config.replace(attn_chunk=0))
     def whole_apply(params, input_ids, attention_mask):
@@ -204,7 +206,7 @@ def llama(req: dict[str, Any]) -> tuple[bench_core.Setup, Batch]:
                          attention_mask=attention_mask)
     setup = dataclasses.replace(setup, flops_twin=bench_core.lora_setup(
         whole_apply, loaded.params, spec, adapters, causal_lm_loss,
-        xla_options=req['jit'] == 'xla'))
+        xla_options=req['jit'] == 'xla', dtype=req['dtype']))
   return setup, batch
 
 

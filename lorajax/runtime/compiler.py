@@ -41,23 +41,51 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 _CPU = {
     'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED',
     'xla_cpu_experimental_ynn_fusion_type': '',
 }
+# bfloat16 steps: YNNPACK takes each product alone (no elementwise fusions,
+# which keep full-size constants alive, see above).
+_CPU_BF16 = {
+    'xla_cpu_experimental_ynn_fusion_type':
+        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
+}
 
 
-def compiler_options(backend: str | None = None) -> dict[str, Any]:
+def compiler_options(backend: str | None = None, *,
+                     dtype: Any = None) -> dict[str, Any]:
   """The XLA options lorajax recommends for a train step on ``backend``.
 
   Args:
     backend: ``'cpu'``, ``'gpu'``, ``'tpu'``; ``None`` means
       ``jax.default_backend()``.
+    dtype: the model's compute dtype (``None`` or ``'float32'``, or
+      ``'bfloat16'``). On the CPU a bfloat16 step hands each product to
+      YNNPACK (``_CPU_BF16``), which runs the float32-accumulated bfloat16
+      products of ``lorajax.matmul`` on the CPU's bfloat16 units.
 
   Returns:
     A new dict for ``jax.jit(..., compiler_options=...)``; empty where the
     defaults are best.
+
+  Raises:
+    ValueError: a ``dtype`` that is not a floating-point type.
   """
   backend = jax.default_backend() if backend is None else backend
-  return dict(_CPU) if backend == 'cpu' else {}
+  if backend != 'cpu':
+    return {}
+  if dtype is not None:
+    try:
+      dtype = jnp.dtype(dtype)
+    except TypeError as e:
+      raise ValueError(f'compiler_options: dtype {dtype!r} is not a dtype'
+                       ) from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f'compiler_options: dtype {dtype} is not a '
+                       f'floating-point compute dtype')
+    if dtype == jnp.bfloat16:
+      return {**_CPU, **_CPU_BF16}
+  return dict(_CPU)

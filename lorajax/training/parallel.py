@@ -260,7 +260,8 @@ def runner_from_config(config, task, tx: optax.GradientTransformation
   if config.get('xla_options', True):
     rng.unroll_threefry()   # Same random bits; cheaper masks on CPU.
   if mode != 'pmap' and config.get('xla_options', True):
-    kwargs['compiler_options'] = compiler.compiler_options()
+    kwargs['compiler_options'] = compiler.compiler_options(
+        dtype=config.get('model', {}).get('dtype'))
   if mode == 'pmap':
     _check_divisible(config, jax.local_device_count(), 'local devices')
   elif mode == 'mesh':
