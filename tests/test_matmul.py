@@ -176,6 +176,8 @@ def test_compiler_options_for_a_bfloat16_step_and_bad_dtypes():
   assert (lorajax.compiler_options('cpu', dtype='bfloat16')
           ['xla_cpu_experimental_ynn_fusion_type']
           == 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT')
+  assert lorajax.compiler_options('cpu', dtype='bfloat16')[
+      'xla_allow_excess_precision'] is False
   assert (lorajax.compiler_options('cpu', dtype='float32')
           == lorajax.compiler_options('cpu'))
   assert lorajax.compiler_options('gpu', dtype='bfloat16') == {}

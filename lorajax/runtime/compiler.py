@@ -48,10 +48,14 @@ _CPU = {
     'xla_cpu_experimental_ynn_fusion_type': '',
 }
 # bfloat16 steps: YNNPACK takes each product alone (no elementwise fusions,
-# which keep full-size constants alive, see above).
+# which keep full-size constants alive, see above); and XLA keeps the
+# program's float32 -> bfloat16 casts, which it would otherwise drop where a
+# float32 value is cast for a product (a norm's output, a float32 parameter),
+# turning that product into a float32 one.
 _CPU_BF16 = {
     'xla_cpu_experimental_ynn_fusion_type':
         'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
+    'xla_allow_excess_precision': False,
 }
 
 
