@@ -2,7 +2,11 @@
 
 A LoRA step is mostly matrix multiplies; the fastest a step can run on a
 machine is its FLOPs at the throughput XLA reaches on one large, square,
-jitted ``x @ y``. ``measure`` times that GEMM (median of repetitions, after
+jitted ``x @ y`` (in bfloat16, ``lorajax.matmul``'s float32-accumulated form
+with ``lorajax.compiler_options(dtype='bfloat16')``, the form lorajax's
+bfloat16 steps use and the only one XLA runs on the CPU's bfloat16 units;
+the plain ``x @ y`` in bfloat16 runs as a float32 product, about 4x slower
+on an AMX machine). ``measure`` times that GEMM (median of repetitions, after
 a compile and a warm-up call) and ``utilization`` relates a step to it:
 
   utilization = XLA FLOPs of the step / step seconds / ceiling FLOP/s
@@ -28,6 +32,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import lorajax
+from lorajax import matmul as matmul_lib
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -56,7 +63,13 @@ def measure(dtype: str, *, size: int = 2048, reps: int = 10
   rng = np.random.default_rng(0)
   x, y = (jnp.asarray(rng.standard_normal((size, size), np.float32),
                       jnp.dtype(dtype)) for _ in range(2))
-  matmul = jax.jit(jnp.matmul).lower(x, y).compile()
+  if dtype == 'bfloat16':
+    def product(a, b):
+      return matmul_lib.dot_general(a, b, (((1,), (0,)), ((), ())))
+  else:
+    product = jnp.matmul
+  matmul = jax.jit(product, compiler_options=lorajax.compiler_options(
+      dtype=dtype)).lower(x, y).compile()
   jax.block_until_ready(matmul(x, y))  # first call: allocations, page-ins
   times = []
   for _ in range(reps):
