@@ -115,14 +115,20 @@ def _size(shape: Sequence[int]) -> int:
 
 
 def _product(lhs, rhs, dims, precision):
-  """An unbatched product as one ``[M, K] · [K, N]`` matrix product (a
-  single contracting axis is the form every CPU dot emitter takes)."""
+  """An unbatched product as one matrix product with a single contracting
+  axis, ``[M, K]·[K, N]`` or ``[M, K]·[N, K]ᵀ`` (the forms XLA's CPU dot
+  emitters and YNNPACK take in bfloat16; a product contracting both
+  operands' first axes, or one that XLA has to transpose, runs in float32)."""
   (lc, rc), _ = dims
   lfree = [a for a in range(lhs.ndim) if a not in lc]
   rfree = [a for a in range(rhs.ndim) if a not in rc]
   a = _perm_reshape(lhs, lfree, lc)
-  b = _perm_reshape(rhs, rc, rfree)
-  out = _matrix_product(a, b, precision)
+  # The kernel as stored, when its contracting axes already come last
+  # (a tied embedding's [V, d] in h·Eᵀ): [N, K], no transpose.
+  nt = bool(rfree) and tuple(rfree) + tuple(rc) == tuple(range(rhs.ndim))
+  b = (_perm_reshape(rhs, rfree, rc) if nt
+       else _perm_reshape(rhs, rc, rfree))
+  out = _matrix_product(a, b, nt, precision)
   return out.reshape(tuple(lhs.shape[i] for i in lfree)
                      + tuple(rhs.shape[i] for i in rfree))
 
@@ -132,18 +138,22 @@ def _wide(a, b, contract, precision):
                          preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matrix_product(a, b, precision):
-  return _wide(a, b, ((1,), (0,)), precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matrix_product(a, b, nt, precision):
+  """``a [M, K] · b [K, N]``, or ``a · bᵀ`` for ``b [N, K]`` when ``nt``."""
+  return _wide(a, b, ((1,), (1 if nt else 0,)), precision)
 
 
-def _matrix_product_fwd(a, b, precision):
-  return _matrix_product(a, b, precision), (a, b)
+def _matrix_product_fwd(a, b, nt, precision):
+  return _matrix_product(a, b, nt, precision), (a, b)
 
 
-def _matrix_product_bwd(precision, res, g):
+def _matrix_product_bwd(nt, precision, res, g):
   a, b = res
   g = g.astype(a.dtype)
+  if nt:   # y = a·bᵀ: da = g·b, db = gᵀ·a
+    return (_wide(g, b, ((1,), (0,)), precision),
+            _wide(g, a, ((0,), (0,)), precision))
   return (_wide(g, b, ((1,), (1,)), precision),     # [M, N]·[K, N]ᵀ
           _wide(a, g, ((0,), (0,)), precision))     # [M, K]ᵀ·[M, N]
 

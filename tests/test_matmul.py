@@ -57,11 +57,14 @@ def test_product_and_both_gradients_are_the_float32_ones_rounded(ls, rs, dn):
     _close_to_rounded(got, want)
 
 
-def test_every_product_of_the_gradient_multiplies_bfloat16_into_float32():
+@pytest.mark.parametrize('ls,rs,dn', CASES[:2])
+def test_every_product_of_the_gradient_multiplies_bfloat16_into_float32(
+    ls, rs, dn):
   # The form the CPU's bfloat16 units run: no float32 operand anywhere,
-  # which jax's own transpose of a float32-output product would give.
-  lhs, rhs = _operands((4, 5, 6), (6, 7))
-  dn = CASES[0][2]
+  # which jax's own transpose of a float32-output product would give; and
+  # a stored [N, K] operand (a tied LM head's embedding) is not transposed
+  # (XLA ran that transposed product in float32).
+  lhs, rhs = _operands(ls, rs)
   jaxpr = jax.make_jaxpr(jax.grad(
       lambda a, b: matmul.dot_general(a, b, dn).astype(jnp.float32).sum(),
       (0, 1)))(lhs, rhs)
@@ -78,6 +81,9 @@ def test_every_product_of_the_gradient_multiplies_bfloat16_into_float32():
   for eqn in dots:
     assert [v.aval.dtype for v in eqn.invars] == [BF, BF]
     assert eqn.params['preferred_element_type'] == jnp.float32
+  transposed = [e.invars[0].aval.shape for e in jaxpr.jaxpr.eqns
+                if e.primitive.name == 'transpose']
+  assert rhs.shape not in transposed
 
 
 def test_gradients_compile_and_run_with_the_bfloat16_options():
