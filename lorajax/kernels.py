@@ -274,11 +274,12 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 def base_dot(x: jax.Array, w: jax.Array, dims: DotDims) -> jax.Array:
   """The original ``dot_general`` of ``x`` and the (per-call) kernel ``w``
   (a bfloat16 one on the CPU in ``lorajax.matmul``'s form)."""
-  lhs, rhs = (w, x) if dims.kernel_is_lhs else (x, w)
-  dn = ((tuple(dims.x_contract), tuple(dims.w_contract)),
-        (tuple(dims.x_batch), tuple(dims.w_batch)))
-  if dims.kernel_is_lhs:
-    dn = ((dn[0][1], dn[0][0]), (dn[1][1], dn[1][0]))
+  x_dims = (tuple(dims.x_contract), tuple(dims.x_batch))
+  w_dims = (tuple(dims.w_contract), tuple(dims.w_batch))
+  (lhs, l_dims), (rhs, r_dims) = (((w, w_dims), (x, x_dims))
+                                  if dims.kernel_is_lhs
+                                  else ((x, x_dims), (w, w_dims)))
+  dn = ((l_dims[0], r_dims[0]), (l_dims[1], r_dims[1]))
   if matmul.wanted(lhs, rhs, dn, dims.preferred_element_type):
     return matmul.dot_general(lhs, rhs, dn, dims.precision)
   return lax.dot_general(lhs, rhs, dn, precision=dims.precision,

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import jax
@@ -104,14 +105,7 @@ def _perm_reshape(x: jax.Array, first: Sequence[int], second: Sequence[int]
   rows, ``second`` into columns."""
   x = lax.transpose(x, tuple(first) + tuple(second))
   n = len(first)
-  return x.reshape(_size(x.shape[:n]), _size(x.shape[n:]))
-
-
-def _size(shape: Sequence[int]) -> int:
-  n = 1
-  for s in shape:
-    n *= int(s)
-  return n
+  return x.reshape(math.prod(x.shape[:n]), math.prod(x.shape[n:]))
 
 
 def _product(lhs, rhs, dims, precision):
