@@ -29,11 +29,13 @@ import numpy as np
 from lorajax import kernels
 from lorajax import matmul
 from lorajax import spec as spec_lib
+from lorajax.runtime import recompute
 
 PyTree = Any
 _INLINE = ('jit', 'pjit', 'closed_call', 'core_call', 'custom_jvp_call',
            'custom_vjp_call', 'custom_vjp_call_jaxpr')
 _IDENTITY = ('copy', 'copy_p', 'sharding_constraint')
+_REMAT = ('remat', 'remat2', 'checkpoint')
 
 
 class RewriteError(ValueError):
@@ -98,6 +100,9 @@ class _Ctx:
   counter: int = 0
   found: dict[str, spec_lib.KernelLayout] | None = None
   context: Any = None
+  # id()s of the parameter leaves fn was called with; None inside a loop
+  # body, where remat is left to jax.checkpoint (see _remat).
+  param_ids: frozenset[int] | None = None
 
   def next_key(self) -> jax.Array | None:
     if self.rng is None:
@@ -105,8 +110,9 @@ class _Ctx:
     self.counter += 1
     return jax.random.fold_in(self.rng, self.counter)
 
-  def child(self, rng, context=None) -> '_Ctx':
-    return _Ctx(rng=rng, found=self.found, context=context)
+  def child(self, rng, context=None, *, loop: bool = False) -> '_Ctx':
+    return _Ctx(rng=rng, found=self.found, context=context,
+                param_ids=None if loop else self.param_ids)
 
 
 def _pack(vals: list[Any]):
@@ -325,7 +331,7 @@ def _scan(eqn, invals, ctx: _Ctx):
 
   def body(carry, x):
     plain, ref_leaves, key = x
-    sub = ctx.child(key, ctx.context)
+    sub = ctx.child(key, ctx.context, loop=True)
     xs_vals = _unpack(xs_slots, plain, ref_leaves, sliced=True)
     outs = _eval(body_jaxpr.jaxpr, body_jaxpr.consts,
                  list(consts) + list(carry) + xs_vals, sub)
@@ -341,16 +347,31 @@ def _scan(eqn, invals, ctx: _Ctx):
 def _remat(eqn, invals, ctx: _Ctx):
   p = eqn.params
   plain, ref_leaves, slots = _pack(invals)
-  key = ctx.next_key()
+  # A block without adapted kernels draws no dropout key (the keys of the
+  # adapters after it stay those it had as a plain jax.checkpoint).
+  key = ctx.next_key() if ref_leaves else None
+  outer = plain
 
   def f(plain, ref_leaves, key, context):
     vals = _unpack(slots, plain, ref_leaves, sliced=False)
-    return _no_ref_outputs(_eval(p['jaxpr'], [], vals,
-                                 ctx.child(key, context)), 'checkpoint')
+    sub = ctx.child(key, context)
+    if sub.param_ids is not None:   # fn's parameters, as traced in here
+      sub.param_ids = frozenset(id(x) for x, y in zip(plain, outer)
+                                if id(y) in ctx.param_ids)
+    return _no_ref_outputs(_eval(p['jaxpr'], [], vals, sub), 'checkpoint')
 
+  args = (plain, ref_leaves, key, ctx.context)
+  if p.get('policy') is None and ctx.param_ids is not None:
+    # Whole-block remat outside a loop: recompute only once the block's
+    # cotangent exists (XLA's CPU scheduler otherwise runs recomputations
+    # early, all alive at once). Tied: the activations among the plain
+    # inputs (traced, floating, not a parameter of fn).
+    tie = [isinstance(x, jax.core.Tracer) and id(x) not in ctx.param_ids
+           for x in jax.tree.leaves(plain)]
+    tie += [False] * (len(jax.tree.leaves(args)) - len(tie))
+    return recompute.after_cotangent(f, tie)(*args)
   return jax.checkpoint(f, prevent_cse=p.get('prevent_cse', True),
-                        policy=p.get('policy'))(plain, ref_leaves, key,
-                                                ctx.context)
+                        policy=p.get('policy'))(*args)
 
 
 def _cond(eqn, invals, ctx: _Ctx):
@@ -395,7 +416,7 @@ def _with_refs(eqn, invals, ctx: _Ctx):
     return _scan(eqn, invals, ctx)
   if name == 'gather':
     return [_gather(eqn, invals, ctx)]
-  if name in ('remat', 'remat2', 'checkpoint'):
+  if name in _REMAT:
     return _remat(eqn, invals, ctx)
   if name == 'cond':
     return _cond(eqn, invals, ctx)
@@ -425,6 +446,9 @@ def _eval(jaxpr, consts, args, ctx: _Ctx) -> list[Any]:
     with manager if manager is not None else contextlib.nullcontext():
       if any(isinstance(v, KernelRef) for v in invals):
         outs = _with_refs(eqn, invals, ctx)
+      elif (eqn.primitive.name in _REMAT and ctx.param_ids is not None
+            and eqn.params.get('policy') is None):
+        outs = _remat(eqn, invals, ctx)   # a block without adapted kernels
       elif eqn.primitive.name == 'dot_general' and matmul.wanted(
           *invals, eqn.params['dimension_numbers'],
           eqn.params.get('preferred_element_type')):
@@ -516,6 +540,8 @@ def _run(traced: _Traced, spec: spec_lib.LoraSpec, params, adapters, args,
     invals.append(KernelRef(path, provider, leaf, ad, aval.dtype,
                             tuple(aval.shape)))
   closed, out_tree, dyn_vals = traced(ptree, param_avals, args, kwargs)
+  ctx.param_ids = frozenset(id(v) for v in invals
+                            if not isinstance(v, KernelRef))
   outs = _eval(closed.jaxpr, closed.consts, invals + dyn_vals, ctx)
   _no_ref_outputs(outs, 'the function')
   return jax.tree_util.tree_unflatten(out_tree, outs)

@@ -78,11 +78,16 @@ def _assert_same(got, want, rel=1e-5):
 
 
 def _checkpoints(jaxpr):
-  """The ``checkpoint`` equations of a (closed) jaxpr, nested ones too."""
+  """The policies of a (closed) jaxpr's rematerialized blocks, nested ones
+  too: ``checkpoint`` equations, and the LoRA rewrite's whole-block remat
+  (``recompute.after_cotangent``, policy None)."""
   found = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in ('checkpoint', 'remat', 'remat2'):
-      found.append(eqn)
+      found.append(eqn.params['policy'])
+    if (eqn.primitive.name == 'custom_vjp_call'
+        and 'recompute_after_cotangent' in str(eqn.params['bwd'])):
+      found.append(None)
     for value in eqn.params.values():
       for sub in value if isinstance(value, (list, tuple)) else [value]:
         inner = getattr(sub, 'jaxpr', sub)
@@ -193,14 +198,14 @@ def test_remat_is_in_the_program_of_every_family(policy, jax_policy):
                                         jax.random.key(0))
       found = _checkpoints(jaxpr.jaxpr)
       assert len(found) == want, (task, remat)
-      assert all(e.params['policy'] is jax_policy for e in found)
+      assert all(policy is jax_policy for policy in found)
   cfg = moe.MoeConfig.tiny(remat=policy)
   tokens = jnp.zeros((1, 4), jnp.int32)
   params = moe.MoeDecoder(cfg).init(jax.random.key(0), tokens)
   found = _checkpoints(jax.make_jaxpr(moe.MoeDecoder(cfg).apply)(
       params, tokens).jaxpr)
   assert len(found) == cfg.num_layers
-  assert all(e.params['policy'] is jax_policy for e in found)
+  assert all(policy is jax_policy for policy in found)
 
 
 def test_remat_reaches_a_checkpoint_directory(tmp_path):

@@ -2,5 +2,7 @@
 
   compiler.compiler_options   XLA options for a train step, per backend
   memory.peak_rss_bytes       this process's peak resident memory (VmHWM)
+  recompute.after_cotangent   jax.checkpoint whose recomputation waits for
+                              the block's cotangent (the LoRA rewrite's remat)
   rng.unroll_threefry         jax.random's hash without a loop on CPU (same bits)
 """
