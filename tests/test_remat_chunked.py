@@ -3,7 +3,6 @@ the compiled step shows the change (checkpoints in the program, fewer XLA
 temporaries)."""
 
 import jax
-import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -395,52 +394,6 @@ def test_attention_in_blocks_keeps_outputs_and_gradients():
   for chunk in (8, 64):
     np.testing.assert_allclose(results[chunk][2], results[0][2], atol=2e-5)
     _assert_same(results[chunk][:2], results[0][:2])
-
-
-@pytest.mark.parametrize('n_prefix', [0, 3])
-def test_causal_blocks_skip_the_keys_after_their_queries(n_prefix):
-  """With ``causal_offset`` each query block multiplies only the keys up to
-  its last query's (after the prefix keys): the same output and
-  gradients as all keys, at about half the FLOPs of the scores."""
-  from lorajax.models import attention
-  cfg = llama.LlamaConfig.tiny(num_heads=4, num_kv_heads=2, attn_chunk=16)
-  b, t, s = 2, 64, n_prefix + 64
-  q = jax.random.normal(jax.random.key(0), (b, t, 2, 2, cfg.head_dim))
-  k, v = (jax.random.normal(jax.random.key(i), (b, s, 2, cfg.head_dim))
-          for i in (1, 2))
-  causal = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + n_prefix)
-  mask = jnp.broadcast_to(causal, (b, t, s))
-
-  def loss(q, k, v, offset):
-    out = attention.attend_in_blocks(cfg, q, k, v, mask,
-                                     causal_offset=offset)
-    return jnp.sum(out * jnp.cos(out)), out
-
-  grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
-  (_, skip), g_skip = jax.jit(grad, static_argnums=3)(q, k, v, n_prefix)
-  (_, full), g_full = jax.jit(grad, static_argnums=3)(q, k, v, None)
-  np.testing.assert_allclose(skip, full, atol=1e-6)
-  for a, c in zip(g_skip, g_full):
-    np.testing.assert_allclose(a, c, atol=1e-5)
-  widths = set()
-
-  def walk(jaxpr):   # the key lengths of the products' [B, S, kv, hd] keys
-    for e in jaxpr.eqns:
-      if e.primitive.name == 'dot_general':
-        widths.update(x.aval.shape[1] for x in e.invars
-                      if x.aval.shape[2:] == (2, cfg.head_dim))
-      for sub in jex.jaxprs_in_params(e.params):
-        walk(sub)
-  walk(jax.make_jaxpr(loss, static_argnums=3)(q, k, v, n_prefix).jaxpr)
-  widths = sorted(widths)
-  assert widths == [n_prefix + 16 * i for i in (1, 2, 3, 4)]
-  # Forward FLOPs against all queries at once (XLA counts a lax.map body
-  # once, so not against the blocks over all keys): 10/16 of the products.
-  flops = [jax.jit(f).lower(q, k, v).compile().cost_analysis()['flops']
-           for f in (lambda q, k, v: attention.attend_in_blocks(
-                         cfg, q, k, v, mask, causal_offset=n_prefix),
-                     lambda q, k, v: attention.attend(cfg, q, k, v, mask))]
-  assert flops[0] < 0.75 * flops[1], flops
 
 
 def test_attention_in_blocks_lowers_the_temporaries_of_a_long_sequence():

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -52,13 +51,8 @@ def attend(cfg: Any, q: jax.Array, k: jax.Array, v: jax.Array,
   return jnp.einsum('bkgts,bskd->btkgd', weights, v.astype(cfg.dtype))
 
 
-# Causal blocks are unrolled (each its own key length) up to this many.
-MAX_CAUSAL_BLOCKS = 32
-
-
 def attend_in_blocks(cfg: Any, q: jax.Array, k: jax.Array,
-                     v: jax.Array, mask: jax.Array, *,
-                     causal_offset: int | None = None) -> jax.Array:
+                     v: jax.Array, mask: jax.Array) -> jax.Array:
   """``attend`` over blocks of ``cfg.attn_chunk`` queries (all at once
   when it is 0 or covers ``T``).
 
@@ -67,30 +61,12 @@ def attend_in_blocks(cfg: Any, q: jax.Array, k: jax.Array,
   never ``[B, heads, T, S]``. The last block is padded with queries that
   see no key (their rows are dropped). Each query's row is computed as in
   ``attend``: same softmax over the same keys.
-
-  ``causal_offset=n`` says that ``mask`` never lets query ``t`` see a key
-  after ``n + t`` (a causal decoder without a cache, after ``n`` prefix
-  keys). Then block ``i`` attends only to the keys up to its last query's,
-  ``n + (i + 1)·chunk``: the keys it skips are masked, so a row that sees
-  any key is the same (a row that sees none, a padding query's, is uniform
-  over fewer keys). That skips about half the scores. The blocks are then
-  unrolled, each rematerialized, when there are at most
-  ``MAX_CAUSAL_BLOCKS`` of them (beyond that, ``lax.map`` over all keys).
   """
   b, t = q.shape[:2]
   chunk = cfg.attn_chunk
   if not chunk or chunk >= t:
     return attend(cfg, q, k, v, mask)
   n = -(-t // chunk)
-  if causal_offset is not None and n <= MAX_CAUSAL_BLOCKS:
-    one = jax.checkpoint(functools.partial(attend, cfg))
-    outs = []
-    for i in range(n):
-      lo, hi = i * chunk, min(t, (i + 1) * chunk)
-      keys = min(k.shape[1], causal_offset + hi)
-      outs.append(one(q[:, lo:hi], k[:, :keys], v[:, :keys],
-                      mask[:, lo:hi, :keys]))
-    return jnp.concatenate(outs, axis=1)
   pad = n * chunk - t
   if pad:
     q = jnp.pad(q, [(0, 0), (0, pad)] + [(0, 0)] * (q.ndim - 2))
