@@ -45,6 +45,12 @@ Measured (2026-11-30, jax 0.10.2 CPU; temp MiB, GFLOPs):
   layers of the same shape differ by 359 MiB); with 256-query blocks the
   difference is 9 MiB, a layer's input. See README "Memory: remat, loss
   chunks, attention blocks".
+
+  Since 5aa636a (2026-12-01) the LoRA rewrite's layer remat recomputes each
+  block only after its cotangent exists (``lorajax.runtime.recompute``):
+  the 1x2048 layer row with loss_chunk=512 and attn_chunk=256 measured
+  1,333 MB of temporaries just before that commit (the table's 1,103 MiB is
+  older) and 469 MB after it; the other layer rows were not re-measured.
 """
 
 from __future__ import annotations
