@@ -147,3 +147,59 @@ def test_lean_backward_needs_less_memory():
 
   # 0.74 here; 0.63 on a MiniLM LoRA step (batch 32 x 128).
   assert temp_bytes(True) < 0.85 * temp_bytes(False)
+
+
+@pytest.mark.parametrize('dropout,save_probs', [(False, False), (True, False),
+                                                 (False, True)])
+def test_grouped_attention_equals_whole_batch(monkeypatch, dropout,
+                                              save_probs):
+  """On the CPU a batch whose scores outgrow ``CPU_SCORE_BYTES`` runs in
+  groups of sequences: same values and gradients as the whole batch (with
+  the same dropout mask), padding and an all-masked row included."""
+  q, k, v, mask = _qkv_mask()
+  kwargs = {'save_probs': save_probs}
+  if dropout:
+    kwargs.update(dropout_rate=0.3, dropout_rng=jax.random.key(3))
+
+  def run(score_bytes):
+    monkeypatch.setattr(ops, 'CPU_SCORE_BYTES', score_bytes)
+    return _value_and_grads(
+        lambda q, k, v: ops.attention(q, k, v, mask, **kwargs), q, k, v)
+
+  per_sequence = 4 * HEADS * T * S
+  assert ops.batch_chunk(B, per_sequence) == B   # the defaults: whole
+  whole, whole_grads = run(0)
+  monkeypatch.setattr(ops, 'CPU_SCORE_BYTES', per_sequence)
+  assert ops.batch_chunk(B, per_sequence) == 1   # three groups of one
+  grouped, grouped_grads = run(per_sequence)
+  np.testing.assert_allclose(grouped, whole, rtol=1e-6, atol=1e-7)
+  for g, w in zip(grouped_grads, whole_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_chunk_fits_the_scores_in_few_groups(monkeypatch):
+  monkeypatch.setattr(ops, 'CPU_SCORE_BYTES', 100)
+  assert ops.batch_chunk(12, 30) == 3     # largest divisor with 3·30 <= 100
+  assert ops.batch_chunk(12, 1000) == 1   # not even one fits: one a group
+  assert ops.batch_chunk(7, 30) == 1      # a prime batch: 7 groups of one
+  assert ops.batch_chunk(64, 1000) == 4   # 16 groups at most
+  assert ops.batch_chunk(17, 1000) == 17  # 17 groups is too many: whole
+  monkeypatch.setattr(ops, 'CPU_SCORE_BYTES', 0)
+  assert ops.batch_chunk(12, 30) == 12    # 0 turns grouping off
+
+
+def test_grouped_attention_keeps_xla_flop_count(monkeypatch):
+  """The groups are unrolled: XLA's cost analysis (the profile's FLOPs and
+  utilization) counts every group, not one loop body."""
+  q, k, v, mask = _qkv_mask()
+
+  def flops(score_bytes):
+    monkeypatch.setattr(ops, 'CPU_SCORE_BYTES', score_bytes)
+    loss = lambda q, k, v: jnp.sum(ops.attention(q, k, v, mask) ** 2)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+        q, k, v).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+
+  whole = flops(0)
+  assert flops(4 * HEADS * T * S) == pytest.approx(whole, rel=0.02)

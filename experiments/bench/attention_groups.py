@@ -1,0 +1,119 @@
+"""Attention in groups of sequences on the CPU: the op alone and the step.
+
+``python -m experiments.bench.attention_groups [--reps 9] [--step_reps 24]``
+
+1. One MiniLM layer's ``lorajax.models.ops.attention`` (32 × 128 tokens, 12
+   heads of 32, a quarter of the keys padded), forward and backward, with
+   the whole batch and in groups of 1, 2, 4, 8 and 16 sequences: median
+   time, XLA temporaries, and the largest gradient difference from the
+   whole batch.
+2. The MiniLM (6 layers) LoRA q/v step of ``experiments.bench.bench_core``
+   with ``ops.CPU_SCORE_BYTES = 0`` (whole batch) and with the default
+   groups, steps alternated in one process: median and minimum step time,
+   XLA temporaries, XLA FLOPs.
+
+Each variant is traced afresh with ``ops.CPU_SCORE_BYTES`` set, so the
+setting takes effect. Run alone (``chrt -f 1``): both cores are timed.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lorajax
+from experiments.bench import bench_core
+from lorajax.models import bert as bert_lib
+from lorajax.models import ops
+
+_REPS = flags.DEFINE_integer('reps', 9, 'Timed calls of each attention '
+                             'variant (alternated).')
+_STEP_REPS = flags.DEFINE_integer('step_reps', 24, 'Timed steps of each '
+                                  'step variant (alternated); 0 skips.')
+
+B, T, HEADS, D = 32, 128, 12, 32
+PER_SEQUENCE = 4 * HEADS * T * T
+
+
+def _alternate(runs: dict, reps: int) -> dict[str, list[float]]:
+  times = {name: [] for name in runs}
+  for _ in range(reps):
+    for name, run in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(run())
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def attention_alone(reps: int) -> None:
+  kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+  q, k, v, g = (jax.random.normal(x, (B, T, HEADS, D))
+                for x in (kq, kk, kv, kg))
+  mask = jnp.ones((B, T), bool).at[:, 3 * T // 4:].set(False)
+  compiled, grads = {}, {}
+  for group in (None, 1, 2, 4, 8, 16):
+    ops.CPU_SCORE_BYTES = 0 if group is None else group * PER_SEQUENCE
+    loss = lambda q, k, v: jnp.sum(ops.attention(q, k, v, mask) * g)
+    name = 'whole' if group is None else f'groups of {group}'
+    compiled[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+        q, k, v).compile(compiler_options=lorajax.compiler_options())
+    grads[name] = compiled[name](q, k, v)
+  ops.CPU_SCORE_BYTES = ops.DEFAULT_CPU_SCORE_BYTES
+  times = _alternate({n: (lambda c=c: c(q, k, v))
+                      for n, c in compiled.items()}, reps)
+  print(f'attention alone, {B} x {T} tokens, {HEADS} heads of {D}, '
+        f'forward + backward (median of {reps}):')
+  for name, c in compiled.items():
+    diff = max(float(jnp.max(jnp.abs(a - b)))
+               for a, b in zip(grads[name], grads['whole']))
+    print(f'  {name:12s} {1e3 * np.median(times[name]):7.1f} ms  temps '
+          f'{c.memory_analysis().temp_size_in_bytes / 1e6:6.1f} MB  '
+          f'max |grad - whole| {diff:.1e}')
+
+
+def step(reps: int) -> None:
+  cfg = bert_lib.BertConfig.minilm_l6(hidden_dropout=0.0,
+                                      attention_dropout=0.0)
+  batch = {k: jnp.asarray(x)
+           for k, x in bench_core.make_batch(cfg, B, T).items()}
+  runs, info = {}, {}
+  for name, score_bytes in (('whole batch', 0),
+                            ('groups', ops.DEFAULT_CPU_SCORE_BYTES)):
+    ops.CPU_SCORE_BYTES = score_bytes
+    setup = bench_core.make_setup('lora', cfg, batch)
+    compiled = setup.step.lower(setup.state, setup.frozen, batch).compile()
+    state = [setup.state]
+
+    def run(c=compiled, state=state, frozen=setup.frozen):
+      state[0], loss = c(state[0], frozen, batch)
+      return loss
+    jax.block_until_ready(run())
+    runs[name] = run
+    info[name] = (compiled.memory_analysis().temp_size_in_bytes / 1e6,
+                  bench_core.compiled_flops(compiled) / 1e9)
+  ops.CPU_SCORE_BYTES = ops.DEFAULT_CPU_SCORE_BYTES
+  times = _alternate(runs, reps)
+  print(f'\nMiniLM LoRA q/v step, {B} x {T}, alternated, {reps} steps each:')
+  for name, ts in times.items():
+    temps, gflops = info[name]
+    print(f'  {name:12s} median {1e3 * np.median(ts):6.0f} ms  min '
+          f'{1e3 * min(ts):6.0f} ms  temps {temps:6.1f} MB  XLA '
+          f'{gflops:.1f} GFLOP')
+
+
+def main(argv):
+  del argv
+  with open('/proc/loadavg') as f:
+    print('load average', ' '.join(f.read().split()[:3]))
+  attention_alone(_REPS.value)
+  if _STEP_REPS.value:
+    step(_STEP_REPS.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
