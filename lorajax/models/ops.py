@@ -178,13 +178,16 @@ def batch_chunk(batch: int, per_sequence: int) -> int:
   Why: the softmax makes several passes over the ``[B, heads, T, S]``
   scores and their gradient; a group whose scores stay in the CPU's cache
   makes them at cache speed rather than memory speed. Measured on a 2-core
-  AMD EPYC (2026-12-01, ``experiments/bench/attention_groups.py``): one
-  MiniLM layer's attention (32 × 128 tokens, 12 heads), forward and
-  backward, 124-150 ms whole against 87-108 ms in groups of 2 to 8
-  sequences; the whole MiniLM LoRA q/v step, interleaved, 1,838 → 1,751 ms
-  and 1,898 → 1,775 ms (medians of 14 and 24 steps). The values and
-  gradients are the same: each group computes its rows as the whole batch
-  does. The groups are unrolled, so XLA's FLOP count still sees them all.
+  AMD EPYC, alone (2026-12-01, load 0.9,
+  ``python -m experiments.bench.attention_groups``): one MiniLM layer's
+  attention (32 × 128 tokens, 12 heads), forward and backward, 104.5 ms
+  whole and 94.7-99.1 ms in groups of 1 to 8 sequences; the MiniLM LoRA q/v
+  step, steps alternated, median 1,854 → 1,782 ms (24 steps each; two
+  earlier runs: 1,838 → 1,751 and 1,898 → 1,775), XLA temporaries 545 →
+  515 MB. The values and gradients are the same: each group computes its
+  rows as the whole batch does. The groups are unrolled, so XLA's FLOP
+  count still sees them all (a rolled loop was faster alone, 87-93 against
+  124-135 ms, but not in the step, and XLA counts a loop body once).
 
   >>> batch_chunk(32, 12 * 128 * 128 * 4)   # on the CPU: 8 groups of 4
   4
