@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import lorajax
+from lorajax.models import attention
 from lorajax.models import bert
 from lorajax.models import llama
 from lorajax.models import lm_head
@@ -396,10 +397,79 @@ def test_attention_in_blocks_keeps_outputs_and_gradients():
     _assert_same(results[chunk][:2], results[0][:2])
 
 
-def test_attention_in_blocks_lowers_the_temporaries_of_a_long_sequence():
+@pytest.mark.parametrize('with_prefix', [False, True])
+def test_causal_blocks_keep_outputs_and_gradients(monkeypatch, with_prefix):
+  """Without attn_chunk, a causal decoder on the CPU runs its queries in
+  blocks over the keys up to each block's last query: left padding, two
+  packed segments, grouped queries, T=37 in blocks of 10 (the last one
+  shorter), with and without a prefix: the same logits at every real
+  position and the same gradients of a loss over the real positions, as
+  attention over all queries at once."""
+  cfg = llama.LlamaConfig.tiny(num_layers=2, num_heads=4, num_kv_heads=2)
+  b, t = 2, 37
+  tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+  seg = np.where(np.arange(t) < 20, 1, 2)[None].repeat(b, 0)
+  pad = np.ones((b, t), np.int32)
+  pad[0, :5] = 0   # left padding: rows that see no key
+  real = jnp.asarray(pad, bool)
+  kw = dict(attention_mask=jnp.asarray(pad), segment_ids=jnp.asarray(seg))
+  params = llama.Llama(cfg).init(jax.random.key(0), tokens[:, :4])['params']
+  prefix = None
+  if with_prefix:
+    prefix = 0.1 * jax.random.normal(
+        jax.random.key(1), (cfg.num_layers, 2, 3, cfg.num_kv_heads,
+                            cfg.head_dim))
+  model = llama.Llama(cfg)
+  results = {}
+  for block, blocks in ((0, 1), (8, 4)):
+    monkeypatch.setattr(attention, 'CAUSAL_BLOCK', block)
+    assert attention.causal_blocks(t) == blocks
+
+    def loss(p, pre):
+      logits = model.apply({'params': p}, tokens, prefix=pre, **kw)
+      err = jnp.sum(jnp.square(logits) * real[..., None]) / jnp.sum(real)
+      return err, logits
+    (value, logits), grads = jax.jit(
+        jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            params, prefix)
+    results[block] = (float(value), grads, np.asarray(logits)[pad > 0])
+  np.testing.assert_allclose(results[8][2], results[0][2], atol=2e-5)
+  _assert_same(results[8][:2], results[0][:2])
+
+
+def test_causal_blocks_skip_the_hidden_scores(monkeypatch):
+  """1 x 256 tokens, 4 causal blocks: XLA counts fewer FLOPs (the scores
+  above the diagonal are mostly never formed) and the step keeps fewer
+  temporaries; the loss is the same."""
+  cfg = llama.LlamaConfig.tiny(num_layers=2)
+  tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (1, 256)), jnp.int32)
+  params = llama.Llama(cfg).init(jax.random.key(0), tokens[:, :4])['params']
+  model = llama.Llama(cfg)
+  values, flops, temps = {}, {}, {}
+  for block in (0, 64):
+    monkeypatch.setattr(attention, 'CAUSAL_BLOCK', block)
+
+    def loss(p):
+      return lm_head.token_nll(cfg, p, model.apply(
+          {'params': p}, tokens, hidden_only=True), tokens).mean()
+    compiled = _compiled(jax.value_and_grad(loss), params)
+    values[block] = float(compiled(params)[0])
+    cost = compiled.cost_analysis()
+    flops[block] = (cost[0] if isinstance(cost, (list, tuple))
+                    else cost)['flops']
+    temps[block] = _temp_bytes(compiled)
+  print('flops', flops, 'temp bytes', temps)
+  assert abs(values[64] - values[0]) <= 1e-5 * abs(values[0])
+  assert flops[64] < flops[0]
+  assert temps[64] < temps[0]
+
+
+def test_attention_in_blocks_lowers_the_temporaries_of_a_long_sequence(
+    monkeypatch):
   """1 x 1024 tokens through a tiny Llama with remat per layer: the
   compiled step's temporaries fall with 128-query blocks (the scores of
   all queries, [heads, T, T], dominate them otherwise); the same loss."""
+  monkeypatch.setattr(attention, 'CAUSAL_BLOCK', 0)   # all queries at once
   cfg = llama.LlamaConfig.tiny(num_layers=2, remat='layer')
   tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (1, 1024)), jnp.int32)
   params = llama.Llama(cfg).init(jax.random.key(0), tokens[:, :4])['params']

@@ -1,4 +1,5 @@
-"""Attention in groups of sequences on the CPU: the op alone and the step.
+"""Attention split on the CPU: groups of sequences (BERT), causal query
+blocks (decoders); the op alone and the step.
 
 ``python -m experiments.bench.attention_groups [--reps 9] [--step_reps 24]``
 
@@ -11,6 +12,14 @@
    with ``ops.CPU_SCORE_BYTES = 0`` (whole batch) and with the default
    groups, steps alternated in one process: median and minimum step time,
    XLA temporaries, XLA FLOPs.
+
+3. One SmolLM2-135M layer's causal ``attention.attend_in_blocks`` (9
+   heads, 3 KV heads of 64) at 16 × 128, 8 × 256 and 4 × 512 tokens,
+   forward and backward, all queries at once and in 2, 4, 8 and 16 causal
+   blocks (``attention.CAUSAL_BLOCK``): median time, XLA FLOPs and
+   temporaries, largest gradient difference.
+4. The SmolLM2-135M-shaped LoRA q/v step (8 × 256, random weights, the
+   whole-logits loss) with causal blocks off and on, alternated.
 
 Each variant is traced afresh with ``ops.CPU_SCORE_BYTES`` set, so the
 setting takes effect. Run alone (``chrt -f 1``): both cores are timed.
@@ -25,16 +34,24 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import lorajax
 from experiments.bench import bench_core
+from lorajax.models import attention
 from lorajax.models import bert as bert_lib
+from lorajax.models import llama
 from lorajax.models import ops
 
 _REPS = flags.DEFINE_integer('reps', 9, 'Timed calls of each attention '
                              'variant (alternated).')
 _STEP_REPS = flags.DEFINE_integer('step_reps', 24, 'Timed steps of each '
                                   'step variant (alternated); 0 skips.')
+
+_CAUSAL_STEP_REPS = flags.DEFINE_integer(
+    'causal_step_reps', 8, 'Timed SmolLM2 steps of each variant; 0 skips.')
+_PART = flags.DEFINE_enum('part', 'all', ['all', 'groups', 'causal'],
+                          'Which measurements to run.')
 
 B, T, HEADS, D = 32, 128, 12, 32
 PER_SEQUENCE = 4 * HEADS * T * T
@@ -106,13 +123,101 @@ def step(reps: int) -> None:
           f'{gflops:.1f} GFLOP')
 
 
+SMOLLM2 = dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+               head_dim=64, intermediate_size=1536, vocab_size=49152)
+
+
+def causal_alone(reps: int) -> None:
+  cfg = llama.LlamaConfig.tiny(num_heads=9, num_kv_heads=3).replace(
+      head_dim=64)
+  for b, t in ((16, 128), (8, 256), (4, 512)):
+    kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(kq, (b, t, 3, 3, 64))
+    k, v = (jax.random.normal(x, (b, t, 3, 64)) for x in (kk, kv))
+    g = jax.random.normal(kg, q.shape)
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    compiled, grads = {}, {}
+    for blocks in (1, 2, 4, 8, 16):
+      if t // blocks < 16:
+        continue
+      attention.CAUSAL_BLOCK = 0 if blocks == 1 else t // blocks
+      loss = lambda q, k, v: jnp.sum(attention.attend_in_blocks(
+          cfg, q, k, v, mask, causal_offset=0) * g)
+      name = 'whole' if blocks == 1 else f'{blocks} blocks'
+      compiled[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+          q, k, v).compile(compiler_options=lorajax.compiler_options())
+      grads[name] = compiled[name](q, k, v)
+    attention.CAUSAL_BLOCK = attention.DEFAULT_CAUSAL_BLOCK
+    times = _alternate({n: (lambda c=c: c(q, k, v))
+                        for n, c in compiled.items()}, reps)
+    print(f'\ncausal attention alone, {b} x {t} tokens, 9 heads (3 KV) of '
+          f'64, forward + backward (median of {reps}):')
+    for name, c in compiled.items():
+      diff = max(float(jnp.max(jnp.abs(x - y)))
+                 for x, y in zip(grads[name], grads['whole']))
+      print(f'  {name:10s} {1e3 * np.median(times[name]):7.1f} ms  XLA '
+            f'{bench_core.compiled_flops(c) / 1e9:5.2f} GFLOP  temps '
+            f'{c.memory_analysis().temp_size_in_bytes / 1e6:6.1f} MB  '
+            f'max |grad - whole| {diff:.1e}')
+
+
+def causal_step(reps: int) -> None:
+  cfg = llama.LlamaConfig(**SMOLLM2)
+  b, t = 8, 256
+  ids = jax.random.randint(jax.random.key(0), (b, t), 0, cfg.vocab_size)
+  model = llama.Llama(cfg)
+  params = model.init(jax.random.key(1), ids[:, :4])['params']
+  spec = lorajax.LoraSpec([(r'layers_\d+/attn/(q|v)_proj/kernel',
+                            lorajax.Lora(rank=8, alpha=16)),
+                           (r'.*', 'freeze')])
+
+  def apply(p, x, mask):
+    return model.apply({'params': p}, x, attention_mask=mask)
+
+  def loss_of(logits, x):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1], x['input_ids'][:, 1:]).mean()
+  batch = {'input_ids': ids, 'attention_mask': jnp.ones((b, t), jnp.int32)}
+  runs, info = {}, {}
+  for name, block in (('whole', 0),
+                      ('causal blocks', attention.DEFAULT_CAUSAL_BLOCK)):
+    attention.CAUSAL_BLOCK = block
+    setup = bench_core.lora_setup(
+        apply, params, spec,
+        lorajax.init(spec, params, jax.random.key(2)), loss_of)
+    compiled = setup.step.lower(setup.state, setup.frozen, batch).compile()
+    state = [setup.state]
+
+    def run(c=compiled, state=state, frozen=setup.frozen):
+      state[0], loss = c(state[0], frozen, batch)
+      return loss
+    jax.block_until_ready(run())
+    runs[name] = run
+    info[name] = (compiled.memory_analysis().temp_size_in_bytes / 1e6,
+                  bench_core.compiled_flops(compiled) / 1e9)
+  attention.CAUSAL_BLOCK = attention.DEFAULT_CAUSAL_BLOCK
+  times = _alternate(runs, reps)
+  print(f'\nSmolLM2-135M-shaped LoRA q/v step, {b} x {t}, alternated, '
+        f'{reps} steps each:')
+  for name, ts in times.items():
+    temps, gflops = info[name]
+    print(f'  {name:14s} median {1e3 * np.median(ts):6.0f} ms  min '
+          f'{1e3 * min(ts):6.0f} ms  temps {temps:7.1f} MB  XLA '
+          f'{gflops:.1f} GFLOP')
+
+
 def main(argv):
   del argv
   with open('/proc/loadavg') as f:
     print('load average', ' '.join(f.read().split()[:3]))
-  attention_alone(_REPS.value)
-  if _STEP_REPS.value:
-    step(_STEP_REPS.value)
+  if _PART.value in ('all', 'groups'):
+    attention_alone(_REPS.value)
+    if _STEP_REPS.value:
+      step(_STEP_REPS.value)
+  if _PART.value in ('all', 'causal'):
+    causal_alone(_REPS.value)
+    if _CAUSAL_STEP_REPS.value:
+      causal_step(_CAUSAL_STEP_REPS.value)
 
 
 if __name__ == '__main__':

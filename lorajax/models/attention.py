@@ -51,10 +51,51 @@ def attend(cfg: Any, q: jax.Array, k: jax.Array, v: jax.Array,
   return jnp.einsum('bkgts,bskd->btkgd', weights, v.astype(cfg.dtype))
 
 
+# Causal attention on the CPU without ``attn_chunk``: blocks of about this
+# many queries, at most MAX_CAUSAL_BLOCKS of them (0: never split).
+DEFAULT_CAUSAL_BLOCK = 64
+CAUSAL_BLOCK = DEFAULT_CAUSAL_BLOCK
+MAX_CAUSAL_BLOCKS = 16
+
+
+def causal_blocks(t: int) -> int:
+  """How many query blocks ``attend_in_blocks`` makes of a causal
+  attention over ``t`` queries without ``attn_chunk`` (1: all at once).
+
+  On the CPU, ``t // CAUSAL_BLOCK`` (at most ``MAX_CAUSAL_BLOCKS``): each
+  block attends only to the keys up to its last query, so the scores the
+  causal mask hides above the diagonal are mostly never formed (with ``n``
+  blocks, ``(n + 1) / 2n`` of them are), and each block's scores are
+  smaller. Measured alone on a 2-core AMD EPYC (2026-12-01,
+  ``python -m experiments.bench.attention_groups --part causal``, forward
+  and backward of one SmolLM2-135M layer's attention, 9 heads, 3 KV
+  heads): 8 × 256 tokens 91.5 ms whole, 61.3 in 2
+  blocks, 35.9 in 4, 52.1 in 8; 16 × 128: 39.4 whole, 30.8 in 2; 4 × 512:
+  194.4 whole, 98.5 in 4, 80.1 in 8, 90.5 in 16. Blocks of 64 queries were
+  the fastest at each length. On accelerators: 1.
+
+  >>> causal_blocks(256), causal_blocks(100), causal_blocks(4096)
+  (4, 1, 16)
+  """
+  if jax.default_backend() != 'cpu' or CAUSAL_BLOCK <= 0:
+    return 1
+  return max(1, min(MAX_CAUSAL_BLOCKS, t // CAUSAL_BLOCK))
+
+
 def attend_in_blocks(cfg: Any, q: jax.Array, k: jax.Array,
-                     v: jax.Array, mask: jax.Array) -> jax.Array:
+                     v: jax.Array, mask: jax.Array, *,
+                     causal_offset: int | None = None) -> jax.Array:
   """``attend`` over blocks of ``cfg.attn_chunk`` queries (all at once
   when it is 0 or covers ``T``).
+
+  ``causal_offset=n`` says that ``mask`` never lets query ``t`` see a key
+  after key ``n + t`` (a causal decoder without a cache, after ``n`` prefix
+  keys). Without ``attn_chunk`` the queries then run in ``causal_blocks(T)``
+  blocks, unrolled, each over the keys up to its last query's: the keys a
+  block skips are masked for all its queries, so every row that sees a key
+  is computed as in ``attend``. A row that sees no key at all (a left
+  padding query's, whose output nothing reads) is uniform over the block's
+  keys instead of all keys.
 
   The blocks run under ``lax.map`` and each is rematerialized, so forward
   and backward hold the scores of one block, ``[B, heads, chunk, S]``,
@@ -65,7 +106,17 @@ def attend_in_blocks(cfg: Any, q: jax.Array, k: jax.Array,
   b, t = q.shape[:2]
   chunk = cfg.attn_chunk
   if not chunk or chunk >= t:
-    return attend(cfg, q, k, v, mask)
+    blocks = 1 if causal_offset is None else causal_blocks(t)
+    if blocks == 1:
+      return attend(cfg, q, k, v, mask)
+    size = -(-t // blocks)
+    outs = []
+    for lo in range(0, t, size):
+      hi = min(t, lo + size)
+      keys = min(k.shape[1], causal_offset + hi)
+      outs.append(attend(cfg, q[:, lo:hi], k[:, :keys], v[:, :keys],
+                         mask[:, lo:hi, :keys]))
+    return jnp.concatenate(outs, axis=1)
   n = -(-t // chunk)
   pad = n * chunk - t
   if pad:

@@ -337,7 +337,12 @@ class Attention(nn.Module):
       k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-    out = attention.attend_in_blocks(cfg, q, k, v, mask)
+    # Without a cache, query t sees no key after the prefix's and its own.
+    causal_offset = None
+    if layer_cache is None:
+      causal_offset = 0 if prefix is None else prefix.shape[1]
+    out = attention.attend_in_blocks(cfg, q, k, v, mask,
+                                     causal_offset=causal_offset)
     out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
     return _dense(cfg.hidden_size, 'o_proj', cfg.dtype,
                   cfg.out_bias)(out), layer_cache
