@@ -492,3 +492,29 @@ def test_attn_chunk_reaches_the_decoder():
   assert model.config.attn_chunk == 256
   with pytest.raises(ValueError, match=r'attn_chunk=-2'):
     llama.LlamaConfig.tiny(attn_chunk=-2)
+
+
+def test_chunked_loss_with_a_frozen_head_recomputes_no_logits():
+  """LoRA leaves the head frozen: each chunk's gradient with respect to the
+  hidden states is formed in the forward pass, so the step has no
+  rematerialized head (full fine-tuning trains the tied head and keeps the
+  recomputing path); loss and gradients are the unchunked ones, in less
+  memory."""
+  batch = _lm_batch(2, 130)
+  results, temps, blocks = {}, {}, {}
+  for method in ('lora', 'full'):
+    for chunk in (0, 64):
+      t = _task('lm', method=method, loss_chunk=chunk)
+      trainable, frozen = t.split_params()
+      args = (trainable, frozen, batch, jax.random.key(3))
+      fn = jax.value_and_grad(t.loss_fn, has_aux=True)
+      blocks[method, chunk] = len(_checkpoints(jax.make_jaxpr(fn)(*args)))
+      compiled = _compiled(fn, *args)
+      (loss, _), grads = compiled(*args)
+      results[method, chunk] = (float(loss), grads)
+      temps[method, chunk] = _temp_bytes(compiled)
+  print('rematerialized blocks', blocks, 'temp bytes', temps)
+  _assert_same(results['lora', 64], results['lora', 0])
+  assert blocks['lora', 64] == blocks['lora', 0]
+  assert blocks['full', 64] > blocks['full', 0]
+  assert temps['lora', 64] < 0.3 * temps['lora', 0]

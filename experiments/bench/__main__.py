@@ -7,6 +7,7 @@ Subcommands:
          (each in its own worker process, steps alternated): lorajax's
          shipped BERT (minilm, base), a user's own plain Flax BERT
          (flaxbert), a SmolLM2-135M-shaped causal LM (smollm2: 8x256;
+         smollm2_lc: 8x256, lorajax's head and loss in 512-token chunks;
          smollm2_2k: 1x2048 with remat / gradient checkpointing); LoRA on
          query/value and on every block Linear; float32 or bfloat16
          compute; PEFT with torch.compile as a second anchor. Median step
@@ -42,7 +43,8 @@ _SIZES = flags.DEFINE_list(
     'sizes', ['minilm', 'base', 'flaxbert', 'smollm2', 'smollm2_2k'],
     'peft: models and shapes (minilm: shipped BERT 6x384, batch 32x128; '
     'base: 12x768, 8x128; flaxbert: a plain Flax BERT of MiniLM shape; '
-    'smollm2: Llama 30x576, 8x256; smollm2_2k: the same, 1x2048, remat).')
+    'smollm2: Llama 30x576, 8x256; smollm2_lc: the same, lorajax with '
+    'config.loss_chunk=512; smollm2_2k: the same, 1x2048, remat).')
 _TARGETS = flags.DEFINE_list('targets', ['qv', 'all'],
                              'peft: LoRA targets (qv: query/value; all: '
                              'every Linear of the blocks).')

@@ -66,6 +66,7 @@ class LlamaShape:
   rope_base: float = 100000.0
   rms_eps: float = 1e-5
   remat: bool = False
+  loss_chunk: int = 0   # lorajax's config.loss_chunk (no remat rows)
 
   def arch_key(self) -> str:
     """Names the weights (everything but batch and remat)."""
@@ -85,6 +86,8 @@ SIZES = {
     'base': ('bert', BertShape(768, 12, 12, 3072, batch_size=8, seq_len=128)),
     'flaxbert': ('flaxbert', _MINILM),
     'smollm2': ('llama', LlamaShape(**_SMOLLM2, batch_size=8, seq_len=256)),
+    'smollm2_lc': ('llama', LlamaShape(**_SMOLLM2, batch_size=8, seq_len=256,
+                                       loss_chunk=512)),
     'smollm2_2k': ('llama', LlamaShape(**_SMOLLM2, batch_size=1,
                                        seq_len=2048, remat=True)),
 }

@@ -11,7 +11,9 @@ One builder per model of ``experiments.bench.bench_inputs.MODELS``, each
   A ``remat`` row runs what a long-sequence config runs (``config.remat =
   'layer'``, ``config.attn_chunk = ATTN_CHUNK``, ``config.loss_chunk =
   LOSS_CHUNK``): attention over blocks of queries and the head and cross
-  entropy over chunks of tokens; the loss is the same.
+  entropy over chunks of tokens; the loss is the same. A row with
+  ``loss_chunk`` (``smollm2_lc``) runs the head and cross entropy over
+  chunks of that many tokens without remat (``config.loss_chunk``).
 
 Every LoRA ``a`` is the file's PEFT ``lora_A`` transposed, so both
 frameworks start from the same adapters. The request's ``dtype`` is the
@@ -159,10 +161,11 @@ def causal_lm_loss(logits: jax.Array, x: Batch) -> jax.Array:
 ATTN_CHUNK, LOSS_CHUNK = 256, 512
 
 
-def chunked_causal_lm(loaded: Any) -> Callable[..., jax.Array]:
+def chunked_causal_lm(loaded: Any, chunk: int = LOSS_CHUNK
+                      ) -> Callable[..., jax.Array]:
   """``apply(params, ids, mask) -> [B, T]`` next-token losses (the last
   position's is 0): the decoder's hidden states and
-  ``lm_head.token_nll`` over chunks of ``LOSS_CHUNK`` tokens, so the
+  ``lm_head.token_nll`` over chunks of ``chunk`` tokens, so the
   ``[B, T, V]`` logits never exist whole."""
   def apply(params, input_ids, attention_mask):
     hidden = loaded.module.apply({'params': params}, input_ids,
@@ -170,7 +173,7 @@ def chunked_causal_lm(loaded: Any) -> Callable[..., jax.Array]:
                                  hidden_only=True)
     targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
     nll = lm_head.token_nll(loaded.config, params, hidden, targets,
-                            chunk=LOSS_CHUNK)
+                            chunk=chunk)
     return nll.at[:, -1].set(0.0)
   return apply
 
@@ -184,6 +187,7 @@ def chunked_loss(nll: jax.Array, x: Batch) -> jax.Array:
 def llama(req: dict[str, Any]) -> tuple[bench_core.Setup, Batch]:
   """The checkpoint through ``lorajax.models.load``, LoRA, causal LM."""
   long = bool(req['remat'])
+  loss_chunk = LOSS_CHUNK if long else int(req.get('loss_chunk') or 0)
   loaded = models.load(req['checkpoint'], dtype=jnp.dtype(req['dtype']),
                        remat='layer' if long else 'none',
                        attn_chunk=ATTN_CHUNK if long else 0)
@@ -194,12 +198,12 @@ def llama(req: dict[str, Any]) -> tuple[bench_core.Setup, Batch]:
   adapters = load_adapters(
       req['inputs'], lorajax.init(spec, loaded.params, jax.random.key(0)),
       lambda p: hf_of[p].removesuffix('.weight'))
-  apply, loss = ((chunked_causal_lm(loaded), chunked_loss) if long
-                 else (loaded.apply, causal_lm_loss))
+  apply, loss = ((chunked_causal_lm(loaded, loss_chunk), chunked_loss)
+                 if loss_chunk else (loaded.apply, causal_lm_loss))
   setup = bench_core.lora_setup(apply, loaded.params, spec, adapters, loss,
                                 xla_options=req['jit'] == 'xla',
                                 dtype=req['dtype'])
-  if long:   # XLA counts a loop's body once: count the loop-free step
+  if loss_chunk:   # XLA counts a loop's body once: count the loop-free step
     whole = loaded.module.clone(config=loaded.config.replace(attn_chunk=0))
     def whole_apply(params, input_ids, attention_mask):
       return whole.apply({'params': params}, input_ids,

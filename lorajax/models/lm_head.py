@@ -5,10 +5,20 @@ a training step that takes their log-softmax holds that array (and its
 gradient) whole: at SmolLM2's 49,152-token vocabulary and 2,048 tokens,
 400 MB each. ``token_nll(..., chunk=n)`` instead takes the final hidden
 states (``hidden_only=True``) and runs the head and the cross entropy over
-chunks of about ``n`` tokens under ``lax.scan``, each chunk's body under
-``jax.checkpoint``: no more than one chunk's logits exist at a time, in the
-forward pass or the backward pass. The price is one more head product per
-token in the backward pass (the chunk's logits are recomputed there).
+chunks of about ``n`` tokens under ``lax.scan``: no more than one chunk's
+logits exist at a time, in the forward pass or the backward pass.
+
+- With the head frozen (LoRA and the other adapter methods), each chunk's
+  gradient with respect to its hidden states is formed in the forward pass,
+  while the chunk's logits exist (a position's loss depends on its own
+  hidden state only, so the backward pass scales it by the cotangent): no
+  logits are kept or recomputed, and the step does the unchunked step's
+  products. SmolLM2-135M-shaped LoRA q/v step, 8 × 256 tokens, ``chunk=512``
+  against whole logits (2026-12-01, 2-core AMD EPYC, steps alternated): XLA
+  temporaries 4,170 → 3,404 MB, median step 14.5 → 13.9 s.
+- With the head trained (full fine-tuning, a trained tied embedding), each
+  chunk's body runs under ``jax.checkpoint``: one more head product per
+  token in the backward pass, where the chunk's logits are recomputed.
 
 ``logits`` is the head exactly as the two models compute it (tied
 embedding ``h·Eᵀ`` or ``lm_head`` kernel, in the compute dtype, returned in
@@ -112,7 +122,14 @@ def token_nll(config: Any, params: PyTree, hidden: jax.Array,
   # [n, B, c, ...]: the batch axis stays whole (and sharded, on a mesh).
   h = h.reshape(b, n, c, d).swapaxes(0, 1)
   y = y.reshape(b, n, c).swapaxes(0, 1)
+  nll = _chunks(config, weight, h, y)
+  return nll.swapaxes(0, 1).reshape(b, n * c)[:, :t]
 
+
+def _chunk_scan(config: Any, weight: jax.Array, h: jax.Array,
+                y: jax.Array) -> jax.Array:
+  """``[n, B, c]`` losses of ``[n, B, c, d]`` chunks, one chunk's logits at
+  a time, each chunk recomputed in its backward pass."""
   # prevent_cse keeps the recomputation apart from the forward pass even
   # when XLA removes a one-chunk loop (so its FLOPs stay countable).
   @functools.partial(jax.checkpoint, prevent_cse=True)
@@ -122,5 +139,42 @@ def token_nll(config: Any, params: PyTree, hidden: jax.Array,
   def body(carry, xs):
     return carry, one(weight, *xs)
 
-  _, nll = lax.scan(body, None, (h, y))
-  return nll.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+  return lax.scan(body, None, (h, y))[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunks(config, weight, h, y):
+  return _chunk_scan(config, weight, h, y)
+
+
+def _chunks_fwd(config, weight, h, y):
+  """With the head frozen (LoRA), each chunk's gradient with respect to its
+  hidden states is formed in the forward pass, while its logits exist: a
+  position's loss depends on its own hidden state only, so the backward
+  pass scales ``d nll[b, t] / d h[b, t]`` by the incoming cotangent. No
+  logits are recomputed and none are kept. A trained head (full
+  fine-tuning, a trained embedding) takes the recomputing path."""
+  w, hv, yv = weight.value, h.value, y.value
+  if weight.perturbed:
+    return _chunk_scan(config, w, hv, yv), (w, hv, yv)
+
+  def body(carry, xs):
+    h_c, y_c = xs
+    nll, vjp = jax.vjp(lambda x: _nll(logits(config, w, x), y_c), h_c)
+    return carry, (nll, vjp(jnp.ones_like(nll))[0])
+
+  nll, dh = lax.scan(body, None, (hv, yv))[1]
+  return nll, (dh,)
+
+
+def _chunks_bwd(config, res, g):
+  if len(res) == 1:   # the head is frozen
+    (dh,) = res
+    return None, (g[..., None] * dh).astype(dh.dtype), None
+  w, h, y = res
+  _, vjp = jax.vjp(lambda w, h: _chunk_scan(config, w, h, y), w, h)
+  dw, dh = vjp(g)
+  return dw, dh, None
+
+
+_chunks.defvjp(_chunks_fwd, _chunks_bwd, symbolic_zeros=True)
