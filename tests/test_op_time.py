@@ -49,9 +49,10 @@ def test_async_dots_count_until_their_end_event():
               compiler_options=lorajax.compiler_options())
   compiled = f.lower(w, x).compile()
   r = op_time.breakdown(compiled.as_text(), lambda: compiled(w, x), steps=3)
-  assert r['ms']['matmul'] >= 0.6 * r['wall_ms']
-  # Shared instants are not counted twice: op time stays near wall time.
-  assert r['op_ms'] <= 1.25 * r['wall_ms']
+  assert r['ms']['matmul'] >= 0.6 * r['mean_wall_ms']
+  # Shared instants are not counted twice: op time stays near wall time
+  # (both means over the traced steps: one slow step moves both).
+  assert r['op_ms'] <= 1.25 * r['mean_wall_ms']
   assert r['concurrency'] >= 1.0
 
 

@@ -242,8 +242,9 @@ def breakdown(hlo_text: str, run: Callable[[], Any], *, steps: int = 5
     once (every category of CATEGORIES present, zero where none ran);
     ``op_ms``: their sum, the time some op was running;
     ``wall_ms``: the median wall time of a traced step (tracing adds a
-    little); ``idle_ms``: ``wall_ms`` less ``op_ms`` (dispatch, waits; not
-    below 0);
+    little); ``mean_wall_ms``: their mean, the statistic ``op_ms`` (a mean
+    over the steps) compares with; ``idle_ms``: ``mean_wall_ms`` less
+    ``op_ms`` (dispatch, waits; not below 0);
     ``concurrency``: the ops' whole durations summed, over ``op_ms`` (how
     many ops ran at once, on average);
     ``top``: the ten ops with the most time, as (name, category, ms).
@@ -277,8 +278,10 @@ def breakdown(hlo_text: str, run: Callable[[], Any], *, steps: int = 5
   op_ms = sum(ms.values())
   walls.sort()
   wall_ms = 1e3 * walls[len(walls) // 2]
+  mean_wall_ms = 1e3 * sum(walls) / len(walls)
   return {'ms': ms, 'op_ms': op_ms, 'wall_ms': wall_ms,
-          'idle_ms': max(0.0, wall_ms - op_ms),
+          'mean_wall_ms': mean_wall_ms,
+          'idle_ms': max(0.0, mean_wall_ms - op_ms),
           'concurrency': whole / 1e3 / steps / op_ms if op_ms else 0.0,
           'top': [(n, names[n], t) for n, t in per_op.most_common(10)]}
 
