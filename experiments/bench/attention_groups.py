@@ -93,16 +93,15 @@ def attention_alone(reps: int) -> None:
           f'max |grad - whole| {diff:.1e}')
 
 
-def step(reps: int) -> None:
-  cfg = bert_lib.BertConfig.minilm_l6(hidden_dropout=0.0,
-                                      attention_dropout=0.0)
-  batch = {k: jnp.asarray(x)
-           for k, x in bench_core.make_batch(cfg, B, T).items()}
+def compare_steps(title: str, variants: dict, batch: dict,
+                  reps: int) -> None:
+  """Compiles each variant's step (``name -> (set_up, make_setup)``:
+  ``set_up()`` sets the module switch, ``make_setup()`` returns a
+  ``bench_core.Setup`` traced under it), then times them alternated."""
   runs, info = {}, {}
-  for name, score_bytes in (('whole batch', 0),
-                            ('groups', ops.DEFAULT_CPU_SCORE_BYTES)):
-    ops.CPU_SCORE_BYTES = score_bytes
-    setup = bench_core.make_setup('lora', cfg, batch)
+  for name, (set_up, make_setup) in variants.items():
+    set_up()
+    setup = make_setup()
     compiled = setup.step.lower(setup.state, setup.frozen, batch).compile()
     state = [setup.state]
 
@@ -114,13 +113,27 @@ def step(reps: int) -> None:
     info[name] = (compiled.memory_analysis().temp_size_in_bytes / 1e6,
                   bench_core.compiled_flops(compiled) / 1e9)
   ops.CPU_SCORE_BYTES = ops.DEFAULT_CPU_SCORE_BYTES
+  attention.CAUSAL_BLOCK = attention.DEFAULT_CAUSAL_BLOCK
   times = _alternate(runs, reps)
-  print(f'\nMiniLM LoRA q/v step, {B} x {T}, alternated, {reps} steps each:')
+  print(f'\n{title}, alternated, {reps} steps each:')
   for name, ts in times.items():
     temps, gflops = info[name]
-    print(f'  {name:12s} median {1e3 * np.median(ts):6.0f} ms  min '
-          f'{1e3 * min(ts):6.0f} ms  temps {temps:6.1f} MB  XLA '
+    print(f'  {name:14s} median {1e3 * np.median(ts):6.0f} ms  min '
+          f'{1e3 * min(ts):6.0f} ms  temps {temps:7.1f} MB  XLA '
           f'{gflops:.1f} GFLOP')
+
+
+def step(reps: int) -> None:
+  cfg = bert_lib.BertConfig.minilm_l6(hidden_dropout=0.0,
+                                      attention_dropout=0.0)
+  batch = {k: jnp.asarray(x)
+           for k, x in bench_core.make_batch(cfg, B, T).items()}
+  make = lambda: bench_core.make_setup('lora', cfg, batch)
+  compare_steps(f'MiniLM LoRA q/v step, {B} x {T}', {
+      'whole batch': (lambda: setattr(ops, 'CPU_SCORE_BYTES', 0), make),
+      'groups': (lambda: setattr(ops, 'CPU_SCORE_BYTES',
+                                 ops.DEFAULT_CPU_SCORE_BYTES), make),
+  }, batch, reps)
 
 
 SMOLLM2 = dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
@@ -178,32 +191,15 @@ def causal_step(reps: int) -> None:
     return optax.softmax_cross_entropy_with_integer_labels(
         logits[:, :-1], x['input_ids'][:, 1:]).mean()
   batch = {'input_ids': ids, 'attention_mask': jnp.ones((b, t), jnp.int32)}
-  runs, info = {}, {}
-  for name, block in (('whole', 0),
-                      ('causal blocks', attention.DEFAULT_CAUSAL_BLOCK)):
-    attention.CAUSAL_BLOCK = block
-    setup = bench_core.lora_setup(
-        apply, params, spec,
-        lorajax.init(spec, params, jax.random.key(2)), loss_of)
-    compiled = setup.step.lower(setup.state, setup.frozen, batch).compile()
-    state = [setup.state]
-
-    def run(c=compiled, state=state, frozen=setup.frozen):
-      state[0], loss = c(state[0], frozen, batch)
-      return loss
-    jax.block_until_ready(run())
-    runs[name] = run
-    info[name] = (compiled.memory_analysis().temp_size_in_bytes / 1e6,
-                  bench_core.compiled_flops(compiled) / 1e9)
-  attention.CAUSAL_BLOCK = attention.DEFAULT_CAUSAL_BLOCK
-  times = _alternate(runs, reps)
-  print(f'\nSmolLM2-135M-shaped LoRA q/v step, {b} x {t}, alternated, '
-        f'{reps} steps each:')
-  for name, ts in times.items():
-    temps, gflops = info[name]
-    print(f'  {name:14s} median {1e3 * np.median(ts):6.0f} ms  min '
-          f'{1e3 * min(ts):6.0f} ms  temps {temps:7.1f} MB  XLA '
-          f'{gflops:.1f} GFLOP')
+  make = lambda: bench_core.lora_setup(
+      apply, params, spec, lorajax.init(spec, params, jax.random.key(2)),
+      loss_of)
+  compare_steps(f'SmolLM2-135M-shaped LoRA q/v step, {b} x {t}', {
+      'whole': (lambda: setattr(attention, 'CAUSAL_BLOCK', 0), make),
+      'causal blocks': (lambda: setattr(attention, 'CAUSAL_BLOCK',
+                                        attention.DEFAULT_CAUSAL_BLOCK),
+                        make),
+  }, batch, reps)
 
 
 def main(argv):

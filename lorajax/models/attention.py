@@ -69,10 +69,10 @@ def causal_blocks(t: int) -> int:
   smaller. Measured alone on a 2-core AMD EPYC (2026-12-01,
   ``python -m experiments.bench.attention_groups --part causal``, forward
   and backward of one SmolLM2-135M layer's attention, 9 heads, 3 KV
-  heads): 8 × 256 tokens 91.5 ms whole, 61.3 in 2
-  blocks, 35.9 in 4, 52.1 in 8; 16 × 128: 39.4 whole, 30.8 in 2; 4 × 512:
-  194.4 whole, 98.5 in 4, 80.1 in 8, 90.5 in 16. Blocks of 64 queries were
-  the fastest at each length. On accelerators: 1.
+  heads): 8 × 256 tokens 76.2 ms whole, 54.5 in 2 blocks, 45.3 in 4, 44.0
+  in 8, 68.3 in 16; 16 × 128: 28.5 whole, 19.3 in 2; 4 × 512: 185.5
+  whole, 96.8 in 4, 80.7 in 8, 95.8 in 16. Blocks of 64 queries were the
+  fastest or within 3% of it at each length. On accelerators: 1.
 
   >>> causal_blocks(256), causal_blocks(100), causal_blocks(4096)
   (4, 1, 16)
