@@ -27,6 +27,7 @@ from experiments.bench import bench_peft
 from experiments.bench import flax_bert
 from experiments.bench import gemm_ceiling
 from experiments.bench import worker_protocol
+from lorajax.runtime import host_memory
 
 TINY_BERT = bench_inputs.BertShape(32, 2, 4, 64, batch_size=2, seq_len=8,
                                    vocab_size=100, max_position=16)
@@ -132,7 +133,8 @@ def test_failing_optional_contestant_is_skipped_with_its_reason(tmp_path,
   real = bench_peft.contestants
   monkeypatch.setattr(
       bench_peft, 'contestants',
-      lambda row, torch_compile: real(row, torch_compile=False) + [broken])
+      lambda row, torch_compile, host_pages: real(row, torch_compile=False)
+      + [broken])
   r = bench_peft.run_row(bench_inputs.Row('tiny', 'bert', TINY_BERT, 'qv'),
                          reps=1, warmup=0, workdir=str(tmp_path),
                          torch_threads=1, log=lambda s: None)
@@ -216,3 +218,16 @@ def test_worker_error_names_unknown_model():
     with pytest.raises(worker_protocol.WorkerError,
                        match="model='gpt2'; expected one of"):
       w.call('setup', model='gpt2')
+
+
+def test_host_pages_decide_each_workers_glibc_tunables():
+  row = bench_inputs.Row('tiny', 'bert', TINY_BERT, 'qv')
+  kept = {c.label: host_memory.tunables_set(c.env) for c in
+          bench_peft.contestants(row, torch_compile=False, host_pages='both')}
+  assert kept == {'lorajax': True, 'lorajax glibc default': False,
+                  'peft': False, 'peft kept pages': True}
+  default = bench_peft.contestants(row, torch_compile=False,
+                                   host_pages='default')
+  assert [host_memory.tunables_set(c.env) for c in default] == [False, False]
+  with pytest.raises(ValueError, match="host_pages='always'"):
+    bench_peft.contestants(row, torch_compile=False, host_pages='always')

@@ -55,6 +55,11 @@ _COMPILE = flags.DEFINE_bool('torch_compile', True,
                              'anchor (skipped with its reason if it fails).')
 _GEMM_SIZE = flags.DEFINE_integer('gemm_size', 2048,
                                   'peft: side of the ceiling\'s matmul.')
+_HOST_PAGES = flags.DEFINE_enum(
+    'host_pages', 'kept', ['kept', 'default', 'both'],
+    'peft: start the lorajax workers with the glibc tunables lorajax\'s '
+    'commands use (kept), without (default), or both, adding PEFT with them '
+    '(lorajax.runtime.host_memory).')
 _GEMM_REPS = flags.DEFINE_integer('gemm_reps', 10,
                                   'peft: timed calls of the ceiling\'s matmul.')
 
@@ -79,6 +84,7 @@ def _peft(log) -> None:
     raise app.UsageError(f'--sizes: {e}') from None
   result = bench_peft.run(rows, reps=_REPS.value or 10, warmup=_WARMUP.value,
                           torch_compile=_COMPILE.value,
+                          host_pages=_HOST_PAGES.value,
                           gemm_size=_GEMM_SIZE.value,
                           gemm_reps=_GEMM_REPS.value, log=log)
   if _JSON.value:

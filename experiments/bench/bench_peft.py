@@ -81,6 +81,7 @@ import numpy as np
 
 from experiments.bench import bench_inputs
 from experiments.bench import worker_protocol
+from lorajax.runtime import host_memory
 
 RANK, ALPHA = 8, 16
 # Must match ``experiments.bench.bench_core.adamw``.
@@ -97,6 +98,7 @@ class Contestant:
   module: str
   fields: dict[str, Any]
   optional: bool = False  # dropped with its reason if it fails
+  env: dict[str, str] | None = None  # None: the driver's environment
 
 
 def _reason(e: Exception, limit: int = 300) -> str:
@@ -106,18 +108,51 @@ def _reason(e: Exception, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit] + '…'
 
 
-def contestants(row: bench_inputs.Row, *,
-                torch_compile: bool) -> list[Contestant]:
+HOST_PAGES = ('kept', 'default', 'both')
+
+
+def _glibc_default_env() -> dict[str, str]:
+  """The driver's environment without lorajax's glibc tunables (what a
+  process started by hand without them runs with)."""
+  env = dict(os.environ, **{host_memory.OPT_OUT: host_memory.OPT_OUT_VALUE})
+  env.pop('GLIBC_TUNABLES', None)
+  return env
+
+
+def contestants(row: bench_inputs.Row, *, torch_compile: bool,
+                host_pages: str = 'kept') -> list[Contestant]:
   """lorajax and PEFT; the plain-jit lorajax on ``flaxbert`` rows; PEFT
-  with ``torch.compile`` when asked."""
-  out = [Contestant('lorajax', LORAJAX_WORKER, {'jit': 'xla'})]
+  with ``torch.compile`` when asked.
+
+  ``host_pages``: ``'kept'`` starts the lorajax workers as lorajax's
+  commands run (``lorajax.runtime.host_memory``: glibc tunables that keep
+  the step's buffers mapped), ``'default'`` with glibc's defaults, and
+  ``'both'`` adds a lorajax worker with glibc's defaults and a PEFT worker
+  with lorajax's tunables, so each side's gain from them is measured in the
+  same run. PEFT runs with glibc's defaults otherwise.
+  """
+  if host_pages not in HOST_PAGES:
+    raise ValueError(f'host_pages={host_pages!r}; expected one of '
+                     f'{HOST_PAGES}')
+  kept, default = host_memory.environ(), _glibc_default_env()
+  lorajax_env = default if host_pages == 'default' else kept
+  out = [Contestant('lorajax', LORAJAX_WORKER, {'jit': 'xla'},
+                    env=lorajax_env)]
   if row.model == 'flaxbert':
     out.append(Contestant('lorajax plain jit', LORAJAX_WORKER,
-                          {'jit': 'plain'}))
-  out.append(Contestant(REFERENCE, PEFT_WORKER, {'torch_compile': False}))
+                          {'jit': 'plain'}, env=lorajax_env))
+  if host_pages == 'both':
+    out.append(Contestant('lorajax glibc default', LORAJAX_WORKER,
+                          {'jit': 'xla'}, env=default))
+  out.append(Contestant(REFERENCE, PEFT_WORKER, {'torch_compile': False},
+                        env=default))
+  if host_pages == 'both':
+    out.append(Contestant('peft kept pages', PEFT_WORKER,
+                          {'torch_compile': False}, env=kept))
   if torch_compile:
     out.append(Contestant('peft+compile', PEFT_WORKER,
-                          {'torch_compile': True}, optional=True))
+                          {'torch_compile': True}, optional=True,
+                          env=default))
   return out
 
 
@@ -168,7 +203,7 @@ def _compare(results: dict[str, dict[str, Any]], flops: float,
 
 
 def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
-            torch_compile: bool = False,
+            torch_compile: bool = False, host_pages: str = 'kept',
             ceilings: dict[str, Any] | None = None,
             torch_threads: int | None = None,
             log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -180,6 +215,7 @@ def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
     warmup: untimed steps first (torch.compile compiles in the first).
     workdir: where the weights and batches are written (once per shape).
     torch_compile: add PEFT with ``torch.compile``.
+    host_pages: see ``contestants``.
     ceilings: ``{dtype: gemm_ceiling.measure(...)}`` for utilization;
       None leaves it out.
     torch_threads: PyTorch's threads; None is the machine's core count.
@@ -193,12 +229,14 @@ def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
   workers, setup, skipped = {}, {}, {}
   optional = set()
   try:
-    for c in contestants(row, torch_compile=torch_compile):
+    for c in contestants(row, torch_compile=torch_compile,
+                         host_pages=host_pages):
       if c.optional:
         optional.add(c.label)
       # One after the other: setups never overlap.
       workers[c.label] = worker_protocol.Worker(
-          [sys.executable, '-m', c.module], f'{c.label} ({row.name})')
+          [sys.executable, '-m', c.module], f'{c.label} ({row.name})',
+          env=c.env)
       try:
         setup[c.label] = workers[c.label].call('setup', **(request | c.fields))
       except worker_protocol.WorkerError as e:
@@ -254,11 +292,12 @@ def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
 def run(rows: list[bench_inputs.Row], *, reps: int = 10, warmup: int = 2,
         torch_compile: bool = True, gemm_size: int = 2048,
         gemm_reps: int = 10, torch_threads: int | None = None,
+        host_pages: str = 'kept',
         log: Callable[[str], None] = print) -> dict[str, Any]:
   """Measures the GEMM ceiling, every row, and the ceiling again.
 
-  ``reps``, ``warmup``, ``torch_compile`` and ``torch_threads`` are
-  ``run_row``'s; ``gemm_size`` and ``gemm_reps`` the ceiling's matmul.
+  ``reps``, ``warmup``, ``torch_compile``, ``torch_threads`` and
+  ``host_pages`` are ``run_row``'s; ``gemm_size`` and ``gemm_reps`` the ceiling's matmul.
 
   Returns:
     ``{'ceilings': {dtype: {'gflops_median', 'start', 'end', ...}},
@@ -270,7 +309,7 @@ def run(rows: list[bench_inputs.Row], *, reps: int = 10, warmup: int = 2,
   with tempfile.TemporaryDirectory(prefix='lorajax_bench_peft_') as workdir:
     for row in rows:
       out.append(run_row(row, reps=reps, warmup=warmup, workdir=workdir,
-                         torch_compile=torch_compile,
+                         torch_compile=torch_compile, host_pages=host_pages,
                          torch_threads=torch_threads, log=log))
   end = measure_ceilings(dtypes, size=gemm_size, reps=gemm_reps, log=log)
   ceilings = {}

@@ -24,12 +24,14 @@ from experiments.bench import bench_core
 from experiments.bench import gemm_ceiling
 from experiments.bench import lorajax_setups
 from experiments.bench import worker_protocol
+from lorajax.runtime import host_memory
 
 
 class Runner:
   """Holds the compiled step, its state and the batch between requests."""
 
-  def __init__(self):
+  def __init__(self, host_pages_kept: bool = False):
+    self.host_pages_kept = host_pages_kept
     self.setup = None
     self.compiled = None
     self.state = None
@@ -54,7 +56,8 @@ class Runner:
     return {'trainable_params': self.setup.trainable_params,
             'flops_per_step': flops,
             'setup_s': round(time.perf_counter() - t0, 2),
-            'versions': {'jax': jax.__version__}}
+            'versions': {'jax': jax.__version__},
+            'host_pages_kept': self.host_pages_kept}
 
   def handle_step(self, req: dict[str, Any]) -> dict[str, Any]:
     """One train step; its wall time includes waiting for the result."""
@@ -74,7 +77,9 @@ def handle_gemm(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-  runner = Runner()
+  # Whether bench_peft started this worker with lorajax's glibc tunables
+  # (``host_pages``), as lorajax's commands run.
+  runner = Runner(host_pages_kept=host_memory.active())
   worker_protocol.serve({'setup': runner.handle_setup,
                          'step': runner.handle_step, 'gemm': handle_gemm})
 

@@ -16,6 +16,7 @@ import json
 from absl import app
 from absl import flags
 
+from lorajax.runtime import host_memory
 from lorajax.training import console
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import saved_run
@@ -46,7 +47,13 @@ def main(argv):
 
 
 def run() -> None:
-  """The ``lorajax-evaluate`` console script."""
+  """The ``lorajax-evaluate`` console script.
+
+  On a CPU it first re-executes itself once with glibc tunables that keep
+  a step's buffers mapped between steps (``lorajax.runtime.host_memory``;
+  ``LORAJAX_HOST_PAGES=default`` opts out).
+  """
+  host_memory.relaunch()
   app.run(main)
 
 

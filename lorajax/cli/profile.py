@@ -22,6 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from lorajax.profiling import step_profile
+from lorajax.runtime import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/rt_minilm_lora.py', 'Training config file '
@@ -78,7 +79,13 @@ def main(argv):
 
 
 def run() -> None:
-  """The ``lorajax-profile`` console script."""
+  """The ``lorajax-profile`` console script.
+
+  On a CPU it first re-executes itself once with glibc tunables that keep
+  a step's buffers mapped between steps (``lorajax.runtime.host_memory``;
+  ``LORAJAX_HOST_PAGES=default`` opts out).
+  """
+  host_memory.relaunch()
   app.run(main)
 
 

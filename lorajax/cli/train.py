@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 import jax
 
+from lorajax.runtime import host_memory
 from lorajax.sweeps import runner
 from lorajax.training import integrity
 from lorajax.training import train
@@ -81,7 +82,13 @@ def main(argv):
 
 
 def run() -> None:
-  """The ``lorajax-train`` console script."""
+  """The ``lorajax-train`` console script.
+
+  On a CPU it first re-executes itself once with glibc tunables that keep
+  a step's buffers mapped between steps (``lorajax.runtime.host_memory``;
+  ``LORAJAX_HOST_PAGES=default`` opts out).
+  """
+  host_memory.relaunch()
   app.run(main)
 
 
