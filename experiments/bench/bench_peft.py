@@ -157,10 +157,15 @@ def contestants(row: bench_inputs.Row, *, torch_compile: bool,
 
 
 def measure_ceilings(dtypes, *, size: int, reps: int,
-                     log: Callable[[str], None]) -> dict[str, Any]:
-  """``gemm_ceiling.measure`` of each dtype, in a fresh JAX worker."""
+                     log: Callable[[str], None],
+                     host_pages: str = 'kept') -> dict[str, Any]:
+  """``gemm_ceiling.measure`` of each dtype, in a fresh JAX worker (with
+  lorajax's glibc tunables unless ``host_pages`` is ``'default'``: the
+  ceiling of the conditions lorajax's step runs in)."""
+  env = (_glibc_default_env() if host_pages == 'default'
+         else host_memory.environ())
   with worker_protocol.Worker([sys.executable, '-m', LORAJAX_WORKER],
-                              'gemm') as w:
+                              'gemm', env=env) as w:
     out = {d: w.call('gemm', dtype=d, size=size, reps=reps) for d in dtypes}
   for d, m in out.items():
     log(f'GEMM ceiling {d} ({size}x{size} matmul, median of {reps}): '
@@ -304,14 +309,16 @@ def run(rows: list[bench_inputs.Row], *, reps: int = 10, warmup: int = 2,
     'rows': [row result, ...]}``; a row's ceiling is its dtype's.
   """
   dtypes = sorted({r.dtype for r in rows})
-  start = measure_ceilings(dtypes, size=gemm_size, reps=gemm_reps, log=log)
+  start = measure_ceilings(dtypes, size=gemm_size, reps=gemm_reps, log=log,
+                           host_pages=host_pages)
   out = []
   with tempfile.TemporaryDirectory(prefix='lorajax_bench_peft_') as workdir:
     for row in rows:
       out.append(run_row(row, reps=reps, warmup=warmup, workdir=workdir,
                          torch_compile=torch_compile, host_pages=host_pages,
                          torch_threads=torch_threads, log=log))
-  end = measure_ceilings(dtypes, size=gemm_size, reps=gemm_reps, log=log)
+  end = measure_ceilings(dtypes, size=gemm_size, reps=gemm_reps, log=log,
+                         host_pages=host_pages)
   ceilings = {}
   for d in dtypes:
     best = max(start[d]['gflops_median'], end[d]['gflops_median'])
