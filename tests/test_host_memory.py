@@ -148,31 +148,3 @@ class PageFaultTest(absltest.TestCase):
 if __name__ == '__main__':
   absltest.main()
 
-
-class ReleaseTest(absltest.TestCase):
-
-  _CODE = textwrap.dedent("""
-      import numpy as np
-      from lorajax.runtime import host_memory, memory
-      x = np.ones(50_000_000)          # 400 MB, touched
-      del x
-      before = memory.rss_bytes()
-      released = host_memory.release_free_memory()
-      print(before >> 20, memory.rss_bytes() >> 20, released)
-  """)
-
-  def setUp(self):
-    super().setUp()
-    if host_memory.why_not({'JAX_PLATFORMS': 'cpu'}) is not None:
-      self.skipTest(host_memory.why_not({'JAX_PLATFORMS': 'cpu'}))
-
-  def test_kept_pages_stay_mapped_until_released(self):
-    before, after, released = map(
-        eval, _python(self._CODE, _env(GLIBC_TUNABLES=_TUNABLES)))
-    self.assertTrue(released)
-    self.assertGreater(before - after, 300)   # MB handed back
-
-  def test_is_a_no_op_without_the_tunables(self):
-    before, after, released = map(eval, _python(self._CODE, _env()))
-    self.assertFalse(released)
-    self.assertLess(abs(before - after), 50)  # glibc unmapped it at del

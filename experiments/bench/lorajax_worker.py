@@ -53,8 +53,6 @@ class Runner:
       flops = bench_core.compiled_flops(twin.step.lower(
           twin.state, twin.frozen, self.batch).compile())
       self.setup = dataclasses.replace(self.setup, flops_twin=None)
-    # As lorajax's training loop does after compiling (host_memory).
-    host_memory.release_free_memory()
     return {'trainable_params': self.setup.trainable_params,
             'flops_per_step': flops,
             'setup_s': round(time.perf_counter() - t0, 2),

@@ -72,6 +72,10 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
     logging.info('process %d of %d', jax.process_index(), jax.process_count())
+  if host_memory.active():
+    logging.info('host pages kept between steps (glibc tunables %s; '
+                 '%s=%s turns them off)', os.environ['GLIBC_TUNABLES'],
+                 host_memory.OPT_OUT, host_memory.OPT_OUT_VALUE)
   try:
     train.train_and_evaluate(_CONFIG.value, workdir)
   except (validate.ConfigError, workdir_lock.WorkdirLocked,

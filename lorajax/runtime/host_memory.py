@@ -32,16 +32,19 @@ Measured on a 2-core AMD EPYC (load 2-3), each pair in one run:
   two runs each): 83 and 86 s against 101 and 90 s, 3.6-4.1 s of system CPU
   time against 18.7-21.2 s, peak RSS 1,145-1,238 MB against 1,218-1,253 MB.
 
-What a heap kept this way also keeps is what compiling left free: LLVM's
-working memory, gigabytes for a large step, stays mapped under the step's
-buffer. :func:`release_free_memory` (glibc's ``malloc_trim``) hands free
-pages back once that is over; the training loop calls it after its first
-step and after each evaluation. Without it the SmolLM2 step with a chunked
-loss, compiled twice by the benchmark, peaked at 7.8 GB instead of 4.7.
+Keeping every block in one heap can leave a hole that the next step's
+buffer no longer fits, once small allocations have split it; the heap then
+grows by one more buffer, which stays mapped. In the benchmark's SmolLM2
+step with a chunked loss (3.4 GB of temporaries) the second step did so:
+peak RSS 7.7 GB against 4.7 GB with glibc's defaults. The other rows
+measured (MiniLM, a plain Flax BERT, SmolLM2 with whole logits, the main
+job) kept their peak within 6%. ``LORAJAX_HOST_PAGES=default`` turns the
+tunables off where memory is tighter than time.
+
 Running XLA inline (``jax_cpu_enable_async_dispatch=False``, so the buffer
 comes from the main thread's arena without ``arena_max``) also kept the
-pages, but cost the main job 18% more peak RSS and spun XLA's idle threads
-while Python prepared the next batch.
+pages, but gave the main job 18% more peak RSS and no time back (50 steps:
+93-95 s against 90-101 s).
 
 The lorajax commands (``lorajax-train``, ``-evaluate``, ``-profile``) call
 :func:`relaunch` first, which re-executes the same command line once with the
@@ -67,7 +70,6 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import platform
@@ -164,18 +166,3 @@ def active() -> bool:
   (Linux, glibc, a CPU run, not opted out)."""
   return tunables_set() and why_not() is None
 
-
-def release_free_memory() -> bool:
-  """Returns the heap's free pages to the kernel (``malloc_trim(0)``) when
-  this process keeps its pages (:func:`active`); the next step maps its
-  buffer once more, and keeps it again.
-
-  Call it when the memory freed since is not needed again: after a
-  compilation, or after an evaluation whose buffers were another shape.
-
-  Returns:
-    Whether glibc released any memory; False when not active.
-  """
-  if not active():
-    return False
-  return bool(ctypes.CDLL(None).malloc_trim(0))

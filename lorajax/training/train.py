@@ -61,7 +61,6 @@ from lorajax.io import digests
 from lorajax.io import peft_dequantized
 from lorajax.io import peft_prompts
 from lorajax.methods import adalora_allocator
-from lorajax.runtime import host_memory
 from lorajax.runtime import memory
 from lorajax.training import attach
 from lorajax.training import checkpoint as ckpt_lib
@@ -379,11 +378,8 @@ def _train(config, workdir: str, log_file: str, wall_start: float,
         row['tokens_seen'] = tokens_seen   # Real tokens since step 0.
         writer.write(step, 'train', row)
         window = []
-      if step == start_step + 1:   # what compiling left free
-        host_memory.release_free_memory()
       if step % config.eval_every == 0 or step == num_steps:
         final_val = validate(step)
-        host_memory.release_free_memory()   # the evaluation's buffers
       if step % config.checkpoint_every == 0 or step == num_steps:
         save(step)
       ckpt_lib.seal_finished(manager)   # The last save, once it is done.
