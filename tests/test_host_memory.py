@@ -3,8 +3,10 @@ step's buffers mapped, the commands' relaunch with them, and the page
 faults they save."""
 
 import os
+import pathlib
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 from absl.testing import absltest
@@ -38,7 +40,7 @@ _FAULTS = textwrap.dedent("""
 
 def _env(**changes):
   env = {k: v for k, v in os.environ.items()
-         if k not in ('GLIBC_TUNABLES', host_memory.OPT_OUT)}
+         if k not in ('GLIBC_TUNABLES', host_memory.SWITCH)}
   env['JAX_PLATFORMS'] = 'cpu'
   env.update(changes)
   return env
@@ -57,6 +59,7 @@ class EnvironTest(absltest.TestCase):
   def test_adds_every_tunable_to_an_empty_environment(self):
     env = host_memory.environ({'HOME': '/h'})
     self.assertEqual(env['GLIBC_TUNABLES'], _TUNABLES)
+    self.assertEqual(env['LORAJAX_HOST_PAGES'], 'kept')
     self.assertEqual(env['HOME'], '/h')
     self.assertTrue(host_memory.tunables_set(env))
     self.assertFalse(host_memory.tunables_set({'HOME': '/h'}))
@@ -83,19 +86,24 @@ class EnvironTest(absltest.TestCase):
 
 class WhyNotTest(absltest.TestCase):
 
-  def test_opt_out_is_named(self):
+  def test_off_unless_switched_on(self):
+    self.assertEqual(host_memory.why_not({'JAX_PLATFORMS': 'cpu'}),
+                     "LORAJAX_HOST_PAGES is not 'kept'")
     self.assertEqual(
-        host_memory.why_not({host_memory.OPT_OUT: 'default'}),
-        'LORAJAX_HOST_PAGES=default')
+        host_memory.why_not({'JAX_PLATFORMS': 'cpu',
+                             'LORAJAX_HOST_PAGES': 'default'}),
+        "LORAJAX_HOST_PAGES is not 'kept'")
 
   def test_an_accelerator_platform_is_named(self):
-    reason = host_memory.why_not({'JAX_PLATFORMS': 'cuda,cpu'})
+    reason = host_memory.why_not({'JAX_PLATFORMS': 'cuda,cpu',
+                                  'LORAJAX_HOST_PAGES': 'kept'})
     self.assertIn("JAX_PLATFORMS='cuda,cpu'", reason)
 
   def test_cpu_alone_applies_on_linux_glibc(self):
     if not sys.platform.startswith('linux'):
       self.skipTest('Linux only')
-    self.assertIsNone(host_memory.why_not({'JAX_PLATFORMS': 'cpu'}))
+    self.assertIsNone(host_memory.why_not({'JAX_PLATFORMS': 'cpu',
+                                           'LORAJAX_HOST_PAGES': 'kept'}))
 
 
 class RelaunchTest(absltest.TestCase):
@@ -106,22 +114,40 @@ class RelaunchTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    if host_memory.why_not({'JAX_PLATFORMS': 'cpu'}) is not None:
-      self.skipTest(host_memory.why_not({'JAX_PLATFORMS': 'cpu'}))
+    if host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}) is not None:
+      self.skipTest(host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}))
 
   def test_relaunches_once_with_the_tunables_and_the_same_arguments(self):
-    tunables, kept, arg = _python(self._CODE, _env(), 'an-argument')
+    tunables, kept, arg = _python(self._CODE, _env(LORAJAX_HOST_PAGES='kept'),
+                                  'an-argument')
     self.assertEqual(tunables, _TUNABLES)
     self.assertEqual((kept, arg), ('True', 'an-argument'))
 
-  def test_opt_out_runs_as_started(self):
-    tunables, kept, _ = _python(self._CODE,
-                                _env(LORAJAX_HOST_PAGES='default'), 'x')
+  def test_without_the_switch_runs_as_started(self):
+    tunables, kept, _ = _python(self._CODE, _env(), 'x')
     self.assertEqual((tunables, kept), ('-', 'False'))
 
   def test_a_jax_platform_other_than_cpu_runs_as_started(self):
-    tunables, kept, _ = _python(self._CODE, _env(JAX_PLATFORMS='tpu'), 'x')
+    tunables, kept, _ = _python(
+        self._CODE, _env(JAX_PLATFORMS='tpu', LORAJAX_HOST_PAGES='kept'), 'x')
     self.assertEqual((tunables, kept), ('-', 'False'))
+
+
+class CommandTest(absltest.TestCase):
+
+  def test_lorajax_train_runs_relaunched_with_the_switch(self):
+    if host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}) is not None:
+      self.skipTest(host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}))
+    config = pathlib.Path(__file__).parents[1] / 'configs/rt_minilm_lora.py'
+    with tempfile.TemporaryDirectory() as workdir:
+      out = subprocess.run(
+          [sys.executable, '-m', 'lorajax.cli.train',
+           f'--config={config}:smoke', f'--workdir={workdir}'],
+          env=_env(LORAJAX_HOST_PAGES='kept'), capture_output=True,
+          text=True, timeout=600)
+    self.assertEqual(out.returncode, 0, out.stderr[-3000:])
+    self.assertIn('host pages kept between steps (LORAJAX_HOST_PAGES=kept; '
+                  f'glibc tunables {_TUNABLES})', out.stderr)
 
 
 class PageFaultTest(absltest.TestCase):
@@ -130,11 +156,12 @@ class PageFaultTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    if host_memory.why_not({'JAX_PLATFORMS': 'cpu'}) is not None:
-      self.skipTest(host_memory.why_not({'JAX_PLATFORMS': 'cpu'}))
+    if host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}) is not None:
+      self.skipTest(host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}))
 
   def test_kept_pages_take_almost_no_faults(self):
-    kept, temp_pages, faults = _python(_FAULTS, _env(GLIBC_TUNABLES=_TUNABLES))
+    kept, temp_pages, faults = _python(
+        _FAULTS, _env(GLIBC_TUNABLES=_TUNABLES, LORAJAX_HOST_PAGES='kept'))
     self.assertEqual(kept, 'True')
     self.assertGreater(int(temp_pages), 4096)          # > 16 MiB of temps
     self.assertLess(int(faults), int(temp_pages) // 10)

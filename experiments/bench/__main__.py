@@ -56,10 +56,10 @@ _COMPILE = flags.DEFINE_bool('torch_compile', True,
 _GEMM_SIZE = flags.DEFINE_integer('gemm_size', 2048,
                                   'peft: side of the ceiling\'s matmul.')
 _HOST_PAGES = flags.DEFINE_enum(
-    'host_pages', 'kept', ['kept', 'default', 'both'],
-    'peft: start the lorajax workers with the glibc tunables lorajax\'s '
-    'commands use (kept), without (default), or both, adding PEFT with them '
-    '(lorajax.runtime.host_memory).')
+    'host_pages', 'default', ['kept', 'default', 'both'],
+    'peft: start the lorajax workers with glibc\'s defaults (default), with '
+    'LORAJAX_HOST_PAGES=kept (kept), or both, adding PEFT with the same '
+    'tunables (lorajax.runtime.host_memory).')
 _GEMM_REPS = flags.DEFINE_integer('gemm_reps', 10,
                                   'peft: timed calls of the ceiling\'s matmul.')
 

@@ -114,19 +114,21 @@ HOST_PAGES = ('kept', 'default', 'both')
 def _glibc_default_env() -> dict[str, str]:
   """The driver's environment without lorajax's glibc tunables (what a
   process started by hand without them runs with)."""
-  env = dict(os.environ, **{host_memory.OPT_OUT: host_memory.OPT_OUT_VALUE})
+  env = dict(os.environ)
   env.pop('GLIBC_TUNABLES', None)
+  env.pop(host_memory.SWITCH, None)
   return env
 
 
 def contestants(row: bench_inputs.Row, *, torch_compile: bool,
-                host_pages: str = 'kept') -> list[Contestant]:
+                host_pages: str = 'default') -> list[Contestant]:
   """lorajax and PEFT; the plain-jit lorajax on ``flaxbert`` rows; PEFT
   with ``torch.compile`` when asked.
 
-  ``host_pages``: ``'kept'`` starts the lorajax workers as lorajax's
-  commands run (``lorajax.runtime.host_memory``: glibc tunables that keep
-  the step's buffers mapped), ``'default'`` with glibc's defaults, and
+  ``host_pages``: ``'default'`` starts the lorajax workers with glibc's
+  defaults (as lorajax's commands run unless told otherwise), ``'kept'``
+  with ``LORAJAX_HOST_PAGES=kept`` (``lorajax.runtime.host_memory``: glibc
+  tunables that keep the step's buffers mapped), and
   ``'both'`` adds a lorajax worker with glibc's defaults and a PEFT worker
   with lorajax's tunables, so each side's gain from them is measured in the
   same run. PEFT runs with glibc's defaults otherwise.
@@ -158,7 +160,7 @@ def contestants(row: bench_inputs.Row, *, torch_compile: bool,
 
 def measure_ceilings(dtypes, *, size: int, reps: int,
                      log: Callable[[str], None],
-                     host_pages: str = 'kept') -> dict[str, Any]:
+                     host_pages: str = 'default') -> dict[str, Any]:
   """``gemm_ceiling.measure`` of each dtype, in a fresh JAX worker (with
   lorajax's glibc tunables unless ``host_pages`` is ``'default'``: the
   ceiling of the conditions lorajax's step runs in)."""
@@ -208,7 +210,7 @@ def _compare(results: dict[str, dict[str, Any]], flops: float,
 
 
 def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
-            torch_compile: bool = False, host_pages: str = 'kept',
+            torch_compile: bool = False, host_pages: str = 'default',
             ceilings: dict[str, Any] | None = None,
             torch_threads: int | None = None,
             log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -297,7 +299,7 @@ def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
 def run(rows: list[bench_inputs.Row], *, reps: int = 10, warmup: int = 2,
         torch_compile: bool = True, gemm_size: int = 2048,
         gemm_reps: int = 10, torch_threads: int | None = None,
-        host_pages: str = 'kept',
+        host_pages: str = 'default',
         log: Callable[[str], None] = print) -> dict[str, Any]:
   """Measures the GEMM ceiling, every row, and the ceiling again.
 

@@ -1,6 +1,6 @@
 r"""A LoRA step with and without lorajax's glibc tunables, alone, per step.
 
-``lorajax.runtime.host_memory`` starts lorajax's commands with glibc
+With ``LORAJAX_HOST_PAGES=kept``, lorajax's commands start with glibc
 tunables that keep a step's buffers mapped. This runs the same step in
 fresh processes with and without them, alternated, and prints for each
 step its wall time, minor page faults, user and system CPU time and the
@@ -98,6 +98,7 @@ def _child(model: str, steps: int) -> None:
 def _run(model: str, steps: int, kept: bool) -> list[dict]:
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('GLIBC_TUNABLES', None)
+  env.pop(host_memory.SWITCH, None)
   if kept:
     env = host_memory.environ(env)
   out = subprocess.run(
@@ -113,7 +114,7 @@ def main(argv):
   if _CHILD.value:
     _child(_MODEL.value, _STEPS.value)
     return
-  why = host_memory.why_not({'JAX_PLATFORMS': 'cpu'})
+  why = host_memory.unsupported({'JAX_PLATFORMS': 'cpu'})
   if why is not None:
     raise app.UsageError(f'the tunables do not apply here: {why}')
   runs = {True: [], False: []}

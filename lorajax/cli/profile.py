@@ -81,9 +81,9 @@ def main(argv):
 def run() -> None:
   """The ``lorajax-profile`` console script.
 
-  On a CPU it first re-executes itself once with glibc tunables that keep
-  a step's buffers mapped between steps (``lorajax.runtime.host_memory``;
-  ``LORAJAX_HOST_PAGES=default`` opts out).
+  With ``LORAJAX_HOST_PAGES=kept``, a CPU run first re-executes itself
+  once with glibc tunables that keep a step's buffers mapped between steps
+  (``lorajax.runtime.host_memory``).
   """
   host_memory.relaunch()
   app.run(main)

@@ -73,9 +73,9 @@ def main(argv):
                                process_id=_PROCESS_ID.value)
     logging.info('process %d of %d', jax.process_index(), jax.process_count())
   if host_memory.active():
-    logging.info('host pages kept between steps (glibc tunables %s; '
-                 '%s=%s turns them off)', os.environ['GLIBC_TUNABLES'],
-                 host_memory.OPT_OUT, host_memory.OPT_OUT_VALUE)
+    logging.info('host pages kept between steps (%s=%s; glibc tunables %s)',
+                 host_memory.SWITCH, host_memory.ON,
+                 os.environ['GLIBC_TUNABLES'])
   try:
     train.train_and_evaluate(_CONFIG.value, workdir)
   except (validate.ConfigError, workdir_lock.WorkdirLocked,
@@ -88,9 +88,9 @@ def main(argv):
 def run() -> None:
   """The ``lorajax-train`` console script.
 
-  On a CPU it first re-executes itself once with glibc tunables that keep
-  a step's buffers mapped between steps (``lorajax.runtime.host_memory``;
-  ``LORAJAX_HOST_PAGES=default`` opts out).
+  With ``LORAJAX_HOST_PAGES=kept``, a CPU run first re-executes itself
+  once with glibc tunables that keep a step's buffers mapped between steps
+  (``lorajax.runtime.host_memory``).
   """
   host_memory.relaunch()
   app.run(main)

@@ -27,7 +27,9 @@ Measured on a 2-core AMD EPYC (load 2-3), each pair in one run:
 * ``python -m experiments.bench peft --sizes=minilm,flaxbert --targets=qv
   --host_pages=both``: the shipped MiniLM q/v step 2,024 vs 2,238 ms with
   glibc's defaults, a user's own plain Flax BERT 1,966 vs 3,362 ms; peak RSS
-  1,053 vs 1,054 MB and 1,473 vs 1,463 MB;
+  1,053 vs 1,054 MB and 1,473 vs 1,463 MB (five workers alternated there;
+  with two, the Flax BERT row took 2,309-2,446 ms with glibc's defaults in
+  earlier runs, so its gain is nearer 15-20%);
 * the main job for 50 steps (``lorajax-train --config.num_train_steps=50``,
   two runs each): 83 and 86 s against 101 and 90 s, 3.6-4.1 s of system CPU
   time against 18.7-21.2 s, peak RSS 1,145-1,238 MB against 1,218-1,253 MB.
@@ -38,34 +40,38 @@ grows by one more buffer, which stays mapped. In the benchmark's SmolLM2
 step with a chunked loss (3.4 GB of temporaries) the second step did so:
 peak RSS 7.7 GB against 4.7 GB with glibc's defaults. The other rows
 measured (MiniLM, a plain Flax BERT, SmolLM2 with whole logits, the main
-job) kept their peak within 6%. ``LORAJAX_HOST_PAGES=default`` turns the
-tunables off where memory is tighter than time.
+job) kept their peak within 6% in the benchmark, but the same MiniLM step
+alone in one process (``python -m experiments.bench.host_pages``) grew from
+1,337 to 1,680 MB the same way.
 
 Running XLA inline (``jax_cpu_enable_async_dispatch=False``, so the buffer
 comes from the main thread's arena without ``arena_max``) also kept the
 pages, but gave the main job 18% more peak RSS and no time back (50 steps:
 93-95 s against 90-101 s).
 
-The lorajax commands (``lorajax-train``, ``-evaluate``, ``-profile``) call
-:func:`relaunch` first, which re-executes the same command line once with the
-tunables added (a few seconds of imports). This is what CPU launchers of the
-field do with their allocator (Intel's ``ipexrun`` preloads jemalloc or
-tcmalloc). A library user who wants the same sets the variable before
-Python starts::
+With ``LORAJAX_HOST_PAGES=kept`` in the environment, the lorajax commands
+(``lorajax-train``, ``-evaluate``, ``-profile``) re-execute the same command
+line once with the tunables added (:func:`relaunch`; a few seconds of
+imports), as CPU launchers of the field do with their allocator (Intel's
+``ipexrun`` preloads jemalloc or tcmalloc). It is off by default because
+of the growth above: where it happens, a run needs one step buffer more
+memory than with glibc's defaults, and a machine sized for the latter would
+kill it. A script of your own gets the same from::
 
-  GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=70368744177664:glibc.malloc.arena_max=1 python my_run.py
+  GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=70368744177664:glibc.malloc.arena_max=1 \
+      LORAJAX_HOST_PAGES=kept python my_run.py
 
-Nothing happens off Linux/glibc, when an accelerator plugin (CUDA, ROCm,
-TPU) is installed and ``JAX_PLATFORMS`` does not say ``cpu``, or with
-``LORAJAX_HOST_PAGES=default``.
+Nothing happens without the switch, off Linux/glibc, or when an
+accelerator plugin (CUDA, ROCm, TPU) is installed and ``JAX_PLATFORMS``
+does not say ``cpu``.
 
 Example:
 
   >>> env = environ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
   >>> env['GLIBC_TUNABLES'].split(':')[0]  # the user's own tunables come first
   'glibc.malloc.arena_max=2'
-  >>> tunables_set(env)
-  True
+  >>> tunables_set(env), env['LORAJAX_HOST_PAGES']
+  (True, 'kept')
 """
 
 from __future__ import annotations
@@ -78,9 +84,10 @@ from collections.abc import Mapping
 
 from absl import logging
 
-# The variable and its value that turn the relaunch off.
-OPT_OUT = 'LORAJAX_HOST_PAGES'
-OPT_OUT_VALUE = 'default'
+# The variable and the value that turn the tunables on (they are off by
+# default: the heap can grow by a step buffer, see above).
+SWITCH = 'LORAJAX_HOST_PAGES'
+ON = 'kept'
 
 TUNABLES = (
     ('glibc.malloc.mmap_max', '0'),
@@ -111,9 +118,11 @@ def tunables_set(env: Mapping[str, str] | None = None) -> bool:
 
 
 def environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
-  """A copy of ``base`` (default: ``os.environ``) whose ``GLIBC_TUNABLES``
-  also names :data:`TUNABLES`; tunables already there keep their values."""
+  """A copy of ``base`` (default: ``os.environ``) with the switch on and
+  ``GLIBC_TUNABLES`` naming :data:`TUNABLES` too; tunables already there
+  keep their values."""
   env = dict(os.environ if base is None else base)
+  env[SWITCH] = ON
   current = env.get('GLIBC_TUNABLES', '')
   named = _parse(current)
   extra = [f'{k}={v}' for k, v in TUNABLES if k not in named]
@@ -123,10 +132,18 @@ def environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def why_not(env: Mapping[str, str] | None = None) -> str | None:
   """Why the tunables do not apply to a run started with ``env``; None when
-  they do."""
+  they do (the switch is on and :func:`unsupported` finds nothing)."""
   env = os.environ if env is None else env
-  if env.get(OPT_OUT, '').lower() == OPT_OUT_VALUE:
-    return f'{OPT_OUT}={OPT_OUT_VALUE}'
+  if env.get(SWITCH, '').lower() != ON:
+    return f'{SWITCH} is not {ON!r}'
+  return unsupported(env)
+
+
+def unsupported(env: Mapping[str, str] | None = None) -> str | None:
+  """Why the tunables could not apply to a run started with ``env`` even
+  with the switch on (not Linux/glibc, not a CPU run); None when they
+  could."""
+  env = os.environ if env is None else env
   if sys.platform != 'linux' or platform.libc_ver()[0] != 'glibc':
     return f'not Linux with glibc ({sys.platform}, {platform.libc_ver()[0]!r})'
   platforms = [p.strip() for p in env.get('JAX_PLATFORMS', '').split(',')
@@ -163,6 +180,6 @@ def relaunch() -> None:
 
 def active() -> bool:
   """Whether this process was started with :data:`TUNABLES` and they apply
-  (Linux, glibc, a CPU run, not opted out)."""
+  (switched on; Linux, glibc, a CPU run)."""
   return tunables_set() and why_not() is None
 
