@@ -127,10 +127,14 @@ class RelaunchTest(absltest.TestCase):
     tunables, kept, _ = _python(self._CODE, _env(), 'x')
     self.assertEqual((tunables, kept), ('-', 'False'))
 
-  def test_a_jax_platform_other_than_cpu_runs_as_started(self):
-    tunables, kept, _ = _python(
-        self._CODE, _env(JAX_PLATFORMS='tpu', LORAJAX_HOST_PAGES='kept'), 'x')
-    self.assertEqual((tunables, kept), ('-', 'False'))
+  def test_a_jax_platform_other_than_cpu_runs_as_started_and_says_so(self):
+    out = subprocess.run(
+        [sys.executable, '-c', self._CODE, 'x'],
+        env=_env(JAX_PLATFORMS='tpu', LORAJAX_HOST_PAGES='kept'),
+        capture_output=True, text=True, timeout=300)
+    self.assertEqual(out.stdout.split()[:2], ['-', 'False'])
+    self.assertIn("LORAJAX_HOST_PAGES=kept ignored: JAX_PLATFORMS='tpu' is "
+                  'not the CPU alone', out.stderr)
 
 
 class CommandTest(absltest.TestCase):

@@ -160,14 +160,21 @@ def unsupported(env: Mapping[str, str] | None = None) -> str | None:
 
 def relaunch() -> None:
   """Re-executes this command with :data:`TUNABLES` when they apply and are
-  not set yet; returns (having done nothing) otherwise.
+  not set yet; returns (having done nothing) otherwise, saying why on
+  stderr when the switch is on but :func:`unsupported` objects.
 
   Call it first in a command's entry point, before any computation: the
   process image is replaced, so nothing done before survives. The command
   line is ``sys.orig_argv``, so ``python -m pkg.mod --flag`` and console
   scripts come back as they were started.
   """
-  if tunables_set() or why_not() is not None:
+  if tunables_set():
+    return
+  if os.environ.get(SWITCH, '').lower() == ON and unsupported() is not None:
+    print(f'lorajax: {SWITCH}={ON} ignored: {unsupported()}',
+          file=sys.stderr, flush=True)
+    return
+  if why_not() is not None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
