@@ -291,3 +291,56 @@ def test_encode_batch_truncates_pads_and_restores_settings(tok):
   assert list(batch['token_type_ids'][1, :7]) == [0, 0, 0, 0, 1, 1, 1]
   assert list(batch['attention_mask'][1]) == [1] * 7 + [0]
   assert tok.padding is None and tok.truncation is None
+
+
+def _tiny_classifier(**overrides):
+  config = bert.BertConfig(vocab_size=60, hidden_size=32, num_layers=2,
+                           num_heads=4, intermediate_size=64, max_position=64,
+                           num_labels=3, **overrides)
+  ids = jax.random.randint(jax.random.key(1), (3, 32), 0, 60)
+  mask = jnp.ones((3, 32), jnp.int32).at[1, 20:].set(0)
+  params = bert.Bert(config).init(jax.random.key(0), ids, mask)['params']
+  return config, params, ids, mask
+
+
+@pytest.mark.parametrize('head', ['bert', 'roberta'])
+def test_classifier_reads_the_same_cls_row_as_the_whole_last_layer(head):
+  """The logits come from a run of the last layer with [CLS] as the only
+  query; they equal the head applied to the whole run's [CLS] row, with a
+  prompt too (the real [CLS] follows it)."""
+  config, params, ids, mask = _tiny_classifier(head=head)
+  model = bert.Bert(config)
+  prompt = jax.random.normal(jax.random.key(2), (4, 32))
+  for extra in ({}, {'prompt': prompt}):
+    out = model.apply({'params': params}, ids, mask, **extra)
+    cls = out.hidden[:, 0]
+    if head == 'bert':
+      p = params
+      pooled = jnp.tanh(cls @ p['pooler']['kernel'] + p['pooler']['bias'])
+      logits = pooled @ p['classifier']['kernel'] + p['classifier']['bias']
+    else:
+      p = params['classifier']
+      pooled = jnp.tanh(cls @ p['dense']['kernel'] + p['dense']['bias'])
+      logits = pooled @ p['out_proj']['kernel'] + p['out_proj']['bias']
+    np.testing.assert_allclose(out.pooled, pooled, atol=2e-6)
+    np.testing.assert_allclose(out.logits, logits, atol=2e-6)
+
+
+def test_compiled_logits_skip_the_last_layer_for_all_but_cls():
+  """Asked for the logits alone, the compiled forward does the last
+  layer's work for one query, not for every token (XLA's FLOP count)."""
+
+  def flops(config, field):
+    params = bert.Bert(config).init(jax.random.key(0), ids, mask)['params']
+    f = jax.jit(lambda p: getattr(
+        bert.Bert(config).apply({'params': p}, ids, mask), field))
+    return f.lower(params).compile().cost_analysis()['flops']
+
+  config, _, ids, mask = _tiny_classifier()
+  whole = flops(config, 'hidden')
+  one_layer_less = flops(config.replace(num_layers=1), 'hidden')
+  last_layer = whole - one_layer_less
+  # Keys and values of every token remain (2 of the layer's 12 H^2-sized
+  # products a token, with their bias adds); at this width that is 0.34 of
+  # the layer's count. Without the one-query run it would be all of it.
+  assert flops(config, 'logits') < one_layer_less + 0.4 * last_layer

@@ -262,20 +262,25 @@ class BertSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, *,
                deterministic: bool,
-               prefix: jax.Array | None = None) -> jax.Array:
+               prefix: jax.Array | None = None,
+               query_at: int | None = None) -> jax.Array:
     """Attends ``x`` ``[B, T, H]`` over the real tokens of ``mask``.
 
     ``prefix`` ``[2, n, heads, head_dim]`` (keys, values) is prepended to
-    the keys and values; every query sees it.
+    the keys and values; every query sees it. ``query_at``: only the token
+    at that position queries (keys and values are still every token's);
+    the result is ``[B, 1, H]``, that token's row of the whole result.
     """
     cfg = self.config
-    batch, length, _ = x.shape
+    batch = x.shape[0]
+    xq = x if query_at is None else x[:, query_at:query_at + 1]
 
-    def heads(name):
-      y = _dense(cfg, cfg.hidden_size, name)(x)
-      return y.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+    def heads(name, inputs):
+      y = _dense(cfg, cfg.hidden_size, name)(inputs)
+      return y.reshape(batch, inputs.shape[1], cfg.num_heads, cfg.head_dim)
 
-    q, k, v = heads('query'), heads('key'), heads('value')
+    q, k, v = heads('query', xq), heads('key', x), heads('value', x)
+    length = xq.shape[1]
     if prefix is not None:
       n = prefix.shape[1]
       pk, pv = (jnp.broadcast_to(p.astype(k.dtype), (batch, *p.shape))
@@ -304,7 +309,7 @@ class BertSelfAttention(nn.Module):
     context = context.reshape(batch, length, cfg.hidden_size)
     y = _dense(cfg, cfg.hidden_size, 'output')(context)
     y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
-    return _layer_norm(cfg, 'output_ln')(y + x)
+    return _layer_norm(cfg, 'output_ln')(y + xq)
 
 
 class BertLayer(nn.Module):
@@ -317,10 +322,14 @@ class BertLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool,
-               prefix: jax.Array | None = None) -> jax.Array:
+               prefix: jax.Array | None = None,
+               query_at: int | None = None) -> jax.Array:
+    """``[B, T, H]``, or with ``query_at`` only that token's ``[B, 1, H]``
+    row (see ``BertSelfAttention``)."""
     cfg = self.config
     x = BertSelfAttention(cfg, name='attention')(
-        x, mask, deterministic=deterministic, prefix=prefix)
+        x, mask, deterministic=deterministic, prefix=prefix,
+        query_at=query_at)
     h = _dense(cfg, cfg.intermediate_size, 'intermediate')(x)
     if cfg.hidden_act == 'relu':
       h = jax.nn.relu(h)
@@ -340,15 +349,35 @@ class BertEncoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, *,
                deterministic: bool,
-               prefix: jax.Array | None = None) -> jax.Array:
-    # deterministic (argument 3, self is 0) is a Python bool: static.
+               prefix: jax.Array | None = None,
+               first_at: int | None = None
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The last layer's ``[B, T, H]`` states; with ``first_at``, also the
+    token at ``first_at``'s ``[B, H]`` state from a second run of the last
+    layer with that one query (the same parameters).
+
+    A classifier that reads one token needs only that token's row of the
+    last layer: the second run computes its query projection, attention
+    row, output projection and feed-forward for one token instead of
+    ``T``. Under ``jit``, when the caller uses only that row, the whole
+    last layer is dead code and XLA drops it.
+    """
+    # deterministic (argument 3, self is 0) and query_at (argument 5) are
+    # Python values: static.
     layer_cls = remat_lib.wrap(BertLayer, self.config.remat,
-                               static_argnums=(3,))
-    for i in range(self.config.num_layers):
+                               static_argnums=(3, 5))
+    last = self.config.num_layers - 1
+    for i in range(last):
       x = layer_cls(self.config, name=f'layer_{i}')(
           x, mask, deterministic,
-          None if prefix is None else prefix[i])
-    return x
+          None if prefix is None else prefix[i], None)
+    layer = layer_cls(self.config, name=f'layer_{last}')
+    prefix_last = None if prefix is None else prefix[last]
+    hidden = layer(x, mask, deterministic, prefix_last, None)
+    if first_at is None:
+      return hidden
+    first = layer(x, mask, deterministic, prefix_last, first_at)
+    return hidden, first[:, 0]
 
 
 class FirstTokenHead(nn.Module):
@@ -438,17 +467,20 @@ class Bert(nn.Module):
 
     x = BertEmbeddings(cfg, name='embeddings')(
         input_ids, token_type_ids, deterministic=deterministic, prompt=prompt)
-    hidden = BertEncoder(cfg, name='encoder')(
-        x, mask, deterministic=deterministic, prefix=prefix)
+    # The classifier reads the first real token ([CLS]) unless it mean-pools:
+    # the encoder then also runs that token's row of the last layer alone.
+    hidden, first = BertEncoder(cfg, name='encoder')(
+        x, mask, deterministic=deterministic, prefix=prefix,
+        first_at=n_prompt)
     hidden = hidden[:, n_prompt:]
     if cfg.head != 'bert':
       logits, pooled = FirstTokenHead(cfg, name='classifier')(
-          hidden[:, 0], deterministic=deterministic)
+          first, deterministic=deterministic)
       return BertOutput(logits=logits.astype(jnp.float32), pooled=pooled,
                         hidden=hidden)
     # The pooler runs (and has parameters) with either pooling, so one
     # checkpoint fits both; unused, jit drops it.
-    pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, 'pooler')(hidden[:, 0]))
+    pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, 'pooler')(first))
     if cfg.pooling == 'mean':
       pooled = mean_pool(hidden, attention_mask)
       logits = nn.Dense(cfg.num_labels, dtype=jnp.float32,
