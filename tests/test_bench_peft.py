@@ -82,6 +82,13 @@ def test_run_measures_the_ceiling_before_and_after():
       flops=r['flops_per_step'],
       step_s=r['results']['lorajax']['step_ms_median'] / 1e3,
       ceiling_gflops=ceiling['gflops_median'])
+  # The shipped BERT reads [CLS] from a one-query last layer; PEFT's step
+  # runs that layer for every token, and its utilization counts that work.
+  assert r['reference_flops_per_step'] > r['flops_per_step']
+  assert r['results']['peft']['utilization'] == gemm_ceiling.utilization(
+      flops=r['reference_flops_per_step'],
+      step_s=r['results']['peft']['step_ms_median'] / 1e3,
+      ceiling_gflops=ceiling['gflops_median'])
   lines = bench_peft.table(result).splitlines()
   assert len(lines) == 2 + 2 and lines[2].startswith('| tiny/qv | 2×8 |')
   assert bench_peft.notes(result)[0].startswith('GEMM ceiling float32')

@@ -324,6 +324,10 @@ def test_classifier_reads_the_same_cls_row_as_the_whole_last_layer(head):
       logits = pooled @ p['out_proj']['kernel'] + p['out_proj']['bias']
     np.testing.assert_allclose(out.pooled, pooled, atol=2e-6)
     np.testing.assert_allclose(out.logits, logits, atol=2e-6)
+    whole = bert.Bert(config.replace(cls_readout=False)).apply(
+        {'params': params}, ids, mask, **extra)
+    np.testing.assert_allclose(whole.logits, out.logits, atol=2e-6)
+    np.testing.assert_array_equal(whole.hidden, out.hidden)
 
 
 def test_compiled_logits_skip_the_last_layer_for_all_but_cls():
@@ -342,5 +346,7 @@ def test_compiled_logits_skip_the_last_layer_for_all_but_cls():
   last_layer = whole - one_layer_less
   # Keys and values of every token remain (2 of the layer's 12 H^2-sized
   # products a token, with their bias adds); at this width that is 0.34 of
-  # the layer's count. Without the one-query run it would be all of it.
+  # the layer's count. Without the one-query run it is all of it.
   assert flops(config, 'logits') < one_layer_less + 0.4 * last_layer
+  assert (flops(config.replace(cls_readout=False), 'logits')
+          > one_layer_less + 0.9 * last_layer)

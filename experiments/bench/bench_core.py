@@ -45,12 +45,17 @@ class Setup:
   ``flops_twin``: where ``step`` runs loops (attention blocks, loss chunks)
   whose bodies XLA's cost analysis counts once, the same step written
   without them, compiled only to count the step's FLOPs.
+
+  ``reference_twin``: where ``step`` skips work the transformers model does
+  (the shipped BERT's one-query last layer for ``[CLS]``), the same step
+  doing that work, compiled only to count the FLOPs of PEFT's step.
   """
   step: Callable[..., Any]
   state: Any
   frozen: Any
   trainable_params: int
   flops_twin: 'Setup | None' = None
+  reference_twin: 'Setup | None' = None
 
 
 def lora_spec(variant: str) -> lorajax.LoraSpec:
