@@ -1,19 +1,19 @@
-"""``lorajax.runtime.host_memory``: the glibc tunables that keep a CPU
-step's buffers mapped, the commands' relaunch with them, and the page
-faults they save."""
+"""``lorajax.runtime.host_memory``: the preloaded block cache that keeps a
+CPU step's buffers mapped, the commands' relaunch with it, the page faults
+it saves, and its malloc contract."""
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+from unittest import mock
 
 from absl.testing import absltest
 
 from lorajax.runtime import host_memory
-
-_TUNABLES = ':'.join(f'{k}={v}' for k, v in host_memory.TUNABLES)
 
 # Runs a small jitted grad step four times; prints whether the pages are
 # kept, the XLA temporaries in pages, and the minor faults of the last call.
@@ -38,9 +38,15 @@ _FAULTS = textwrap.dedent("""
 """)
 
 
+def _skip_without_a_compiler(test):
+  """The block cache is built with the system C compiler."""
+  if not (shutil.which(os.environ.get('CC') or 'cc') or shutil.which('gcc')):
+    test.skipTest('no C compiler to build the block cache')
+
+
 def _env(**changes):
   env = {k: v for k, v in os.environ.items()
-         if k not in ('GLIBC_TUNABLES', host_memory.SWITCH)}
+         if k not in (host_memory.SWITCH, 'LD_PRELOAD')}
   env['JAX_PLATFORMS'] = 'cpu'
   env.update(changes)
   return env
@@ -56,32 +62,38 @@ def _python(code, env, *args):
 
 class EnvironTest(absltest.TestCase):
 
-  def test_adds_every_tunable_to_an_empty_environment(self):
+  def setUp(self):
+    super().setUp()
+    _skip_without_a_compiler(self)
+
+  def test_preloads_the_block_cache_and_sets_the_switch(self):
     env = host_memory.environ({'HOME': '/h'})
-    self.assertEqual(env['GLIBC_TUNABLES'], _TUNABLES)
+    self.assertEqual(env['LD_PRELOAD'], host_memory.block_cache_library())
     self.assertEqual(env['LORAJAX_HOST_PAGES'], 'kept')
     self.assertEqual(env['HOME'], '/h')
-    self.assertTrue(host_memory.tunables_set(env))
-    self.assertFalse(host_memory.tunables_set({'HOME': '/h'}))
+    self.assertTrue(host_memory.preloaded(env))
+    self.assertFalse(host_memory.preloaded({'HOME': '/h'}))
 
-  def test_keeps_the_users_tunables_and_values(self):
-    env = host_memory.environ(
-        {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2:glibc.malloc.mmap_max=7'})
-    parts = env['GLIBC_TUNABLES'].split(':')
-    self.assertEqual(parts[:2], ['glibc.malloc.arena_max=2',
-                                 'glibc.malloc.mmap_max=7'])
-    self.assertEqual([p for p in parts if p.startswith('glibc.malloc.mmap')],
-                     ['glibc.malloc.mmap_max=7'])   # not overridden
-    self.assertIn('glibc.malloc.trim_threshold=' + str(2**46), parts)
+  def test_keeps_the_users_preloads(self):
+    env = host_memory.environ({'LD_PRELOAD': '/a/libx.so /b/liby.so'})
+    self.assertEqual(env['LD_PRELOAD'].split(':'),
+                     [host_memory.block_cache_library(),
+                      '/a/libx.so /b/liby.so'])
+    self.assertEqual(host_memory.without(env)['LD_PRELOAD'],
+                     '/a/libx.so:/b/liby.so')
+    self.assertNotIn('LORAJAX_HOST_PAGES', host_memory.without(env))
+    self.assertNotIn('LD_PRELOAD',
+                     host_memory.without(host_memory.environ({})))
 
   def test_is_idempotent(self):
     once = host_memory.environ({})
     self.assertEqual(host_memory.environ(once), once)
 
   def test_does_not_touch_the_mapping_it_reads(self):
-    base = {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}
+    base = {'LD_PRELOAD': '/a/libx.so'}
     host_memory.environ(base)
-    self.assertEqual(base, {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
+    host_memory.without(base)
+    self.assertEqual(base, {'LD_PRELOAD': '/a/libx.so'})
 
 
 class WhyNotTest(absltest.TestCase):
@@ -109,23 +121,35 @@ class WhyNotTest(absltest.TestCase):
 class RelaunchTest(absltest.TestCase):
 
   _CODE = ('from lorajax.runtime import host_memory as h; h.relaunch(); '
-           'import os, sys; print(os.environ.get("GLIBC_TUNABLES", "-"), '
+           'import os, sys; print(os.environ.get("LD_PRELOAD", "-"), '
            'h.active(), sys.argv[1])')
 
   def setUp(self):
     super().setUp()
     if host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}) is not None:
       self.skipTest(host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}))
+    _skip_without_a_compiler(self)
 
-  def test_relaunches_once_with_the_tunables_and_the_same_arguments(self):
-    tunables, kept, arg = _python(self._CODE, _env(LORAJAX_HOST_PAGES='kept'),
-                                  'an-argument')
-    self.assertEqual(tunables, _TUNABLES)
+  def test_relaunches_once_with_the_cache_and_the_same_arguments(self):
+    preload, kept, arg = _python(self._CODE, _env(LORAJAX_HOST_PAGES='kept'),
+                                 'an-argument')
+    self.assertEqual(preload, host_memory.block_cache_library())
     self.assertEqual((kept, arg), ('True', 'an-argument'))
 
   def test_without_the_switch_runs_as_started(self):
-    tunables, kept, _ = _python(self._CODE, _env(), 'x')
-    self.assertEqual((tunables, kept), ('-', 'False'))
+    preload, kept, _ = _python(self._CODE, _env(), 'x')
+    self.assertEqual((preload, kept), ('-', 'False'))
+
+  def test_without_a_compiler_runs_as_started_and_says_so(self):
+    with tempfile.TemporaryDirectory() as cache:
+      out = subprocess.run(
+          [sys.executable, '-c', self._CODE, 'x'],
+          env=_env(LORAJAX_HOST_PAGES='kept', XDG_CACHE_HOME=cache,
+                   CC='no-such-compiler', PATH=os.path.dirname(sys.executable)),
+          capture_output=True, text=True, timeout=300)
+    self.assertEqual(out.stdout.split()[:2], ['-', 'False'], out.stderr)
+    self.assertIn('LORAJAX_HOST_PAGES=kept ignored: LORAJAX_HOST_PAGES=kept '
+                  'needs a C compiler', out.stderr)
 
   def test_a_jax_platform_other_than_cpu_runs_as_started_and_says_so(self):
     out = subprocess.run(
@@ -142,6 +166,7 @@ class CommandTest(absltest.TestCase):
   def test_lorajax_train_runs_relaunched_with_the_switch(self):
     if host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}) is not None:
       self.skipTest(host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}))
+    _skip_without_a_compiler(self)
     config = pathlib.Path(__file__).parents[1] / 'configs/rt_minilm_lora.py'
     with tempfile.TemporaryDirectory() as workdir:
       out = subprocess.run(
@@ -151,21 +176,25 @@ class CommandTest(absltest.TestCase):
           text=True, timeout=600)
     self.assertEqual(out.returncode, 0, out.stderr[-3000:])
     self.assertIn('host pages kept between steps (LORAJAX_HOST_PAGES=kept; '
-                  f'glibc tunables {_TUNABLES})', out.stderr)
+                  f'LD_PRELOAD={host_memory.block_cache_library()})',
+                  out.stderr)
 
 
 class PageFaultTest(absltest.TestCase):
-  """What a user relies on: with the tunables, a repeated step does not
-  fault its temporaries in again; without them it does."""
+  """What a user relies on: with the block cache, a repeated step does not
+  fault its temporaries in again; without it, it does."""
 
   def setUp(self):
     super().setUp()
     if host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}) is not None:
       self.skipTest(host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}))
+    _skip_without_a_compiler(self)
 
-  def test_kept_pages_take_almost_no_faults(self):
-    kept, temp_pages, faults = _python(
-        _FAULTS, _env(GLIBC_TUNABLES=_TUNABLES, LORAJAX_HOST_PAGES='kept'))
+  def test_cached_blocks_take_almost_no_faults(self):
+    # The test's step has 40 MiB of temporaries: cache blocks from 8 MiB.
+    kept, temp_pages, faults = _python(_FAULTS, _env(
+        LD_PRELOAD=host_memory.block_cache_library(),
+        LORAJAX_HOST_PAGES='kept', LORAJAX_BLOCK_MIN=str(8 << 20)))
     self.assertEqual(kept, 'True')
     self.assertGreater(int(temp_pages), 4096)          # > 16 MiB of temps
     self.assertLess(int(faults), int(temp_pages) // 10)
@@ -174,6 +203,86 @@ class PageFaultTest(absltest.TestCase):
     kept, temp_pages, faults = _python(_FAULTS, _env())
     self.assertEqual(kept, 'False')
     self.assertGreater(int(faults), int(temp_pages) // 2)
+
+
+# The C library's allocation calls, made through ctypes in a process that
+# preloads the block cache with a 1 MiB threshold.
+_CONTRACT = textwrap.dedent("""
+    import ctypes
+    libc = ctypes.CDLL(None)
+    for f in (libc.malloc, libc.calloc, libc.realloc, libc.aligned_alloc):
+      f.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+    libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.aligned_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.malloc_usable_size.argtypes = [ctypes.c_void_p]
+    libc.malloc_usable_size.restype = ctypes.c_size_t
+    libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p),
+                                    ctypes.c_size_t, ctypes.c_size_t]
+    big = 3 << 20
+    a = libc.malloc(big)
+    ctypes.memset(a, 0x5a, big)
+    print('usable', libc.malloc_usable_size(a) >= big)
+    libc.free(a)
+    b = libc.malloc(big)                        # the same block, kept
+    print('reused', b == a)
+    libc.free(b)
+    c = libc.calloc(big // 8, 8)                # a dirty block, zeroed
+    print('zeroed', ctypes.string_at(c, big) == bytes(big))
+    ctypes.memset(c, 0x33, big)
+    d = libc.realloc(c, 2 * big)                # grows, keeps the bytes
+    print('realloc', ctypes.string_at(d, big) == b'\x33' * big)
+    e = libc.realloc(d, 100)                    # shrinks into glibc's heap
+    print('shrink', ctypes.string_at(e, 100) == b'\x33' * 100)
+    libc.free(e)
+    p = ctypes.c_void_p()
+    rc = libc.posix_memalign(ctypes.byref(p), 4096, big)
+    print('memalign', rc == 0 and p.value % 4096 == 0)
+    libc.free(p)
+    q = libc.aligned_alloc(64, big)
+    print('aligned', q % 64 == 0)
+    libc.free(q)
+    s = libc.malloc(100)                        # small: glibc's own
+    print('small', libc.malloc_usable_size(s) < 4096)
+    libc.free(s)
+""")
+
+
+class BlockCacheTest(absltest.TestCase):
+  """The preloaded block cache keeps malloc's contract."""
+
+  def setUp(self):
+    super().setUp()
+    if host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}) is not None:
+      self.skipTest(host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}))
+    _skip_without_a_compiler(self)
+
+  def test_large_blocks_are_reused_zeroed_and_resized_correctly(self):
+    out = _python(_CONTRACT, _env(
+        LD_PRELOAD=host_memory.block_cache_library(),
+        LORAJAX_BLOCK_MIN=str(1 << 20)))
+    names = out[::2]
+    self.assertEqual(names, ['usable', 'reused', 'zeroed', 'realloc',
+                             'shrink', 'memalign', 'aligned', 'small'])
+    self.assertEqual(dict(zip(names, out[1::2])),
+                     dict.fromkeys(names, 'True'))
+
+  def test_without_a_compiler_says_what_is_missing(self):
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(
+        os.environ, {'CC': 'no-such-compiler', 'PATH': ''}):
+      with self.assertRaisesRegex(RuntimeError, r'needs a C compiler'):
+        host_memory.block_cache_library(cache)
+      self.assertEqual(os.listdir(cache), [])
+
+  def test_built_once_per_source(self):
+    with tempfile.TemporaryDirectory() as cache:
+      path = host_memory.block_cache_library(cache)
+      mtime = os.stat(path).st_mtime_ns
+      self.assertEqual(host_memory.block_cache_library(cache), path)
+      self.assertEqual(os.stat(path).st_mtime_ns, mtime)
+      self.assertEqual(os.listdir(cache), [os.path.basename(path)])
 
 
 if __name__ == '__main__':

@@ -58,8 +58,8 @@ _GEMM_SIZE = flags.DEFINE_integer('gemm_size', 2048,
 _HOST_PAGES = flags.DEFINE_enum(
     'host_pages', 'default', ['kept', 'default', 'both'],
     'peft: start the lorajax workers with glibc\'s defaults (default), with '
-    'LORAJAX_HOST_PAGES=kept (kept), or both, adding PEFT with the same '
-    'tunables (lorajax.runtime.host_memory).')
+    'LORAJAX_HOST_PAGES=kept (kept: the preloaded block cache), or both, '
+    'adding PEFT with the block cache (lorajax.runtime.host_memory).')
 _GEMM_REPS = flags.DEFINE_integer('gemm_reps', 10,
                                   'peft: timed calls of the ceiling\'s matmul.')
 

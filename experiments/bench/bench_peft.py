@@ -113,12 +113,9 @@ HOST_PAGES = ('kept', 'default', 'both')
 
 
 def _glibc_default_env() -> dict[str, str]:
-  """The driver's environment without lorajax's glibc tunables (what a
-  process started by hand without them runs with)."""
-  env = dict(os.environ)
-  env.pop('GLIBC_TUNABLES', None)
-  env.pop(host_memory.SWITCH, None)
-  return env
+  """The driver's environment without lorajax's block cache (what a
+  process started by hand without it runs with)."""
+  return host_memory.without()
 
 
 def contestants(row: bench_inputs.Row, *, torch_compile: bool,
@@ -128,16 +125,17 @@ def contestants(row: bench_inputs.Row, *, torch_compile: bool,
 
   ``host_pages``: ``'default'`` starts the lorajax workers with glibc's
   defaults (as lorajax's commands run unless told otherwise), ``'kept'``
-  with ``LORAJAX_HOST_PAGES=kept`` (``lorajax.runtime.host_memory``: glibc
-  tunables that keep the step's buffers mapped), and
+  with ``LORAJAX_HOST_PAGES=kept`` (``lorajax.runtime.host_memory``: the
+  preloaded block cache keeps the step's buffers mapped), and
   ``'both'`` adds a lorajax worker with glibc's defaults and a PEFT worker
-  with lorajax's tunables, so each side's gain from them is measured in the
+  with the block cache, so each side's gain from it is measured in the
   same run. PEFT runs with glibc's defaults otherwise.
   """
   if host_pages not in HOST_PAGES:
     raise ValueError(f'host_pages={host_pages!r}; expected one of '
                      f'{HOST_PAGES}')
-  kept, default = host_memory.environ(), _glibc_default_env()
+  default = _glibc_default_env()
+  kept = host_memory.environ(default) if host_pages != 'default' else None
   lorajax_env = default if host_pages == 'default' else kept
   out = [Contestant('lorajax', LORAJAX_WORKER, {'jit': 'xla'},
                     env=lorajax_env)]
@@ -163,10 +161,11 @@ def measure_ceilings(dtypes, *, size: int, reps: int,
                      log: Callable[[str], None],
                      host_pages: str = 'default') -> dict[str, Any]:
   """``gemm_ceiling.measure`` of each dtype, in a fresh JAX worker (with
-  lorajax's glibc tunables unless ``host_pages`` is ``'default'``: the
+  lorajax's block cache unless ``host_pages`` is ``'default'``: the
   ceiling of the conditions lorajax's step runs in)."""
-  env = (_glibc_default_env() if host_pages == 'default'
-         else host_memory.environ())
+  env = _glibc_default_env()
+  if host_pages != 'default':
+    env = host_memory.environ(env)
   with worker_protocol.Worker([sys.executable, '-m', LORAJAX_WORKER],
                               'gemm', env=env) as w:
     out = {d: w.call('gemm', dtype=d, size=size, reps=reps) for d in dtypes}

@@ -1,8 +1,9 @@
-r"""A LoRA step with and without lorajax's glibc tunables, alone, per step.
+r"""A LoRA step with and without lorajax's block cache, alone, per step.
 
-With ``LORAJAX_HOST_PAGES=kept``, lorajax's commands start with glibc
-tunables that keep a step's buffers mapped. This runs the same step in
-fresh processes with and without them, alternated, and prints for each
+With ``LORAJAX_HOST_PAGES=kept``, lorajax's commands start with a block
+cache preloaded that keeps a step's buffers mapped. This runs the same step
+in fresh processes with it and with glibc's defaults (``--modes``),
+alternated, and prints for each
 step its wall time, minor page faults, user and system CPU time and the
 process's peak RSS (``getrusage``)::
 
@@ -34,6 +35,10 @@ _MODEL = flags.DEFINE_enum('model', 'minilm', ['minilm', 'smollm2'],
                            'The step to run.')
 _STEPS = flags.DEFINE_integer('steps', 6, 'Steps per process.')
 _RUNS = flags.DEFINE_integer('runs', 2, 'Processes per setting, alternated.')
+_MODES = flags.DEFINE_list(
+    'modes', ['kept', 'default'],
+    'Settings to alternate: kept (LORAJAX_HOST_PAGES=kept, the block '
+    'cache), default (glibc defaults).')
 _CHILD = flags.DEFINE_bool('child', False, 'Run the steps in this process '
                            'and print one JSON line per step.')
 
@@ -95,11 +100,9 @@ def _child(model: str, steps: int) -> None:
           flush=True)
 
 
-def _run(model: str, steps: int, kept: bool) -> list[dict]:
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('GLIBC_TUNABLES', None)
-  env.pop(host_memory.SWITCH, None)
-  if kept:
+def _run(model: str, steps: int, which: str) -> list[dict]:
+  env = host_memory.without(dict(os.environ, JAX_PLATFORMS='cpu'))
+  if which == 'kept':
     env = host_memory.environ(env)
   out = subprocess.run(
       [sys.executable, '-m', 'experiments.bench.host_pages', '--child',
@@ -116,24 +119,27 @@ def main(argv):
     return
   why = host_memory.unsupported({'JAX_PLATFORMS': 'cpu'})
   if why is not None:
-    raise app.UsageError(f'the tunables do not apply here: {why}')
-  runs = {True: [], False: []}
+    raise app.UsageError(f'the block cache does not apply here: {why}')
+  for which in _MODES.value:
+    if which not in ('kept', 'default'):
+      raise app.UsageError(f'--modes has {which!r}; expected kept and/or '
+                           'default')
+  runs = {m: [] for m in _MODES.value}
   for r in range(_RUNS.value):
-    for kept in (True, False):
-      steps = _run(_MODEL.value, _STEPS.value, kept)
-      runs[kept].append(steps)
-      label = 'kept' if kept else 'glibc default'
+    for which in _MODES.value:
+      steps = _run(_MODEL.value, _STEPS.value, which)
+      runs[which].append(steps)
       for s in steps:
-        print(f'run {r + 1} {label:13s} step {s["step"]}: {s["ms"]:9,.0f} ms'
+        print(f'run {r + 1} {which:8s} step {s["step"]}: {s["ms"]:9,.0f} ms'
               f'  faults {s["minor_faults"]:9,d}  user {s["user_s"]:6.2f} s'
               f'  sys {s["sys_s"]:5.2f} s  peak RSS {s["peak_rss_mb"]:,} MB',
               flush=True)
   print(f'\n{_MODEL.value}, load average {os.getloadavg()[0]:.2f}: median '
         f'of steps 2..{_STEPS.value} of each process')
-  for kept in (True, False):
-    for r, steps in enumerate(runs[kept]):
+  for which in _MODES.value:
+    for r, steps in enumerate(runs[which]):
       rest = steps[1:]
-      print(f'  {"kept" if kept else "glibc default":13s} run {r + 1}: '
+      print(f'  {which:8s} run {r + 1}: '
             f'{statistics.median(s["ms"] for s in rest):9,.0f} ms, '
             f'{statistics.median(s["minor_faults"] for s in rest):11,.0f} '
             f'faults, sys {statistics.median(s["sys_s"] for s in rest):.2f} '

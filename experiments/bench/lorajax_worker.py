@@ -84,7 +84,7 @@ def handle_gemm(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-  # Whether bench_peft started this worker with lorajax's glibc tunables
+  # Whether bench_peft started this worker with lorajax's block cache
   # (``host_pages``), as lorajax's commands run.
   runner = Runner(host_pages_kept=host_memory.active())
   worker_protocol.serve({'setup': runner.handle_setup,

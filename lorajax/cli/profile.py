@@ -82,8 +82,8 @@ def run() -> None:
   """The ``lorajax-profile`` console script.
 
   With ``LORAJAX_HOST_PAGES=kept``, a CPU run first re-executes itself
-  once with glibc tunables that keep a step's buffers mapped between steps
-  (``lorajax.runtime.host_memory``).
+  once with lorajax's block cache preloaded, which keeps a step's buffers
+  mapped between steps (``lorajax.runtime.host_memory``).
   """
   host_memory.relaunch()
   app.run(main)

@@ -73,9 +73,8 @@ def main(argv):
                                process_id=_PROCESS_ID.value)
     logging.info('process %d of %d', jax.process_index(), jax.process_count())
   if host_memory.active():
-    logging.info('host pages kept between steps (%s=%s; glibc tunables %s)',
-                 host_memory.SWITCH, host_memory.ON,
-                 os.environ['GLIBC_TUNABLES'])
+    logging.info('host pages kept between steps (%s=%s; LD_PRELOAD=%s)',
+                 host_memory.SWITCH, host_memory.ON, os.environ['LD_PRELOAD'])
   try:
     train.train_and_evaluate(_CONFIG.value, workdir)
   except (validate.ConfigError, workdir_lock.WorkdirLocked,
@@ -89,8 +88,8 @@ def run() -> None:
   """The ``lorajax-train`` console script.
 
   With ``LORAJAX_HOST_PAGES=kept``, a CPU run first re-executes itself
-  once with glibc tunables that keep a step's buffers mapped between steps
-  (``lorajax.runtime.host_memory``).
+  once with lorajax's block cache preloaded, which keeps a step's buffers
+  mapped between steps (``lorajax.runtime.host_memory``).
   """
   host_memory.relaunch()
   app.run(main)

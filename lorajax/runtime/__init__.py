@@ -1,8 +1,8 @@
 """What the process and XLA give a run: compiler options, resident memory.
 
   compiler.compiler_options   XLA options for a train step, per backend
-  host_memory.relaunch        re-execute a CPU command with glibc tunables
-                              that keep a step's buffers mapped
+  host_memory.relaunch        re-execute a CPU command with lorajax's block
+                              cache preloaded (a step's buffers stay mapped)
   memory.peak_rss_bytes       this process's peak resident memory (VmHWM)
   recompute.after_cotangent   jax.checkpoint whose recomputation waits for
                               the block's cotangent (the LoRA rewrite's remat)
