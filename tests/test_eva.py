@@ -381,3 +381,27 @@ def test_config_run_trains_and_exports_its_ranks(tmp_path):
   MEASURED['config export'] = delta
   print(f'EVA config run: PEFT export max |dlogit| {delta:.1e}')
   assert delta <= 1e-4
+
+
+def test_a_kernel_multiplied_twice_is_fitted_on_the_masked_call_or_refused():
+  """The shipped BERT's [CLS] readout multiplies its last layer's kernels a
+  second time with one query: with a token mask EVA fits the call whose
+  rows match it (the test above against PEFT runs through that); without
+  one, two different inputs of one kernel are refused, naming it."""
+  params = {'w': jnp.ones((4, 4)) / 4}
+  batches = [np.random.default_rng(i).normal(size=(2, 5, 4)).astype(
+      np.float32) for i in range(3)]
+
+  def fn(p, x):   # the whole sequence, then its first row alone
+    return (x @ p['w']).sum() + (x[:, :1] @ p['w']).sum()
+
+  spec = LoraSpec([('w', lorajax.Lora(2, init='eva'))])
+  with pytest.raises(ValueError, match=r"w: one call of fn multiplied it 2 "
+                     r'times on different inputs \(\(2, 5\), \(2, 1\)\)'):
+    eva.init(spec, params, batches, fn=fn)
+  masked = eva.init(spec, params, batches, fn=fn,
+                    token_mask=lambda x: np.ones(x.shape[:2], bool))
+  whole = eva.init(spec, params, batches, fn=lambda p, x: (x @ p['w']).sum(),
+                   token_mask=lambda x: np.ones(x.shape[:2], bool))
+  np.testing.assert_allclose(masked.adapters['w']['a'],
+                             whole.adapters['w']['a'], atol=1e-6)

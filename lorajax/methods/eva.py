@@ -155,7 +155,7 @@ class _Capture:
 
   def _sink(self, path, rows):
     if path in self.wanted:
-      self.got[path] = np.asarray(rows, np.float32)
+      self.got.setdefault(path, []).append(np.asarray(rows, np.float32))
 
   def __call__(self, params, batch, wanted) -> dict[str, np.ndarray]:
     self.wanted, self.got = set(wanted), {}
@@ -164,17 +164,37 @@ class _Capture:
     mask = None if self.token_mask is None else np.asarray(
         self.token_mask(batch), bool)
     out = {}
-    for path, rows in self.got.items():
-      if mask is None:
-        out[path] = rows.reshape(-1, rows.shape[-1])
-      elif rows.shape[:-1] != mask.shape:
-        raise ValueError(
-            f'{path}: its input rows have shape {rows.shape[:-1]} but the '
-            f'token mask {mask.shape}; pass a token_mask of the inputs\' '
-            'leading axes (or None to take every row)')
-      else:
-        out[path] = rows[mask]
+    for path, calls in self.got.items():
+      rows = _one_input(path, calls, mask)
+      out[path] = (rows.reshape(-1, rows.shape[-1]) if mask is None
+                   else rows[mask])
     return out
+
+
+def _one_input(path: str, calls: list[np.ndarray],
+               mask: np.ndarray | None) -> np.ndarray:
+  """The input rows of ``path`` that EVA fits, from each time one call of
+  ``fn`` multiplied it: with a token mask, the call whose leading axes are
+  the mask's (the shipped BERT's [CLS] readout multiplies its last layer's
+  kernels a second time, with one query); any other choice is refused."""
+  if mask is not None:
+    fitting = [r for r in calls if r.shape[:-1] == mask.shape]
+    if not fitting:
+      raise ValueError(
+          f'{path}: its input rows have shape {calls[0].shape[:-1]} but the '
+          f'token mask {mask.shape}; pass a token_mask of the inputs\' '
+          'leading axes (or None to take every row)')
+    calls = fitting
+  if any(r.shape != calls[0].shape or not np.array_equal(r, calls[0])
+         for r in calls[1:]):
+    shapes = ', '.join(str(r.shape[:-1]) for r in calls)
+    raise ValueError(
+        f'{path}: one call of fn multiplied it {len(calls)} times on '
+        f'different inputs ({shapes}); EVA fits one input a kernel. Pass a '
+        'token_mask (the call whose rows match it is fitted) or a fn that '
+        'multiplies the kernel once (the shipped BERT: '
+        'BertConfig(cls_readout=False))')
+  return calls[0]
 
 
 def _check(spec, params, batches, fn):

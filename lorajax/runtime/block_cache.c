@@ -14,9 +14,9 @@
  *
  * Every other request goes to glibc untouched (__libc_malloc and friends).
  * A block of ours starts one page into its mapping; the page before it holds
- * a header, so free() tells ours from glibc's by alignment (glibc's
- * pointers are never page aligned plus a matching magic word), and realloc
- * and malloc_usable_size read the size from the header.
+ * a header, so free() tells ours from glibc's: a page-aligned pointer whose
+ * previous page is mapped and holds our magic word and its own address.
+ * realloc and malloc_usable_size read the size from the header.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -47,8 +47,10 @@ static size_t glibc_usable_size(void *p) {
 
 struct header {
   uint64_t magic;
-  size_t mapped; /* bytes of the whole mapping, header page included */
-  size_t asked;  /* bytes the caller asked for */
+  uint64_t self;  /* the header's own address, xor MAGIC: stale bytes that
+                   * happen to spell MAGIC elsewhere do not pass for ours */
+  size_t mapped;  /* bytes of the whole mapping, header page included */
+  size_t asked;   /* bytes the caller asked for */
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -85,7 +87,8 @@ static struct header *header_of(void *p) {
    * check that the page before is mapped before reading it. */
   unsigned char vec;
   if (mincore((void *)h, PAGE, &vec) != 0) return NULL;
-  return h->magic == MAGIC ? h : NULL;
+  return h->magic == MAGIC && h->self == ((uint64_t)(uintptr_t)h ^ MAGIC)
+             ? h : NULL;
 }
 
 static void *take(size_t n) {
@@ -123,6 +126,7 @@ static void *take(size_t n) {
     if (m == MAP_FAILED) return NULL;
     h = m;
     h->magic = MAGIC;
+    h->self = (uint64_t)(uintptr_t)h ^ MAGIC;
     h->mapped = want;
   }
   h->asked = n;
