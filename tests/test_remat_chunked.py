@@ -189,18 +189,21 @@ def test_remat_and_chunks_keep_moe_loss_and_gradients():
 def test_remat_is_in_the_program_of_every_family(policy, jax_policy):
   """The LoRA-wrapped loss the config path builds holds one checkpoint a
   layer, with the policy asked for (BERT, Llama; the MoE decoder's
-  program too); with 'none' it holds none. BERT's classifier runs its last
-  layer a second time for [CLS] alone (the whole-sequence run is dead code
-  under jit), so its program holds one more."""
-  for task, batch, layers in (('classification', _cls_batch(2, 8), 3),
-                              ('lm', _lm_batch(2, 8), 2)):
+  program too); with 'none' it holds none. A BERT classifier that pools
+  [CLS] runs its last layer a second time for [CLS] alone (the
+  whole-sequence run is dead code under jit), so its program holds one
+  more; mean pooling (the base config's) does not."""
+  for task, batch, layers, fields in (
+      ('classification', _cls_batch(2, 8), 2, {}),
+      ('classification', _cls_batch(2, 8), 3, {'model.pooling': 'cls'}),
+      ('lm', _lm_batch(2, 8), 2, {})):
     for remat, want in (('none', 0), (policy, layers)):
-      t = _task(task, remat=remat)
+      t = _task(task, remat=remat, **fields)
       trainable, frozen = t.split_params()
       jaxpr = jax.make_jaxpr(t.loss_fn)(trainable, frozen, batch,
                                         jax.random.key(0))
       found = _checkpoints(jaxpr.jaxpr)
-      assert len(found) == want, (task, remat)
+      assert len(found) == want, (task, remat, fields)
       assert all(policy is jax_policy for policy in found)
   cfg = moe.MoeConfig.tiny(remat=policy)
   tokens = jnp.zeros((1, 4), jnp.int32)
