@@ -44,6 +44,14 @@ def _skip_without_a_compiler(test):
     test.skipTest('no C compiler to build the block cache')
 
 
+def _skip_unless_it_applies(test):
+  """Skips ``test`` off Linux/glibc and without a C compiler."""
+  why = host_memory.unsupported({'JAX_PLATFORMS': 'cpu'})
+  if why is not None:
+    test.skipTest(why)
+  _skip_without_a_compiler(test)
+
+
 def _env(**changes):
   env = {k: v for k, v in os.environ.items()
          if k not in (host_memory.SWITCH, 'LD_PRELOAD')}
@@ -52,9 +60,13 @@ def _env(**changes):
   return env
 
 
+def _run(code, env, *args):
+  return subprocess.run([sys.executable, '-c', code, *args], env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
 def _python(code, env, *args):
-  out = subprocess.run([sys.executable, '-c', code, *args], env=env,
-                       capture_output=True, text=True, timeout=300)
+  out = _run(code, env, *args)
   if out.returncode:
     raise AssertionError(out.stderr[-3000:])
   return out.stdout.split()
@@ -126,9 +138,7 @@ class RelaunchTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    if host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}) is not None:
-      self.skipTest(host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}))
-    _skip_without_a_compiler(self)
+    _skip_unless_it_applies(self)
 
   def test_relaunches_once_with_the_cache_and_the_same_arguments(self):
     preload, kept, arg = _python(self._CODE, _env(LORAJAX_HOST_PAGES='kept'),
@@ -142,20 +152,16 @@ class RelaunchTest(absltest.TestCase):
 
   def test_without_a_compiler_runs_as_started_and_says_so(self):
     with tempfile.TemporaryDirectory() as cache:
-      out = subprocess.run(
-          [sys.executable, '-c', self._CODE, 'x'],
-          env=_env(LORAJAX_HOST_PAGES='kept', XDG_CACHE_HOME=cache,
-                   CC='no-such-compiler', PATH=os.path.dirname(sys.executable)),
-          capture_output=True, text=True, timeout=300)
+      out = _run(self._CODE, _env(
+          LORAJAX_HOST_PAGES='kept', XDG_CACHE_HOME=cache,
+          CC='no-such-compiler', PATH=os.path.dirname(sys.executable)), 'x')
     self.assertEqual(out.stdout.split()[:2], ['-', 'False'], out.stderr)
     self.assertIn('LORAJAX_HOST_PAGES=kept ignored: LORAJAX_HOST_PAGES=kept '
                   'needs a C compiler', out.stderr)
 
   def test_a_jax_platform_other_than_cpu_runs_as_started_and_says_so(self):
-    out = subprocess.run(
-        [sys.executable, '-c', self._CODE, 'x'],
-        env=_env(JAX_PLATFORMS='tpu', LORAJAX_HOST_PAGES='kept'),
-        capture_output=True, text=True, timeout=300)
+    out = _run(self._CODE,
+               _env(JAX_PLATFORMS='tpu', LORAJAX_HOST_PAGES='kept'), 'x')
     self.assertEqual(out.stdout.split()[:2], ['-', 'False'])
     self.assertIn("LORAJAX_HOST_PAGES=kept ignored: JAX_PLATFORMS='tpu' is "
                   'not the CPU alone', out.stderr)
@@ -164,9 +170,7 @@ class RelaunchTest(absltest.TestCase):
 class CommandTest(absltest.TestCase):
 
   def test_lorajax_train_runs_relaunched_with_the_switch(self):
-    if host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}) is not None:
-      self.skipTest(host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}))
-    _skip_without_a_compiler(self)
+    _skip_unless_it_applies(self)
     config = pathlib.Path(__file__).parents[1] / 'configs/rt_minilm_lora.py'
     with tempfile.TemporaryDirectory() as workdir:
       out = subprocess.run(
@@ -186,9 +190,7 @@ class PageFaultTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    if host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}) is not None:
-      self.skipTest(host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}))
-    _skip_without_a_compiler(self)
+    _skip_unless_it_applies(self)
 
   def test_cached_blocks_take_almost_no_faults(self):
     # The test's step has 40 MiB of temporaries: cache blocks from 8 MiB.
@@ -255,9 +257,7 @@ class BlockCacheTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    if host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}) is not None:
-      self.skipTest(host_memory.unsupported({'JAX_PLATFORMS': 'cpu'}))
-    _skip_without_a_compiler(self)
+    _skip_unless_it_applies(self)
 
   def test_large_blocks_are_reused_zeroed_and_resized_correctly(self):
     out = _python(_CONTRACT, _env(

@@ -478,16 +478,12 @@ class Bert(nn.Module):
     # The classifier reads the first real token ([CLS]) unless it mean-pools;
     # with cls_readout the encoder also runs that token's row of the last
     # layer alone.
-    if cfg.cls_readout and cfg.pooling == 'cls':
-      hidden, first = BertEncoder(cfg, name='encoder')(
-          x, mask, deterministic=deterministic, prefix=prefix,
-          first_at=n_prompt)
-      hidden = hidden[:, n_prompt:]
-    else:
-      hidden = BertEncoder(cfg, name='encoder')(
-          x, mask, deterministic=deterministic, prefix=prefix)
-      hidden = hidden[:, n_prompt:]
-      first = hidden[:, 0]
+    readout = cfg.cls_readout and cfg.pooling == 'cls'
+    out = BertEncoder(cfg, name='encoder')(
+        x, mask, deterministic=deterministic, prefix=prefix,
+        first_at=n_prompt if readout else None)
+    hidden, first = out if readout else (out, out[:, n_prompt])
+    hidden = hidden[:, n_prompt:]
     if cfg.head != 'bert':
       logits, pooled = FirstTokenHead(cfg, name='classifier')(
           first, deterministic=deterministic)
