@@ -10,6 +10,7 @@ import pytest
 import lorajax
 from lorajax.models import bert
 from lorajax.models import ops
+from lorajax.runtime import cpu_attention
 
 B, T, S, HEADS, D = 3, 5, 7, 2, 4
 
@@ -40,8 +41,18 @@ def _value_and_grads(fn, *args):
   return y, vjp(cot)
 
 
+@pytest.fixture
+def xla_attention(monkeypatch):
+  """XLA's attention (``ops.attention``'s own formulas) even where the
+  fused CPU kernel would run (``tests/test_cpu_attention.py`` has its)."""
+  monkeypatch.setenv(cpu_attention.SWITCH, 'xla')
+
+
 @pytest.mark.parametrize('save_probs', [False, True])
-def test_attention_matches_plain_softmax(save_probs):
+@pytest.mark.parametrize('path', ['xla', 'default'])
+def test_attention_matches_plain_softmax(save_probs, path, monkeypatch):
+  if path == 'xla':
+    monkeypatch.setenv(cpu_attention.SWITCH, 'xla')
   q, k, v, mask = _qkv_mask()
   want, want_grads = _value_and_grads(
       lambda q, k, v: _plain_attention(q, k, v, mask), q, k, v)
@@ -151,8 +162,8 @@ def test_lean_backward_needs_less_memory():
 
 @pytest.mark.parametrize('dropout,save_probs', [(False, False), (True, False),
                                                  (False, True)])
-def test_grouped_attention_equals_whole_batch(monkeypatch, dropout,
-                                              save_probs):
+def test_grouped_attention_equals_whole_batch(monkeypatch, xla_attention,
+                                              dropout, save_probs):
   """On the CPU a batch whose scores outgrow ``CPU_SCORE_BYTES`` runs in
   groups of sequences: same values and gradients as the whole batch (with
   the same dropout mask), padding and an all-masked row included."""
@@ -188,7 +199,7 @@ def test_batch_chunk_fits_the_scores_in_few_groups(monkeypatch):
   assert ops.batch_chunk(12, 30) == 12    # 0 turns grouping off
 
 
-def test_grouped_attention_keeps_xla_flop_count(monkeypatch):
+def test_grouped_attention_keeps_xla_flop_count(monkeypatch, xla_attention):
   """The groups are unrolled: XLA's cost analysis (the profile's FLOPs and
   utilization) counts every group, not one loop body."""
   q, k, v, mask = _qkv_mask()

@@ -21,12 +21,20 @@ blocks (decoders); the op alone and the step.
 4. The SmolLM2-135M-shaped LoRA q/v step (8 × 256, random weights, the
    whole-logits loss) with causal blocks off and on, alternated.
 
-Each variant is traced afresh with ``ops.CPU_SCORE_BYTES`` set, so the
-setting takes effect. Run alone (``chrt -f 1``): both cores are timed.
+5. ``--part fused``: the fused CPU attention kernel
+   (``lorajax.runtime.cpu_attention``) against XLA's attention: one MiniLM
+   layer alone and the MiniLM LoRA step (against the groups); one SmolLM2
+   layer's causal attention alone and the SmolLM2-shaped step (against the
+   causal blocks). Parts 1-4 run XLA's attention
+   (``LORAJAX_CPU_ATTENTION=xla``).
+
+Each variant is traced afresh with ``ops.CPU_SCORE_BYTES`` (and the
+kernel's switch) set, so the setting takes effect. Run alone (``chrt -f 1``): both cores are timed.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from absl import app
@@ -38,6 +46,7 @@ import optax
 
 import lorajax
 from experiments.bench import bench_core
+from lorajax.runtime import cpu_attention
 from lorajax.models import attention
 from lorajax.models import bert as bert_lib
 from lorajax.models import llama
@@ -50,11 +59,18 @@ _STEP_REPS = flags.DEFINE_integer('step_reps', 24, 'Timed steps of each '
 
 _CAUSAL_STEP_REPS = flags.DEFINE_integer(
     'causal_step_reps', 8, 'Timed SmolLM2 steps of each variant; 0 skips.')
-_PART = flags.DEFINE_enum('part', 'all', ['all', 'groups', 'causal'],
+_PART = flags.DEFINE_enum('part', 'all', ['all', 'groups', 'causal', 'fused'],
                           'Which measurements to run.')
 
 B, T, HEADS, D = 32, 128, 12, 32
 PER_SEQUENCE = 4 * HEADS * T * T
+
+
+def _use_xla(on: bool) -> None:
+  if on:
+    os.environ[cpu_attention.SWITCH] = 'xla'
+  else:
+    os.environ.pop(cpu_attention.SWITCH, None)
 
 
 def _alternate(runs: dict, reps: int) -> dict[str, list[float]]:
@@ -150,17 +166,20 @@ def causal_alone(reps: int) -> None:
     g = jax.random.normal(kg, q.shape)
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     compiled, grads = {}, {}
-    for blocks in (1, 2, 4, 8, 16):
-      if t // blocks < 16:
+    for blocks in (1, 2, 4, 8, 16, 'fused'):
+      _use_xla(blocks != 'fused')
+      if blocks != 'fused' and t // blocks < 16:
         continue
-      attention.CAUSAL_BLOCK = 0 if blocks == 1 else t // blocks
+      attention.CAUSAL_BLOCK = (0 if blocks in (1, 'fused')
+                                else t // blocks)
       loss = lambda q, k, v: jnp.sum(attention.attend_in_blocks(
           cfg, q, k, v, mask, causal_offset=0) * g)
-      name = 'whole' if blocks == 1 else f'{blocks} blocks'
+      name = {1: 'whole', 'fused': 'fused'}.get(blocks, f'{blocks} blocks')
       compiled[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
           q, k, v).compile(compiler_options=lorajax.compiler_options())
       grads[name] = compiled[name](q, k, v)
     attention.CAUSAL_BLOCK = attention.DEFAULT_CAUSAL_BLOCK
+    _use_xla(True)
     times = _alternate({n: (lambda c=c: c(q, k, v))
                         for n, c in compiled.items()}, reps)
     print(f'\ncausal attention alone, {b} x {t} tokens, 9 heads (3 KV) of '
@@ -194,22 +213,83 @@ def causal_step(reps: int) -> None:
   make = lambda: bench_core.lora_setup(
       apply, params, spec, lorajax.init(spec, params, jax.random.key(2)),
       loss_of)
-  compare_steps(f'SmolLM2-135M-shaped LoRA q/v step, {b} x {t}', {
-      'whole': (lambda: setattr(attention, 'CAUSAL_BLOCK', 0), make),
-      'causal blocks': (lambda: setattr(attention, 'CAUSAL_BLOCK',
-                                        attention.DEFAULT_CAUSAL_BLOCK),
+  def xla_blocks(block):
+    _use_xla(True)
+    attention.CAUSAL_BLOCK = block
+  variants = {
+      'whole': (lambda: xla_blocks(0), make),
+      'causal blocks': (lambda: xla_blocks(attention.DEFAULT_CAUSAL_BLOCK),
                         make),
+      'fused': (lambda: _use_xla(False), make),
+  }
+  if _PART.value == 'fused':
+    del variants['whole']
+  compare_steps(f'SmolLM2-135M-shaped LoRA q/v step, {b} x {t}', variants,
+                batch, reps)
+  _use_xla(True)
+
+
+def fused_alone(reps: int) -> None:
+  """One MiniLM layer's attention, forward and backward: XLA's (in groups,
+  the default) against the fused kernel (``lorajax.runtime.cpu_attention``)."""
+  kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+  q, k, v, g = (jax.random.normal(x, (B, T, HEADS, D))
+                for x in (kq, kk, kv, kg))
+  mask = jnp.ones((B, T), bool).at[:, 3 * T // 4:].set(False)
+  compiled, grads = {}, {}
+  for name, xla in (('xla', True), ('fused', False)):
+    _use_xla(xla)
+    loss = lambda q, k, v: jnp.sum(ops.attention(q, k, v, mask) * g)
+    compiled[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+        q, k, v).compile(compiler_options=lorajax.compiler_options())
+    grads[name] = compiled[name](q, k, v)
+  times = _alternate({n: (lambda c=c: c(q, k, v))
+                      for n, c in compiled.items()}, reps)
+  products = 7 * 2 * B * HEADS * T * T * D
+  print(f'attention alone, {B} x {T} tokens, {HEADS} heads of {D}, '
+        f'forward + backward (median of {reps}):')
+  _use_xla(True)
+  for name, c in compiled.items():
+    diff = max(float(jnp.max(jnp.abs(a - b)))
+               for a, b in zip(grads[name], grads['xla']))
+    ms = 1e3 * np.median(times[name])
+    print(f'  {name:6s} {ms:7.1f} ms  {products / ms / 1e6:6.1f} GFLOP/s of '
+          f'its products  temps '
+          f'{c.memory_analysis().temp_size_in_bytes / 1e6:6.1f} MB  '
+          f'max |grad - xla| {diff:.1e}')
+
+
+def fused_step(reps: int, layers: int) -> None:
+  cfg = bert_lib.BertConfig.minilm_l6(hidden_dropout=0.0,
+                                      attention_dropout=0.0)
+  cfg = cfg.replace(num_layers=layers)
+  batch = {k: jnp.asarray(x)
+           for k, x in bench_core.make_batch(cfg, B, T).items()}
+  make = lambda: bench_core.make_setup('lora', cfg, batch)
+  compare_steps(f'MiniLM ({layers} layers) LoRA q/v step, {B} x {T}', {
+      'xla attention': (lambda: _use_xla(True), make),
+      'fused': (lambda: _use_xla(False), make),
   }, batch, reps)
+  _use_xla(True)
 
 
 def main(argv):
   del argv
   with open('/proc/loadavg') as f:
     print('load average', ' '.join(f.read().split()[:3]))
+  _use_xla(True)   # XLA's attention unless a variant says 'fused'
   if _PART.value in ('all', 'groups'):
     attention_alone(_REPS.value)
     if _STEP_REPS.value:
       step(_STEP_REPS.value)
+  if _PART.value in ('all', 'fused'):
+    fused_alone(_REPS.value)
+    if _STEP_REPS.value:
+      fused_step(_STEP_REPS.value, 6)
+    if _PART.value == 'fused':
+      causal_alone(_REPS.value)
+      if _CAUSAL_STEP_REPS.value:
+        causal_step(_CAUSAL_STEP_REPS.value)
   if _PART.value in ('all', 'causal'):
     causal_alone(_REPS.value)
     if _CAUSAL_STEP_REPS.value:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax.models import decoder_parts
+from lorajax.runtime import cpu_attention
 
 
 def attend(cfg: Any, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -82,6 +83,17 @@ def causal_blocks(t: int) -> int:
   return max(1, min(MAX_CAUSAL_BLOCKS, t // CAUSAL_BLOCK))
 
 
+def fused_applies(cfg: Any, q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+  """Whether ``attend_in_blocks`` runs the fused CPU kernel
+  (``lorajax.runtime.cpu_attention``): float32 attention without a
+  softcap, on the CPU, unless ``LORAJAX_CPU_ATTENTION=xla``. A causal
+  decoder's kernel never forms the scores above its diagonal."""
+  return (cfg.attn_softcap is None
+          and all(x.dtype == jnp.float32 for x in (q, k, v))
+          and jnp.dtype(cfg.dtype) == jnp.float32
+          and cpu_attention.available())
+
+
 def attend_in_blocks(cfg: Any, q: jax.Array, k: jax.Array,
                      v: jax.Array, mask: jax.Array, *,
                      causal_offset: int | None = None) -> jax.Array:
@@ -97,7 +109,15 @@ def attend_in_blocks(cfg: Any, q: jax.Array, k: jax.Array,
   padding query's, whose output nothing reads) is uniform over the block's
   keys instead of all keys.
 
-  The blocks run under ``lax.map`` and each is rematerialized, so forward
+  Where :func:`fused_applies` (float32 on the CPU), the queries, blocks or
+  not, go to the fused kernel of ``lorajax.runtime.cpu_attention`` instead
+  (unless ``attn_chunk`` splits them): one pass per sequence and key/value
+  head with its scores in cache; with ``causal_offset`` it forms no score
+  above the diagonal, and a row that sees no key is uniform over the keys
+  up to its own position.
+
+  With ``attn_chunk`` the blocks run under ``lax.map`` and each is
+  rematerialized, so forward
   and backward hold the scores of one block, ``[B, heads, chunk, S]``,
   never ``[B, heads, T, S]``. The last block is padded with queries that
   see no key (their rows are dropped). Each query's row is computed as in
@@ -105,6 +125,12 @@ def attend_in_blocks(cfg: Any, q: jax.Array, k: jax.Array,
   """
   b, t = q.shape[:2]
   chunk = cfg.attn_chunk
+  if (not chunk or chunk >= t) and fused_applies(cfg, q, k, v):
+    kv_heads, groups, hd = q.shape[2:]
+    out = cpu_attention.attention(
+        q.reshape(b, t, kv_heads * groups, hd), k, v, mask,
+        scale=cfg.query_scale, causal_offset=causal_offset)
+    return out.reshape(q.shape)
   if not chunk or chunk >= t:
     blocks = 1 if causal_offset is None else causal_blocks(t)
     if blocks == 1:

@@ -38,6 +38,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax.runtime import cpu_attention
+
 _SQRT_HALF = float(np.sqrt(0.5))
 _INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -137,6 +139,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     # The products ask for float32 results; XLA's CPU runtime has no
     # bf16 x bf16 -> f32 dot, so lower-precision inputs are widened here.
     q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+  if keep is None and not save_probs and cpu_attention.available():
+    out = cpu_attention.attention(q, k, v, mask)
+    return out.astype(out_dtype)
   mask = mask.astype(bool)
   rate, save_probs = float(dropout_rate), bool(save_probs)
   per_sequence = 4 * q.shape[2] * q.shape[1] * k.shape[1]   # f32 scores

@@ -38,6 +38,7 @@ import numpy as np
 
 from lorajax.data import loader
 from lorajax.profiling import op_time
+from lorajax.runtime import cpu_attention
 from lorajax.runtime import memory
 from lorajax.sweeps import grid
 from lorajax.training import optim
@@ -51,12 +52,10 @@ Row = dict[str, Any]
 
 
 def xla_flops(compiled) -> float | None:
-  """``flops`` of a compiled computation's cost analysis (None if absent)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per device.
-    cost = cost[0] if cost else {}
-  value = (cost or {}).get('flops')
-  return None if value is None else float(value)
+  """``flops`` of a compiled computation's cost analysis, with the products
+  of lorajax's fused CPU attention calls added (XLA counts a custom call as
+  -1; ``cpu_attention.step_flops``); None if XLA reports none."""
+  return cpu_attention.step_flops(compiled)
 
 
 def measure(config, batch_size: int, *, steps: int = 5, warmup: int = 2,

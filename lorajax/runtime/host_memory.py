@@ -60,16 +60,15 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import platform
-import shutil
-import subprocess
 import sys
 from collections.abc import Mapping
 
 from absl import logging
+
+from lorajax.runtime import native
 
 # The variable and the value that turn the block cache on (off by default:
 # it preloads a library into the process).
@@ -86,8 +85,7 @@ _ACCELERATOR_MODULES = ('jax_cuda12_plugin', 'jax_cuda13_plugin',
 def cache_dir() -> str:
   """Where the block cache is built: ``$XDG_CACHE_HOME/lorajax`` (default
   ``~/.cache/lorajax``)."""
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
-  return os.path.join(base, 'lorajax')
+  return native.cache_dir()
 
 
 def block_cache_library(directory: str | None = None) -> str:
@@ -98,29 +96,13 @@ def block_cache_library(directory: str | None = None) -> str:
   Raises:
     RuntimeError: no C compiler, or it failed (its message included).
   """
-  with open(_SOURCE, 'rb') as f:
-    digest = hashlib.sha256(f.read()).hexdigest()[:16]
-  directory = directory or cache_dir()
-  path = os.path.join(directory, f'{_PREFIX}{digest}.so')
-  if os.path.exists(path):
-    return path
-  compiler = shutil.which(os.environ.get('CC') or 'cc') or shutil.which('gcc')
+  compiler = native.find_compiler('CC', ('cc', 'gcc'))
   if compiler is None:
     raise RuntimeError(
         f'{SWITCH}={ON} needs a C compiler to build {_SOURCE} '
         f'(none of $CC, cc, gcc on PATH)')
-  os.makedirs(directory, exist_ok=True)
-  partial = f'{path}.partial-{os.getpid()}'
-  done = subprocess.run(
-      [compiler, '-O2', '-shared', '-fPIC', '-o', partial, _SOURCE, '-ldl',
-       '-lpthread'], capture_output=True, text=True, check=False)
-  if done.returncode != 0:
-    if os.path.exists(partial):
-      os.remove(partial)
-    raise RuntimeError(f'{compiler} could not build {_SOURCE}: '
-                       f'{done.stderr.strip()[-2000:]}')
-  os.replace(partial, path)   # atomic: a concurrent build wins or loses whole
-  return path
+  return native.build(_SOURCE, _PREFIX, compiler, ['-O2'],
+                      ['-ldl', '-lpthread'], directory)
 
 
 def preloaded(env: Mapping[str, str] | None = None) -> bool:
