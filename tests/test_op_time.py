@@ -97,3 +97,16 @@ def test_a_lost_end_event_does_not_shift_the_pairing():
             {'name': 'end: dot.1', 'ts': 150.0, 'dur': 0.0}]
   assert sorted(op_time._op_intervals(events, {'dot.1': 'matmul'})) == [
       (0.0, 1.0, 'dot.1'), (100.0, 150.0, 'dot.1')]
+
+
+def test_the_fused_cpu_attention_is_its_own_category():
+  from lorajax.models import ops
+  from lorajax.runtime import cpu_attention
+  if jax.default_backend() != 'cpu' or not cpu_attention.available():
+    pytest.skip('no fused CPU attention here')
+  q = jnp.ones((2, 16, 2, 8))
+  mask = jnp.ones((2, 16), bool)
+  loss = lambda q: jnp.sum(ops.attention(q, q, q, mask))
+  kinds = op_time.categories(_compiled(loss, q).as_text())
+  assert list(kinds.values()).count('fused attention') == 2   # fwd, bwd
+  assert 'batched matmul' not in kinds.values()

@@ -14,6 +14,7 @@ from lorajax.models import llama
 from lorajax.models import lm_head
 from lorajax.models import moe
 from lorajax.models import remat as remat_lib
+from lorajax.runtime import cpu_attention
 from lorajax.training import config as config_lib
 from lorajax.training import model_loading
 from lorajax.training import tasks
@@ -410,6 +411,7 @@ def test_causal_blocks_keep_outputs_and_gradients(monkeypatch, with_prefix):
   shorter), with and without a prefix: the same logits at every real
   position and the same gradients of a loss over the real positions, as
   attention over all queries at once."""
+  monkeypatch.setenv(cpu_attention.SWITCH, 'xla')   # XLA's blocks
   cfg = llama.LlamaConfig.tiny(num_layers=2, num_heads=4, num_kv_heads=2)
   b, t = 2, 37
   tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
@@ -446,6 +448,7 @@ def test_causal_blocks_skip_the_hidden_scores(monkeypatch):
   """1 x 256 tokens, 4 causal blocks: XLA counts fewer FLOPs (the scores
   above the diagonal are mostly never formed) and the step keeps fewer
   temporaries; the loss is the same."""
+  monkeypatch.setenv(cpu_attention.SWITCH, 'xla')   # XLA's blocks
   cfg = llama.LlamaConfig.tiny(num_layers=2)
   tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (1, 256)), jnp.int32)
   params = llama.Llama(cfg).init(jax.random.key(0), tokens[:, :4])['params']
@@ -474,6 +477,7 @@ def test_attention_in_blocks_lowers_the_temporaries_of_a_long_sequence(
   """1 x 1024 tokens through a tiny Llama with remat per layer: the
   compiled step's temporaries fall with 128-query blocks (the scores of
   all queries, [heads, T, T], dominate them otherwise); the same loss."""
+  monkeypatch.setenv(cpu_attention.SWITCH, 'xla')   # XLA's attention
   monkeypatch.setattr(attention, 'CAUSAL_BLOCK', 0)   # all queries at once
   cfg = llama.LlamaConfig.tiny(num_layers=2, remat='layer')
   tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (1, 1024)), jnp.int32)

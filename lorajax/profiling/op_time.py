@@ -18,7 +18,11 @@ names each instruction of the optimized HLO module by what it does:
   optimizer update, masks);
 - ``copy``: copies, transposes, concatenations, slices, gathers, scatters
   and dynamic updates (data movement);
-- ``other``: custom calls, sorts, RNG, and what none of the above names.
+- ``fused attention``: lorajax's fused CPU attention kernel
+  (``lorajax.runtime.cpu_attention``), forward or backward: scores,
+  softmax and both products of one attention in one call;
+- ``other``: other custom calls, sorts, RNG, and what none of the above
+  names.
 
 Control flow (``while``, ``call``, ``conditional``) is not an op of its own:
 its events contain its body's, which are counted instead.
@@ -67,8 +71,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
-CATEGORIES = ('matmul', 'batched matmul', 'reduction', 'elementwise',
-              'copy', 'other')
+CATEGORIES = ('matmul', 'batched matmul', 'fused attention', 'reduction',
+              'elementwise', 'copy', 'other')
 _COPY_OPS = frozenset({
     'copy', 'transpose', 'concatenate', 'slice', 'dynamic-slice',
     'dynamic-update-slice', 'gather', 'scatter', 'pad', 'reverse',
@@ -113,6 +117,9 @@ def _kind(ops: Sequence[tuple[str, str, str]],
   opcodes = set()
   batched = False
   for _, opcode, line in ops:
+    if (opcode == 'custom-call'
+        and 'custom_call_target="lorajax_attention_' in line):
+      return 'fused attention'
     opcodes.add(opcode)
     if opcode == 'dot' and 'lhs_batch_dims=' in line:
       batched = True

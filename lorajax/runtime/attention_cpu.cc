@@ -177,34 +177,66 @@ struct Dims {
 
 inline int pad8(int n) { return (n + 7) / 8 * 8; }
 
+// Copies n floats (vectorized where D allows; a libc call per head row
+// costs more than the copy).
+inline void copy_row(float* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) store8(dst + j, load8(src + j));
+  for (; j < n; ++j) dst[j] = src[j];
+}
+
 // Copies rows [n x D] of head h of sequence b (layout [B, n, heads, D])
 // into a dense [n x Dp] block, zero-padded; rows n..rows-1 zero.
 void gather(const float* x, const Dims& d, int64_t n, int64_t heads,
             int64_t b, int64_t h, float* out, int64_t rows) {
   for (int64_t i = 0; i < n; ++i) {
-    const float* src = x + ((b * n + i) * heads + h) * d.D;
     float* dst = out + i * d.Dp;
-    std::memcpy(dst, src, d.D * sizeof(float));
+    copy_row(dst, x + ((b * n + i) * heads + h) * d.D, d.D);
     for (int64_t j = d.D; j < d.Dp; ++j) dst[j] = 0.0f;
   }
   std::memset(out + n * d.Dp, 0, (rows - n) * d.Dp * sizeof(float));
 }
 
-// Keys [S x D] of head h written transposed: a dense [Dp x Sp] block.
-void gather_t(const float* x, const Dims& d, int64_t b, int64_t h,
-              float* out) {
-  std::memset(out, 0, static_cast<size_t>(d.Dp) * d.Sp * sizeof(float));
-  for (int64_t i = 0; i < d.S; ++i) {
-    const float* src = x + ((b * d.S + i) * d.Hkv + h) * d.D;
-    for (int64_t j = 0; j < d.D; ++j) out[j * d.Sp + i] = src[j];
+// out[c * ld_out + r] = in[r * ld_in + c] for an 8 x 8 block, in registers.
+inline void transpose8(const float* in, int64_t ld_in, float* out,
+                       int64_t ld_out) {
+  typedef int32_t idx __attribute__((vector_size(32)));
+  v8 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = load8(in + i * ld_in);
+  const idx lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const idx lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const idx first = {0, 1, 2, 3, 8, 9, 10, 11};
+  const idx second = {4, 5, 6, 7, 12, 13, 14, 15};
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
   }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shuffle(t[i], t[i + 2], lo2);
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], hi2);
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], lo2);
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], hi2);
+  }
+  for (int i = 0; i < 4; ++i) {
+    store8(out + i * ld_out, __builtin_shuffle(u[i], u[i + 4], first));
+    store8(out + (i + 4) * ld_out, __builtin_shuffle(u[i], u[i + 4], second));
+  }
+}
+
+// Rows [S x D] of key/value head h written transposed: a dense [Dp x Sp]
+// block (through `rows`, an [Sp x Dp] scratch block, 8 x 8 at a time).
+void gather_t(const float* x, const Dims& d, int64_t b, int64_t h,
+              float* rows, float* out) {
+  gather(x, d, d.S, d.Hkv, b, h, rows, d.Sp);
+  for (int64_t i = 0; i < d.Sp; i += 8)
+    for (int64_t j = 0; j < d.Dp; j += 8)
+      transpose8(rows + i * d.Dp + j, d.Dp, out + j * d.Sp + i, d.Sp);
 }
 
 void scatter(const float* block, const Dims& d, int64_t n, int64_t heads,
              int64_t b, int64_t h, float* x) {
   for (int64_t i = 0; i < n; ++i)
-    std::memcpy(x + ((b * n + i) * heads + h) * d.D, block + i * d.Dp,
-                d.D * sizeof(float));
+    copy_row(x + ((b * n + i) * heads + h) * d.D, block + i * d.Dp, d.D);
 }
 
 struct Scratch {
@@ -227,7 +259,7 @@ thread_local Scratch scratch;
 const float* mask_row(const Dims& d, const float* mask, int64_t b,
                       int64_t i, float* buf) {
   const float* src = d.row_mask ? mask + (b * d.T + i) * d.S : mask + b * d.S;
-  std::memcpy(buf, src, d.S * sizeof(float));
+  copy_row(buf, src, d.S);
   for (int64_t j = d.S; j < d.Sp; ++j) buf[j] = 0.0f;
   return buf;
 }
@@ -280,7 +312,7 @@ void forward_one(const Dims& d, const float* q, const float* k, const float* v,
   auto score_tile = [&](int i, int mr, int j) { return c.score_tile(i, mr, j); };
   auto keys = [&](int i, int mr) { return c.keys_of_rows(i, mr); };
   auto every = [](int, int, int) { return true; };
-  gather_t(k, d, b, kvh, kt);
+  gather_t(k, d, b, kvh, vb, kt);
   gather(v, d, d.S, d.Hkv, b, kvh, vb, d.Sp);
   const float* mrow = d.row_mask ? nullptr : mask_row(d, mask, b, 0, mbuf);
   for (int64_t g = 0; g < d.G; ++g) {
@@ -340,9 +372,8 @@ void backward_one(const Dims& d, const float* q, const float* k,
   auto keys = [&](int i, int mr) { return c.keys_of_rows(i, mr); };
   auto queries = [&](int j, int mr) { return c.queries_of_keys(j, mr); };
   auto every = [](int, int, int) { return true; };
-  gather_t(k, d, b, kvh, kt);
-  gather_t(v, d, b, kvh, vt);
-  gather(k, d, d.S, d.Hkv, b, kvh, kb, d.Sp);
+  gather_t(v, d, b, kvh, kb, vt);
+  gather_t(k, d, b, kvh, kb, kt);   // leaves k's rows in kb
   std::memset(dkb, 0, d.Sp * d.Dp * sizeof(float));
   std::memset(dvb, 0, d.Sp * d.Dp * sizeof(float));
   const float* mrow = d.row_mask ? nullptr : mask_row(d, mask, b, 0, mbuf);
