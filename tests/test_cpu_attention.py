@@ -221,3 +221,17 @@ def test_a_decoder_step_is_the_same_with_the_kernel(monkeypatch):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6),
                fused_grads, xla_grads)
+
+
+def test_a_nan_input_shows_in_the_output_as_with_xla():
+  """A diverged run must show: a NaN in a query, key or value makes its
+  rows NaN, never a finite number."""
+  q, k, v, _, mask = _inputs(2, 9, 9, 2, 16)
+  fused = jax.jit(lambda q, k, v: ops.attention(q, k, v, mask))
+  for which in range(3):
+    args = [q, k, v]
+    args[which] = args[which].at[0, 3].set(jnp.nan)   # a real key
+    out = fused(*args)
+    want = _plain(*args, mask)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    assert bool(jnp.any(jnp.isnan(out)))

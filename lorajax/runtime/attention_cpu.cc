@@ -65,13 +65,16 @@ inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
 // exp for 8 floats: 2^n * P(r), n = round(x / ln 2), r = x - n ln 2 (ln 2
 // in two parts), P Cephes' expf polynomial. Rounding adds and subtracts
 // 1.5 * 2^23, which leaves n in the low bits of the sum. Below -87.3 (and
-// for -inf) the result is 0.
+// for -inf) the result is 0; a NaN stays NaN (a diverged run must show in
+// its loss, as it does with XLA's attention).
 inline v8 exp8(v8 x) {
   const v8 hi = splat(88.3762626647949f), lo = splat(-87.3365478515625f);
   const v8 magic = splat(12582912.0f);
   i8v under = x < lo;
-  v8 xc = x < hi ? x : hi;
+  i8v nan = x != x;
+  v8 xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
+  xc = nan ? splat(0.0f) : xc;
   v8 t = xc * splat(1.44269504088896341f) + magic;
   v8 n = t - magic;
   i8v ti;
@@ -88,7 +91,8 @@ inline v8 exp8(v8 x) {
   std::memcpy(&bits, &y, sizeof(bits));
   bits += (ti - 0x4B400000) << 23;
   std::memcpy(&y, &bits, sizeof(y));
-  return under ? splat(0.0f) : y;
+  y = under ? splat(0.0f) : y;
+  return nan ? x : y;
 }
 
 inline float hsum(v8 x) {
