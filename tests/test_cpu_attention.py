@@ -69,6 +69,31 @@ def test_values_and_gradients_match_the_plain_formula(shape):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=name)
 
 
+@pytest.mark.parametrize('shape', [(3, 5, 7, 2, 4), (2, 13, 21, 3, 20),
+                                   (2, 1, 9, 3, 32)])
+def test_dropout_matches_xla_with_the_same_mask(shape, monkeypatch):
+  """Dropout on the probabilities (the rng draws the same keep mask on
+  either path): the kernel's values and gradients are XLA's."""
+  q, k, v, g, mask = _inputs(*shape)
+
+  def run():   # traced afresh under each setting
+    fn = lambda q, k, v: ops.attention(q, k, v, mask, dropout_rate=0.3,
+                                       dropout_rng=jax.random.key(7))
+    return _calls(fn, q, k, v), _vjp(jax.jit(fn), q, k, v, g)
+
+  calls, (got, got_grads) = run()
+  assert 'lorajax_attention_fwd' in calls
+  monkeypatch.setenv(cpu_attention.SWITCH, 'xla')
+  calls, (want, want_grads) = run()
+  assert 'lorajax_attention' not in calls
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+  for name, a, b in zip('qkv', got_grads, want_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=name)
+  # and the dropout did something
+  plain = jax.jit(lambda q, k, v: _plain(q, k, v, mask))(q, k, v)
+  assert not np.allclose(got, plain, atol=1e-3)
+
+
 def test_bfloat16_inputs_run_in_float32_and_come_back_in_bfloat16():
   q, k, v, g, mask = _inputs(2, 9, 9, 2, 16)
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
@@ -82,11 +107,8 @@ def test_bfloat16_inputs_run_in_float32_and_come_back_in_bfloat16():
 
 def test_xla_attention_where_the_kernel_does_not_apply(monkeypatch):
   q, k, v, _, mask = _inputs(2, 6, 6, 2, 8)
-  with_dropout = lambda q, k, v: ops.attention(
-      q, k, v, mask, dropout_rate=0.1, dropout_rng=jax.random.key(0))
   keep_probs = lambda q, k, v: ops.attention(q, k, v, mask, save_probs=True)
-  for fn in (with_dropout, keep_probs):
-    assert 'lorajax_attention' not in _calls(fn, q, k, v)
+  assert 'lorajax_attention' not in _calls(keep_probs, q, k, v)
   # A fresh function each time: JAX caches a function's trace.
   plain = lambda: lambda q, k, v: ops.attention(q, k, v, mask)
   with cpu_attention.off():

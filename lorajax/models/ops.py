@@ -139,8 +139,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     # The products ask for float32 results; XLA's CPU runtime has no
     # bf16 x bf16 -> f32 dot, so lower-precision inputs are widened here.
     q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  if keep is None and not save_probs and cpu_attention.available():
-    out = cpu_attention.attention(q, k, v, mask)
+  if not save_probs and cpu_attention.available():
+    out = cpu_attention.attention(q, k, v, mask, keep=keep,
+                                  rate=dropout_rate)
     return out.astype(out_dtype)
   mask = mask.astype(bool)
   rate, save_probs = float(dropout_rate), bool(save_probs)

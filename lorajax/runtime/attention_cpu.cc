@@ -11,15 +11,19 @@
 //   q [B, T, H, D], k and v [B, S, Hkv, D];
 //   mask [B, S] (one per key) or [B, T, S] (one per query and key),
 //   nonzero where the query sees the key;
+//   keep [B, H, T, S] bool: dropout's kept probabilities (read only when
+//   the rate attribute is above 0; otherwise any bool array);
 //   forward:  o [B, T, H, D], row max m [B, H, T], row sum l [B, H, T];
 //   backward: g = d o [B, T, H, D] -> dq [B, T, H, D], dk, dv [B, S, Hkv, D].
-// Attributes: scale (the scores' factor, e.g. 1 / sqrt(D)) and
-// causal_offset (-1: none; n >= 0: the mask never lets query t see a key
-// after key n + t, so those scores are not computed at all).
+// Attributes: scale (the scores' factor, e.g. 1 / sqrt(D)), causal_offset
+// (-1: none; n >= 0: the mask never lets query t see a key after key
+// n + t, so those scores are not computed at all) and rate (dropout on the
+// probabilities, inverted: a kept one is divided by 1 - rate).
 //
-// The arithmetic is that of lorajax's XLA attention (no dropout):
+// The arithmetic is that of lorajax's XLA attention:
 //   s = scale (q . k), a hidden key's score is float32's lowest value,
 //   p = exp(s - m) / l with m the row max and l the row sum of exp(s - m);
+//   o = dropout(p) v; dP = dropout(g vᵀ);
 //   dS = p (dP - rowsum(dP p)) scale, zero at hidden keys.
 // A query that sees no key attends uniformly over the keys (with a causal
 // offset: over the keys up to n + t).
@@ -167,6 +171,8 @@ struct Dims {
   float scale;
   int64_t offset;     // causal offset, or -1
   bool row_mask;      // mask is [B, T, S] (else [B, S])
+  float keep_scale;   // dropout: 1 / (1 - rate) for a kept probability
+  const bool* keep;   // dropout's kept scores [B, H, T, S], or null
 
   // Keys query i may see: [0, limit(i)).
   int limit(int64_t i) const {
@@ -268,6 +274,16 @@ const float* mask_row(const Dims& d, const float* mask, int64_t b,
   return buf;
 }
 
+// Row i of head h's dropout as factors (1 / (1 - rate) kept, 0 dropped),
+// padded with zeros to Sp (into buf).
+const float* keep_row(const Dims& d, int64_t b, int64_t h, int64_t i,
+                      float* buf) {
+  const bool* src = d.keep + ((b * d.H + h) * d.T + i) * d.S;
+  for (int64_t j = 0; j < d.S; ++j) buf[j] = src[j] ? d.keep_scale : 0.0f;
+  for (int64_t j = d.S; j < d.Sp; ++j) buf[j] = 0.0f;
+  return buf;
+}
+
 // Row i of the masked scores from the raw products, over its first
 // pad8(limit) columns (the keys past limit at -inf): where(mask, x scale,
 // lowest). Returns the row max.
@@ -304,13 +320,14 @@ void forward_one(const Dims& d, const float* q, const float* k, const float* v,
                  const float* mask, int64_t b, int64_t kvh, float* o, float* m,
                  float* l) {
   scratch.reset(d.Tp * d.Dp + d.Dp * d.Sp + d.Sp * d.Dp + d.T * d.Sp +
-                d.Tp * d.Dp + d.Sp + 6 * 16);
+                d.Tp * d.Dp + 2 * d.Sp + 7 * 16);
   float* qb = scratch.take(d.Tp * d.Dp);
   float* kt = scratch.take(d.Dp * d.Sp);
   float* vb = scratch.take(d.Sp * d.Dp);
   float* s = scratch.take(d.T * d.Sp);
   float* ob = scratch.take(d.Tp * d.Dp);
   float* mbuf = scratch.take(d.Sp);
+  float* kbuf = scratch.take(d.Sp);
   Causal c{d};
   auto all_k = [&](int, int) { return std::pair<int, int>{0, d.Dp}; };
   auto score_tile = [&](int i, int mr, int j) { return c.score_tile(i, mr, j); };
@@ -333,6 +350,14 @@ void forward_one(const Dims& d, const float* q, const float* k, const float* v,
       float mi = mask_scores(d, row, mrow, lim);
       v8 sum = splat(0.0f), mv = splat(mi);
       int j = 0;
+      if (d.keep) {   // the sum is over every key; p·v over the kept ones
+        const float* kr = keep_row(d, b, h, i, kbuf);
+        for (; j < pad8(lim); j += 8) {
+          v8 e = exp8(load8(row + j) - mv);
+          store8(row + j, e * load8(kr + j));
+          sum += e;
+        }
+      }
       for (; j < pad8(lim); j += 8) {
         v8 e = exp8(load8(row + j) - mv);
         store8(row + j, e);
@@ -342,7 +367,8 @@ void forward_one(const Dims& d, const float* q, const float* k, const float* v,
       mo[i] = mi;
       lo[i] = hsum(sum);
     }
-    // o = (exp(s - m) v) / l: the division on the [T x D] product.
+    // o = (exp(s - m) v) / l (kept scores only, with dropout): the
+    // division on the [T x D] product.
     gemm<false, false>(d.T, d.Dp, s, d.Sp, vb, d.Dp, ob, d.Dp, keys, every);
     for (int64_t i = 0; i < d.T; ++i) {
       v8 inv = splat(1.0f / lo[i]);
@@ -358,7 +384,7 @@ void backward_one(const Dims& d, const float* q, const float* k,
                   const float* l, const float* g, int64_t b, int64_t kvh,
                   float* dq, float* dk, float* dv) {
   scratch.reset(3 * d.Tp * d.Dp + 2 * d.Dp * d.Sp + 3 * d.Sp * d.Dp +
-                2 * d.T * d.Sp + d.Sp + 12 * 16);
+                3 * d.T * d.Sp + 2 * d.Sp + 14 * 16);
   float* qb = scratch.take(d.Tp * d.Dp);
   float* gb = scratch.take(d.Tp * d.Dp);
   float* kt = scratch.take(d.Dp * d.Sp);
@@ -366,6 +392,8 @@ void backward_one(const Dims& d, const float* q, const float* k,
   float* kb = scratch.take(d.Sp * d.Dp);
   float* p = scratch.take(d.T * d.Sp);
   float* dp = scratch.take(d.T * d.Sp);
+  float* pd = d.keep ? scratch.take(d.T * d.Sp) : p;   // p after dropout
+  float* kbuf = scratch.take(d.Sp);
   float* dqb = scratch.take(d.Tp * d.Dp);
   float* dkb = scratch.take(d.Sp * d.Dp);
   float* dvb = scratch.take(d.Sp * d.Dp);
@@ -401,17 +429,25 @@ void backward_one(const Dims& d, const float* q, const float* k,
         store8(row + j, exp8(load8(row + j) - mv) * inv);
       for (; j < d.Sp; j += 8) store8(row + j, splat(0.0f));
     }
-    // dv += pᵀ g: [S x T] [T x Dp]
-    gemm<true, true>(d.S, d.Dp, p, d.Sp, gb, d.Dp, dvb, d.Dp, queries, every);
     // dp = g vᵀ: [T x Dp] [Dp x Sp]
     gemm<false, false>(d.T, d.Sp, gb, d.Dp, vt, d.Sp, dp, d.Sp, all_k,
                        score_tile);
-    // ds = p (dp - rowsum(dp p)) scale, zero where hidden; over dp.
+    // ds = p (dp - rowsum(dp p)) scale, zero where hidden; over dp. With
+    // dropout, dp and (into pd) p are first multiplied by the keep factors.
     for (int64_t i = 0; i < d.T; ++i) {
       const float* prow = p + i * d.Sp;
       float* drow = dp + i * d.Sp;
       int lim = pad8(d.limit(i));
       if (d.row_mask) mrow = mask_row(d, mask, b, i, mbuf);
+      if (d.keep) {
+        const float* kr = keep_row(d, b, h, i, kbuf);
+        float* pdrow = pd + i * d.Sp;
+        for (int j = 0; j < d.Sp; j += 8) {
+          v8 f = load8(kr + j);
+          store8(drow + j, load8(drow + j) * f);
+          store8(pdrow + j, load8(prow + j) * f);
+        }
+      }
       v8 acc = splat(0.0f);
       for (int j = 0; j < lim; j += 8) acc += load8(drow + j) * load8(prow + j);
       v8 dot = splat(hsum(acc));
@@ -423,6 +459,8 @@ void backward_one(const Dims& d, const float* q, const float* k,
       for (; j < d.Sp; j += 8) store8(drow + j, splat(0.0f));
     }
     const float* ds = dp;
+    // dv += pdᵀ g: [S x T] [T x Dp]
+    gemm<true, true>(d.S, d.Dp, pd, d.Sp, gb, d.Dp, dvb, d.Dp, queries, every);
     // dq = ds k: [T x Sp] [Sp x Dp]
     gemm<false, false>(d.T, d.Dp, ds, d.Sp, kb, d.Dp, dqb, d.Dp, keys, every);
     // dk += dsᵀ q: [S x T] [T x Dp]
@@ -461,8 +499,9 @@ void parallel_for(ffi::ThreadPool pool, int64_t n, F body) {
 // Dims from the buffers' shapes and the attributes; an error names what
 // does not fit.
 ffi::Error dims_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                   const ffi::Buffer<ffi::F32>& mask, float scale,
-                   int64_t offset, Dims* d) {
+                   const ffi::Buffer<ffi::F32>& mask,
+                   const ffi::Buffer<ffi::PRED>& keep, float scale,
+                   int64_t offset, float rate, Dims* d) {
   auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
   if (qd.size() != 4 || kd.size() != 4)
     return ffi::Error::InvalidArgument("q and k must be [B, T, H, D]");
@@ -489,18 +528,31 @@ ffi::Error dims_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& 
   d->Dp = pad16(static_cast<int>(d->D));
   d->scale = scale;
   d->offset = offset;
+  d->keep = nullptr;
+  d->keep_scale = 1.0f;
+  if (rate > 0.0f) {
+    auto kd2 = keep.dimensions();
+    if (kd2.size() != 4 || kd2[0] != d->B || kd2[1] != d->H ||
+        kd2[2] != d->T || kd2[3] != d->S)
+      return ffi::Error::InvalidArgument("keep must be [B, H, T, S]");
+    if (!(rate < 1.0f))
+      return ffi::Error::InvalidArgument("dropout rate must be below 1");
+    d->keep = keep.typed_data();
+    d->keep_scale = 1.0f / (1.0f - rate);
+  }
   return ffi::Error::Success();
 }
 
 ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                         ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                        ffi::Buffer<ffi::F32> mask, float scale,
-                        int64_t causal_offset,
+                        ffi::Buffer<ffi::F32> mask,
+                        ffi::Buffer<ffi::PRED> keep, float scale,
+                        int64_t causal_offset, float rate,
                         ffi::ResultBuffer<ffi::F32> o,
                         ffi::ResultBuffer<ffi::F32> m,
                         ffi::ResultBuffer<ffi::F32> l) {
   Dims d;
-  ffi::Error e = dims_of(q, k, mask, scale, causal_offset, &d);
+  ffi::Error e = dims_of(q, k, mask, keep, scale, causal_offset, rate, &d);
   if (e.failure()) return e;
   const float *qp = q.typed_data(), *kp = k.typed_data(),
               *vp = v.typed_data(), *mp = mask.typed_data();
@@ -513,14 +565,15 @@ ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                         ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                        ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> m,
+                        ffi::Buffer<ffi::F32> mask,
+                        ffi::Buffer<ffi::PRED> keep, ffi::Buffer<ffi::F32> m,
                         ffi::Buffer<ffi::F32> l, ffi::Buffer<ffi::F32> g,
-                        float scale, int64_t causal_offset,
+                        float scale, int64_t causal_offset, float rate,
                         ffi::ResultBuffer<ffi::F32> dq,
                         ffi::ResultBuffer<ffi::F32> dk,
                         ffi::ResultBuffer<ffi::F32> dv) {
   Dims d;
-  ffi::Error e = dims_of(q, k, mask, scale, causal_offset, &d);
+  ffi::Error e = dims_of(q, k, mask, keep, scale, causal_offset, rate, &d);
   if (e.failure()) return e;
   const float *qp = q.typed_data(), *kp = k.typed_data(),
               *vp = v.typed_data(), *mp = mask.typed_data(),
@@ -540,28 +593,32 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LorajaxAttentionFwd, AttentionFwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // mask
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("causal_offset")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Attr<float>("rate")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // o
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // m
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // l
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LorajaxAttentionBwd, AttentionBwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // mask
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keep
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // m
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // l
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("causal_offset")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Attr<float>("rate")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv

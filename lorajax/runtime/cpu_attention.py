@@ -145,8 +145,17 @@ def _offset(causal_offset):
   return np.int64(causal_offset)
 
 
+def _keep(keep, rate):
+  if keep is None or not rate:
+    return jnp.zeros((1,), bool), np.float32(0.0)
+  if not 0.0 < rate < 1.0:
+    raise ValueError(f'dropout rate must be in [0, 1), got {rate}')
+  return keep.astype(bool), np.float32(rate)
+
+
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-            scale: float | None = None, causal_offset: int | None = None):
+            scale: float | None = None, causal_offset: int | None = None,
+            keep: jax.Array | None = None, rate: float = 0.0):
   """``(out [B, T, H, D], row max [B, H, T], row sum [B, H, T])``.
 
   Args:
@@ -158,46 +167,54 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     scale: the scores' factor; default ``1 / sqrt(D)``.
     causal_offset: ``n`` when ``mask`` never lets query ``t`` see a key
       after key ``n + t``; those scores are then never computed.
+    keep: ``[B, H, T, S]`` bool, dropout's kept probabilities (with
+      ``rate > 0``): ``out = dropout(p) · v`` with a kept probability
+      divided by ``1 - rate``; the row max and sum are over every key.
+    rate: the dropout rate; 0 (or ``keep=None``) is none.
   """
   b, t, h, _ = q.shape
   stats = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
   call = jax.ffi.ffi_call(
       _FWD, (jax.ShapeDtypeStruct(q.shape, jnp.float32), stats, stats),
       vmap_method='sequential')
-  return call(q, k, v, mask.astype(jnp.float32), scale=np.float32(
-      _scale(q, scale)), causal_offset=_offset(causal_offset))
+  keep, rate = _keep(keep, rate)
+  return call(q, k, v, mask.astype(jnp.float32), keep, scale=np.float32(
+      _scale(q, scale)), causal_offset=_offset(causal_offset), rate=rate)
 
 
 def backward(q, k, v, mask, row_max, row_sum, g, *, scale=None,
-             causal_offset=None):
+             causal_offset=None, keep=None, rate=0.0):
   """``(dq, dk, dv)`` of :func:`forward`'s output for its cotangent ``g``
-  (the same ``scale`` and ``causal_offset``)."""
+  (the same ``scale``, ``causal_offset``, ``keep`` and ``rate``)."""
   call = jax.ffi.ffi_call(
       _BWD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
              jax.ShapeDtypeStruct(k.shape, jnp.float32),
              jax.ShapeDtypeStruct(v.shape, jnp.float32)),
       vmap_method='sequential')
-  return call(q, k, v, mask.astype(jnp.float32), row_max, row_sum, g,
+  keep, rate = _keep(keep, rate)
+  return call(q, k, v, mask.astype(jnp.float32), keep, row_max, row_sum, g,
               scale=np.float32(_scale(q, scale)),
-              causal_offset=_offset(causal_offset))
+              causal_offset=_offset(causal_offset), rate=rate)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, mask, scale, causal_offset):
-  return forward(q, k, v, mask, scale=scale, causal_offset=causal_offset)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, mask, keep, scale, causal_offset, rate):
+  return forward(q, k, v, mask, scale=scale, causal_offset=causal_offset,
+                 keep=keep, rate=rate)[0]
 
 
-def _attention_fwd(q, k, v, mask, scale, causal_offset):
+def _attention_fwd(q, k, v, mask, keep, scale, causal_offset, rate):
   out, row_max, row_sum = forward(q, k, v, mask, scale=scale,
-                                  causal_offset=causal_offset)
-  return out, (q, k, v, mask, row_max, row_sum)
+                                  causal_offset=causal_offset, keep=keep,
+                                  rate=rate)
+  return out, (q, k, v, mask, keep, row_max, row_sum)
 
 
-def _attention_bwd(scale, causal_offset, res, g):
-  q, k, v, mask, row_max, row_sum = res
+def _attention_bwd(scale, causal_offset, rate, res, g):
+  q, k, v, mask, keep, row_max, row_sum = res
   dq, dk, dv = backward(q, k, v, mask, row_max, row_sum, g, scale=scale,
-                        causal_offset=causal_offset)
-  return dq, dk, dv, jnp.zeros_like(mask)
+                        causal_offset=causal_offset, keep=keep, rate=rate)
+  return dq, dk, dv, jnp.zeros_like(mask), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -205,13 +222,18 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
               scale: float | None = None,
-              causal_offset: int | None = None) -> jax.Array:
+              causal_offset: int | None = None,
+              keep: jax.Array | None = None,
+              rate: float = 0.0) -> jax.Array:
   """:func:`forward`'s output, differentiable in ``q``, ``k`` and ``v``
   (the backward pass is :func:`backward`). Float32 in and out; check
   :func:`available` first."""
-  return _attention(q, k, v, mask.astype(jnp.float32),
+  if keep is None or not rate:
+    keep, rate = None, 0.0
+  return _attention(q, k, v, mask.astype(jnp.float32), keep,
                     None if scale is None else float(scale),
-                    None if causal_offset is None else int(causal_offset))
+                    None if causal_offset is None else int(causal_offset),
+                    float(rate))
 
 
 @contextlib.contextmanager
