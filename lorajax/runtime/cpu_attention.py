@@ -10,9 +10,11 @@ attention does: one register-blocked product kernel and vectorized softmax
 passes over a row that is still in cache, spread over XLA's own intra-op
 threads.
 
-:func:`lorajax.models.ops.attention` (the shipped BERT family's) uses it on
-the CPU for float32 attention without dropout, unless
-``LORAJAX_CPU_ATTENTION=xla``; it is built on first use with the machine's
+:func:`lorajax.models.ops.attention` (the shipped BERT family's, with or
+without dropout: the keep mask XLA draws enters the kernel, so the bits
+are the same) and ``lorajax.models.attention.attend_in_blocks`` (float32
+decoders: grouped-query heads, causal) use it on the CPU, unless
+``LORAJAX_CPU_ATTENTION=xla`` or ``save_attention_probs``; it is built on first use with the machine's
 C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``) and
 ``-O3 -march=native`` into ``~/.cache/lorajax``. Without a compiler, or if
 the build fails, lorajax logs why once and uses XLA's attention: the same
