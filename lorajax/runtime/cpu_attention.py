@@ -14,9 +14,9 @@ threads.
 without dropout: the keep mask XLA draws enters the kernel, so the bits
 are the same) and ``lorajax.models.attention.attend_in_blocks`` (float32
 decoders: grouped-query heads, causal) use it on the CPU, unless
-``LORAJAX_CPU_ATTENTION=xla`` or ``save_attention_probs``; it is built on first use with the machine's
-C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``) and
-``-O3 -march=native`` into ``~/.cache/lorajax``. Without a compiler, or if
+``LORAJAX_CPU_ATTENTION=xla`` or ``save_attention_probs``. It is built on
+first use with the machine's C++ compiler (``$CXX``, else ``c++``,
+``g++``, ``clang++``) and ``-O3 -march=native`` into ``~/.cache/lorajax``. Without a compiler, or if
 the build fails, lorajax logs why once and uses XLA's attention: the same
 values, only slower.
 
@@ -48,14 +48,10 @@ XLA's cost analysis counts a custom call as -1 FLOP; :func:`step_flops`
 (used by ``lorajax.cli.profile`` and the benchmarks) adds the kernel's
 products back from the compiled HLO.
 
-Example:
+Example (the scores a causal kernel forms: on and below the diagonal):
 
-  >>> import jax.numpy as jnp
-  >>> q = k = v = jnp.ones((2, 8, 4, 16))
-  >>> mask = jnp.ones((2, 8), jnp.float32)
-  >>> out, row_max, row_sum = forward(q, k, v, mask)   # doctest: +SKIP
-  >>> out.shape, row_max.shape                         # doctest: +SKIP
-  ((2, 8, 4, 16), (2, 4, 8))
+  >>> visible_pairs(4, 4, None), visible_pairs(4, 4, 0)
+  (16, 10)
 """
 
 from __future__ import annotations
