@@ -257,3 +257,16 @@ def test_a_nan_input_shows_in_the_output_as_with_xla():
     want = _plain(*args, mask)
     np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
     assert bool(jnp.any(jnp.isnan(out)))
+
+
+def test_bad_shapes_and_rates_are_refused_by_name():
+  q, k, v, _, mask = _inputs(2, 5, 7, 2, 4)
+  with pytest.raises(Exception, match=r'mask must be \[B, S\] or \[B, T, S\]'):
+    jax.block_until_ready(cpu_attention.forward(q, k, v, mask[:, :3]))
+  with pytest.raises(Exception, match=r'k must be \[B, S, Hkv, D\]'):
+    jax.block_until_ready(cpu_attention.forward(q, k[..., :1, :3], v, mask))
+  keep = jnp.ones((2, 2, 5, 7), bool)
+  with pytest.raises(ValueError, match='dropout rate must be in'):
+    cpu_attention.forward(q, k, v, mask, keep=keep, rate=1.0)
+  with pytest.raises(ValueError, match='causal_offset must be >= 0'):
+    cpu_attention.forward(q, k, v, mask, causal_offset=-2)
