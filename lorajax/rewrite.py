@@ -29,6 +29,8 @@ import numpy as np
 from lorajax import kernels
 from lorajax import matmul
 from lorajax import spec as spec_lib
+from lorajax.runtime import attention_pattern
+from lorajax.runtime import cpu_attention
 from lorajax.runtime import recompute
 
 PyTree = Any
@@ -440,30 +442,61 @@ def _eval(jaxpr, consts, args, ctx: _Ctx) -> list[Any]:
     env[v] = x
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    manager = getattr(getattr(eqn, 'ctx', None), 'manager', None)
-    with manager if manager is not None else contextlib.nullcontext():
-      if any(isinstance(v, KernelRef) for v in invals):
-        outs = _with_refs(eqn, invals, ctx)
-      elif (eqn.primitive.name in _REMAT and ctx.param_ids is not None
-            and eqn.params.get('policy') is None):
-        outs = _remat(eqn, invals, ctx)   # a block without adapted kernels
-      elif eqn.primitive.name == 'dot_general' and matmul.wanted(
-          *invals, eqn.params['dimension_numbers'],
-          eqn.params.get('preferred_element_type')):
-        # A bfloat16 product on the CPU: the float32-accumulated form that
-        # the CPU's bfloat16 units run (lorajax.matmul).
-        outs = [matmul.dot_general(*invals, eqn.params['dimension_numbers'],
-                                   eqn.params.get('precision'))]
+  fuse = _attention_plan(jaxpr)
+  for i, eqn in enumerate(jaxpr.eqns):
+    if fuse is not None and i in fuse.deferred:
+      continue   # part of an attention chain, computed at its end
+    match = fuse.finals.get(i) if fuse is not None else None
+    if match is not None:
+      try:
+        outs = match.compute(read)
+      except attention_pattern.NoFuse:
+        for j in match.tops:
+          _step(jaxpr.eqns[j], read, env, ctx, inline=False)
       else:
-        outs = eqn.primitive.bind(
-            *invals, **eqn.primitive.get_bind_params(eqn.params))
-        if not eqn.primitive.multiple_results:
-          outs = [outs]
-    for v, x in zip(eqn.outvars, outs):
-      env[v] = x
+        env.update(zip(eqn.outvars, outs))
+      continue
+    _step(eqn, read, env, ctx,
+          inline=fuse is not None and i in fuse.calls)
   return [read(v) for v in jaxpr.outvars]
+
+
+def _attention_plan(jaxpr) -> attention_pattern.Plan | None:
+  """Where ``jaxpr`` has softmax attention that the fused CPU kernel can
+  compute (``lorajax.runtime.attention_pattern``); None if nowhere or the
+  kernel is not used here (another backend, ``LORAJAX_CPU_ATTENTION=xla``,
+  no compiler)."""
+  found = attention_pattern.plan(jaxpr)
+  if not found or not cpu_attention.available():
+    return None
+  return found
+
+
+def _step(eqn, read, env, ctx: _Ctx, *, inline: bool) -> None:
+  invals = [read(v) for v in eqn.invars]
+  manager = getattr(getattr(eqn, 'ctx', None), 'manager', None)
+  with manager if manager is not None else contextlib.nullcontext():
+    if any(isinstance(v, KernelRef) for v in invals):
+      outs = _with_refs(eqn, invals, ctx)
+    elif inline:
+      outs = _inline(eqn, invals, ctx)   # holds an attention chain inside
+    elif (eqn.primitive.name in _REMAT and ctx.param_ids is not None
+          and eqn.params.get('policy') is None):
+      outs = _remat(eqn, invals, ctx)   # a block without adapted kernels
+    elif eqn.primitive.name == 'dot_general' and matmul.wanted(
+        *invals, eqn.params['dimension_numbers'],
+        eqn.params.get('preferred_element_type')):
+      # A bfloat16 product on the CPU: the float32-accumulated form that
+      # the CPU's bfloat16 units run (lorajax.matmul).
+      outs = [matmul.dot_general(*invals, eqn.params['dimension_numbers'],
+                                 eqn.params.get('precision'))]
+    else:
+      outs = eqn.primitive.bind(
+          *invals, **eqn.primitive.get_bind_params(eqn.params))
+      if not eqn.primitive.multiple_results:
+        outs = [outs]
+  for v, x in zip(eqn.outvars, outs):
+    env[v] = x
 
 
 def _is_dynamic(x: Any) -> bool:
