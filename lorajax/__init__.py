@@ -33,6 +33,7 @@ from lorajax.partition import optimizer
 from lorajax.partition import partition
 from lorajax.partition import trainable_report
 from lorajax.rewrite import discover_layouts
+from lorajax.rewrite import fuse_attention
 from lorajax.rewrite import lora
 from lorajax.rewrite import RewriteError
 from lorajax.kernels import AdapterParams

@@ -472,14 +472,25 @@ def _attention_plan(jaxpr) -> attention_pattern.Plan | None:
   return found
 
 
+def _enter(eqn, invals, ctx: _Ctx):
+  name = eqn.primitive.name
+  if name == 'scan':
+    return _scan(eqn, invals, ctx)
+  if name in _REMAT:
+    return _remat(eqn, invals, ctx)
+  if name == 'cond':
+    return _cond(eqn, invals, ctx)
+  return _inline(eqn, invals, ctx)
+
+
 def _step(eqn, read, env, ctx: _Ctx, *, inline: bool) -> None:
   invals = [read(v) for v in eqn.invars]
   manager = getattr(getattr(eqn, 'ctx', None), 'manager', None)
   with manager if manager is not None else contextlib.nullcontext():
     if any(isinstance(v, KernelRef) for v in invals):
       outs = _with_refs(eqn, invals, ctx)
-    elif inline:
-      outs = _inline(eqn, invals, ctx)   # holds an attention chain inside
+    elif inline:   # holds an attention chain inside
+      outs = _enter(eqn, invals, ctx)
     elif (eqn.primitive.name in _REMAT and ctx.param_ids is not None
           and eqn.params.get('policy') is None):
       outs = _remat(eqn, invals, ctx)   # a block without adapted kernels
@@ -633,6 +644,41 @@ def lora(fn: Callable[..., Any], spec: spec_lib.LoraSpec
   adapted.__name__ = f'lora_{getattr(fn, "__name__", "fn")}'
   adapted.__doc__ = fn.__doc__
   return adapted
+
+
+def fuse_attention(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` with its softmax attention computed by the fused CPU kernel.
+
+  What :func:`lora` does for the function it adapts, for a function without
+  adapters (a full fine-tuning step, an evaluation): ``fn``'s jaxpr is
+  evaluated with every attention chain that
+  ``lorajax.runtime.attention_pattern`` recognises (``einsum``, an optional
+  scale and ``jnp.where`` mask, ``jax.nn.softmax``, ``einsum``) computed by
+  ``lorajax.runtime.cpu_attention``. Other equations run as traced; on
+  another backend, with ``LORAJAX_CPU_ATTENTION=xla`` or without a
+  compiler, nothing changes. The values are ``fn``'s to float rounding.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> def attend(q, k, v):
+    ...   s = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+    ...   return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s), v)
+    >>> x = jnp.ones((1, 4, 2, 8))
+    >>> fuse_attention(attend)(x, x, x).shape
+    (1, 4, 2, 8)
+  """
+  traced = _Traced(lambda _, *a, **kw: fn(*a, **kw))
+  empty = jax.tree_util.tree_structure(())
+
+  def fused(*args, **kwargs):
+    closed, out_tree, dyn_vals = traced(empty, [], args, kwargs)
+    outs = _eval(closed.jaxpr, closed.consts, dyn_vals, _Ctx())
+    return jax.tree_util.tree_unflatten(out_tree, outs)
+
+  fused.__name__ = f'fused_{getattr(fn, "__name__", "fn")}'
+  fused.__doc__ = fn.__doc__
+  return fused
 
 
 def discover_layouts(fn: Callable[..., Any], spec: spec_lib.LoraSpec,

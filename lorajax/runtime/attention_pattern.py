@@ -55,6 +55,8 @@ import numpy as np
 
 # Calls whose body is the call's meaning, looked through when matching.
 _CALLS = ('jit', 'pjit', 'closed_call', 'core_call', 'custom_jvp_call')
+# Equations whose bodies the rewrite evaluates itself when a chain is inside.
+_ENTERED = _CALLS + ('scan', 'remat', 'remat2', 'checkpoint', 'cond')
 # A masked score's fill must be at most this (see the module docstring).
 FILL_LIMIT = -1e9
 _F32 = np.dtype(np.float32)
@@ -332,7 +334,8 @@ class Plan:
   """Where to fuse in one jaxpr's top-level equations."""
   finals: dict[int, Match]   # the equation that yields a chain's output
   deferred: set[int]         # the chain's other equations (never run)
-  calls: set[int]            # calls that contain a chain further down
+  calls: set[int]            # calls, scans, remats, conds with a chain
+                             # further down
 
   def __bool__(self):
     return bool(self.finals or self.calls)
@@ -585,13 +588,26 @@ def _mask_eqns(flat: _Flat, var, tops: set[int], chain: set[int]):
   return [flat.eqns[j] for j in sorted(need)]
 
 
+def bodies(eqn) -> list:
+  """The jaxprs an equation runs: a call's, a scan's, a remat's, a cond's
+  branches."""
+  found = []
+  for key in ('jaxpr', 'call_jaxpr', 'branches'):
+    value = eqn.params.get(key)
+    for body in value if isinstance(value, (list, tuple)) else [value]:
+      if isinstance(body, jex.ClosedJaxpr):
+        found.append(body.jaxpr)
+      elif isinstance(body, jex.Jaxpr):
+        found.append(body)
+  return found
+
+
 def _contains(jaxpr, depth: int = 0) -> bool:
   if depth > 8:
     return False
   if _find(jaxpr).finals:
     return True
-  return any(_body(e) is not None and _contains(_body(e)[0], depth + 1)
-             for e in jaxpr.eqns)
+  return any(_contains(b, depth + 1) for e in jaxpr.eqns for b in bodies(e))
 
 
 def _find(jaxpr) -> Plan:
@@ -659,12 +675,13 @@ def _find(jaxpr) -> Plan:
 
 def plan(jaxpr) -> Plan:
   """The attention chains among ``jaxpr``'s top-level equations, and the
-  calls (``jit``, ``custom_jvp``) that hold one further down."""
+  equations (``jit``, ``custom_jvp``, ``scan``, ``remat``, ``cond``) that
+  hold one further down."""
   found = _find(jaxpr)
   for i, e in enumerate(jaxpr.eqns):
     if i in found.finals or i in found.deferred:
       continue
-    body = _body(e)
-    if body is not None and _contains(body[0]):
+    if e.primitive.name in _ENTERED and any(
+        _contains(b) for b in bodies(e)):
       found.calls.add(i)
   return found
