@@ -31,6 +31,7 @@ from lorajax import matmul
 from lorajax import spec as spec_lib
 from lorajax.runtime import attention_pattern
 from lorajax.runtime import cpu_attention
+from lorajax.runtime import elementwise_remat
 from lorajax.runtime import recompute
 
 PyTree = Any
@@ -442,10 +443,10 @@ def _eval(jaxpr, consts, args, ctx: _Ctx) -> list[Any]:
     env[v] = x
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
-  fuse = _attention_plan(jaxpr)
+  fuse = _fusion_plan(jaxpr)
   for i, eqn in enumerate(jaxpr.eqns):
     if fuse is not None and i in fuse.deferred:
-      continue   # part of an attention chain, computed at its end
+      continue   # part of a chain or region, computed at its end
     match = fuse.finals.get(i) if fuse is not None else None
     if match is not None:
       try:
@@ -461,15 +462,22 @@ def _eval(jaxpr, consts, args, ctx: _Ctx) -> list[Any]:
   return [read(v) for v in jaxpr.outvars]
 
 
-def _attention_plan(jaxpr) -> attention_pattern.Plan | None:
-  """Where ``jaxpr`` has softmax attention that the fused CPU kernel can
-  compute (``lorajax.runtime.attention_pattern``); None if nowhere or the
-  kernel is not used here (another backend, ``LORAJAX_CPU_ATTENTION=xla``,
-  no compiler)."""
+def _fusion_plan(jaxpr) -> attention_pattern.Plan | None:
+  """Where ``jaxpr``'s top-level equations are computed another way: the
+  softmax attention chains that the fused CPU kernel can compute
+  (``lorajax.runtime.attention_pattern``; not on another backend, with
+  ``LORAJAX_CPU_ATTENTION=xla`` or without a compiler), and the activations
+  that keep only their input for the backward pass
+  (``lorajax.runtime.elementwise_remat``). None if nothing."""
   found = attention_pattern.plan(jaxpr)
-  if not found or not cpu_attention.available():
-    return None
-  return found
+  if found and not cpu_attention.available():
+    found = attention_pattern.Plan({}, set(), set())
+  if elementwise_remat.enabled():
+    taken = found.deferred | set(found.finals)
+    for region in elementwise_remat.plan(jaxpr, taken):
+      found.finals[region.eqns[-1]] = region
+      found.deferred |= set(region.eqns[:-1])
+  return found or None
 
 
 def _enter(eqn, invals, ctx: _Ctx):

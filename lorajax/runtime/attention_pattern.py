@@ -63,7 +63,8 @@ _F32 = np.dtype(np.float32)
 
 
 class NoFuse(Exception):
-  """At evaluation: an input of a found chain cannot go to the kernel."""
+  """At evaluation: an input of a found chain or region cannot take the
+  fused path (e.g. it is a targeted kernel); the equations run as traced."""
 
 
 def _is_lit(a) -> bool:
