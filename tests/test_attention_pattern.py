@@ -220,8 +220,15 @@ def _softcap(q, k, v, mask):
   return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s), v)
 
 
+def _jax_nn(q, k, v, mask):
+  """``jax.nn.dot_product_attention``: its grouped 5-d products are not a
+  form the matcher takes."""
+  return jax.nn.dot_product_attention(q, k, v,
+                                      mask=mask[:, None, None, :])
+
+
 @pytest.mark.parametrize('fn', [_bias, _neg_inf, _small_fill, _probs_kept,
-                                _over_queries, _dropout, _softcap],
+                                _over_queries, _dropout, _softcap, _jax_nn],
                          ids=lambda f: f.__name__.strip('_'))
 def test_what_the_kernel_cannot_compute_stays_with_xla(fn):
   """An additive bias, a fill of -inf (NaN rows) or above -1e9, the

@@ -4,7 +4,10 @@ What someone who brings their own model writes: ``nn.Dense``,
 ``nn.LayerNorm``, ``nn.gelu`` and a softmax attention, with none of the
 hand-written backward passes of lorajax's shipped ``lorajax.models.bert``.
 The benchmark puts LoRA on it through ``lorajax.lora`` alone, so the row
-measures the transform on a model lorajax has never seen.
+measures the transform on a model lorajax has never seen: what the rewrite
+finds in its jaxpr by itself (the softmax attention, computed by the fused
+CPU kernel; the GELU, which keeps only its input for the backward pass) is
+all it gets.
 
 It computes what ``transformers.BertForSequenceClassification`` computes
 (exact-erf GELU, LayerNorm eps 1e-12, the pooler on ``[CLS]``), so its loss

@@ -14,7 +14,10 @@ threads.
 without dropout: the keep mask XLA draws enters the kernel, so the bits
 are the same) and ``lorajax.models.attention.attend_in_blocks`` (float32
 decoders: grouped-query heads, causal) use it on the CPU, unless
-``LORAJAX_CPU_ATTENTION=xla`` or ``save_attention_probs``. It is built on
+``LORAJAX_CPU_ATTENTION=xla`` or ``save_attention_probs``. A user's own
+softmax attention (``einsum``, ``jnp.where``, ``jax.nn.softmax``) gets it
+through ``lorajax.lora`` and ``lorajax.fuse_attention``, which find the
+chain in the traced function (``lorajax.runtime.attention_pattern``). It is built on
 first use with the machine's C++ compiler (``$CXX``, else ``c++``,
 ``g++``, ``clang++``) and ``-O3 -march=native`` into ``~/.cache/lorajax``. Without a compiler, or if
 the build fails, lorajax logs why once and uses XLA's attention: the same
