@@ -16,7 +16,8 @@ transcendental function in it. The LoRA rewrite (``lorajax.rewrite``) then
 computes ``y`` with a custom derivative that keeps ``x`` alone and runs the
 region again, differentiated, in the backward pass: the values and
 gradients are the region's own (the same operations), the residuals one
-array. ``LORAJAX_ELEMENTWISE_REMAT=off`` turns it off.
+array. It applies on the CPU, where it was measured (other backends keep
+XLA's own residuals); ``LORAJAX_ELEMENTWISE_REMAT=off`` turns it off.
 
 Example (the exact GELU of ``flax.linen.gelu(x, approximate=False)``):
 
@@ -54,8 +55,13 @@ _CALLS = ('jit', 'pjit', 'closed_call')
 
 
 def enabled() -> bool:
-  return os.environ.get(SWITCH, '').strip().lower() not in ('off', '0',
-                                                            'false', 'no')
+  """On the CPU (where it was measured), unless ``LORAJAX_ELEMENTWISE_REMAT``
+  is ``off``."""
+  if os.environ.get(SWITCH, '').strip().lower() in ('off', '0', 'false',
+                                                    'no'):
+    return False
+  return jax.default_backend() == 'cpu'
+
 
 
 def _is_lit(a) -> bool:
