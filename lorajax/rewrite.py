@@ -11,6 +11,13 @@ computes the product (``x·W + s·(x·a)·b`` for LoRA). Any other use of a
 targeted kernel raises an error that names the parameter path and the
 primitive: the kernel is never silently materialized with the update.
 
+On the CPU the evaluation also computes two patterns of the traced
+function another way, with the same values: a softmax attention
+(``lorajax.runtime.attention_pattern``) by lorajax's fused kernel, and an
+elementwise activation (``lorajax.runtime.elementwise_remat``) with a
+derivative that keeps only its input. :func:`fuse_attention` does this for
+a function without adapters.
+
 Only public JAX API is used: ``jax.make_jaxpr`` and ``jax.extend.core``.
 """
 
@@ -662,9 +669,12 @@ def fuse_attention(fn: Callable[..., Any]) -> Callable[..., Any]:
   evaluated with every attention chain that
   ``lorajax.runtime.attention_pattern`` recognises (``einsum``, an optional
   scale and ``jnp.where`` mask, ``jax.nn.softmax``, ``einsum``) computed by
-  ``lorajax.runtime.cpu_attention``. Other equations run as traced; on
-  another backend, with ``LORAJAX_CPU_ATTENTION=xla`` or without a
-  compiler, nothing changes. The values are ``fn``'s to float rounding.
+  ``lorajax.runtime.cpu_attention``, and every activation region of
+  ``lorajax.runtime.elementwise_remat`` (GELU, SiLU, ...) keeping only its
+  input for the backward pass. Other equations run as traced; on another
+  backend nothing changes (``LORAJAX_CPU_ATTENTION=xla`` and
+  ``LORAJAX_ELEMENTWISE_REMAT=off`` turn each off on the CPU). The values
+  are ``fn``'s to float rounding.
 
   Example:
 
