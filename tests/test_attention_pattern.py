@@ -178,6 +178,17 @@ def test_users_bert_with_lora_trains_on_the_kernel():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _hf_flax_bias(q, k, v, mask):
+  """Hugging Face's Flax BERT: ``lax.select(mask > 0, 0, finfo.min)``
+  added to the scores by Flax's ``dot_product_attention_weights``. Left to
+  XLA: for a sequence with no key, XLA's derivative of ``s + bias`` reaches
+  the hidden scores, the kernel's does not."""
+  bias = jax.lax.select(mask, jnp.full(mask.shape, 0.0),
+                        jnp.full(mask.shape, NEG))[:, None, None, :]
+  w = nn.attention.dot_product_attention_weights(q, k, bias=bias)
+  return jnp.einsum('...hqk,...khd->...qhd', w, v)
+
+
 def _bias(q, k, v, mask):
   s = jnp.einsum('bqhd,bkhd->bhqk', q, k)
   s = s + jnp.where(mask, 0.0, -1e9)[:, None, None, :]
@@ -228,7 +239,8 @@ def _jax_nn(q, k, v, mask):
 
 
 @pytest.mark.parametrize('fn', [_bias, _neg_inf, _small_fill, _probs_kept,
-                                _over_queries, _dropout, _softcap, _jax_nn],
+                                _over_queries, _dropout, _softcap, _jax_nn,
+                                _hf_flax_bias],
                          ids=lambda f: f.__name__.strip('_'))
 def test_what_the_kernel_cannot_compute_stays_with_xla(fn):
   """An additive bias, a fill of -inf (NaN rows) or above -1e9, the

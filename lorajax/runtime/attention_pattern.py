@@ -17,11 +17,15 @@ every value in a chain is used only by the next step of it (nothing else
 reads the scores or the probabilities) and all of it is float32. The LoRA
 rewrite (``lorajax.rewrite``) then computes ``out`` with
 ``lorajax.runtime.cpu_attention.attention`` in one call instead of the chain,
-and leaves everything else as traced. ``pred`` may be any boolean array that
-is a broadcast of one without a head axis, ``[B, S]`` or ``[B, T, S]``
-(``[T, S]`` for a causal mask); a per-head mask, an additive bias, a softcap,
-dropout on the probabilities or a fill of ``-inf`` (which makes a query with
-no key NaN, where the kernel gives uniform weights) leave the chain to XLA.
+and leaves everything else as traced. ``pred`` may be any boolean array
+broadcast to the scores: ``[B, S]``, ``[B, T, S]``, ``[T, S]`` for a causal
+mask, or one per head (each head is then its own sequence in the kernel).
+An additive bias, a softcap, dropout on the probabilities or a fill of
+``-inf`` (which makes a query with no key NaN, where the kernel gives
+uniform weights) leave the chain to XLA. Even a bias that is 0 or
+float32's lowest value (Hugging Face's Flax attention) does: where a query
+sees no key, XLA's derivative of ``s + bias`` passes gradient to the
+hidden scores and the kernel's (like ``jnp.where``'s) does not.
 
 The values are those of the chain to float rounding: masked scores become
 float32's lowest value in the kernel, which gives the same probabilities as
