@@ -57,6 +57,8 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax.runtime import cpu_attention
+
 # Calls whose body is the call's meaning, looked through when matching.
 _CALLS = ('jit', 'pjit', 'closed_call', 'core_call', 'custom_jvp_call')
 # Equations whose bodies the rewrite evaluates itself when a chain is inside.
@@ -274,7 +276,6 @@ class Match:
     k4 = _arrange(k, self.k_axes, [bh, ['s'], hh, ['d']])
     v4 = _arrange(v, self.v_axes, [bh, ['s'], hh, ['d']])
     mask = groups['mask']
-    from lorajax.runtime import cpu_attention
     o = cpu_attention.attention(q4, k4, v4, mask, scale=self.scale)
     # [B', T, H', D] -> the final product's own layout.
     named = o.reshape([sizes[n] for n in bh] + [sizes['t']]
