@@ -30,10 +30,14 @@ _FAULTS = textwrap.dedent("""
     x = jnp.ones((8192, 256))
     c = jax.jit(jax.grad(loss)).lower(ws, x).compile(
         compiler_options=lorajax.compiler_options())
-    for _ in range(4):
+    per_step = []
+    for _ in range(6):
       r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       jax.block_until_ready(c(ws, x))
-      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+      per_step.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    # The median of steps 2-6: one step may refault when a request that no
+    # cached block fits empties the cache (seen once in a full suite run).
+    faults = sorted(per_step[1:])[2]
     print(kept, c.memory_analysis().temp_size_in_bytes // 4096, faults)
 """)
 
