@@ -649,8 +649,6 @@ def _find(jaxpr) -> Plan:
         if o in flat.escaping or any(flat.eqns[u].top not in tops
                                      for u in flat.uses.get(o, [])):
           ok = False
-    if match.out_var in flat.escaping and match.out_var not in flat.exposed:
-      ok = False
     for a in [match.q, match.k, match.v] + [v for v, _ in match.scale_vars]:
       ok = ok and _readable(flat, a, tops)
     if ok and match.mask is not None:
@@ -658,8 +656,8 @@ def _find(jaxpr) -> Plan:
       ok = eqns is not None
       match.mask_eqns = eqns or []
     final_eqn = jaxpr.eqns[final_top]
-    if ok and flat.exposed.get(match.out_var) is None:
-      ok = False
+    if flat.exposed.get(match.out_var) is None:
+      ok = False   # the output must be a top-level value
     # Every output of a skipped equation is computed inside the chain's
     # equations (not an input passed through, which nobody would set).
     made_inside = {o for j in inside for o in flat.eqns[j].outs}
