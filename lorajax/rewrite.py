@@ -38,6 +38,7 @@ from lorajax import matmul
 from lorajax import spec as spec_lib
 from lorajax.runtime import attention_pattern
 from lorajax.runtime import cpu_attention
+from lorajax.runtime import dead_rows
 from lorajax.runtime import elementwise_remat
 from lorajax.runtime import recompute
 
@@ -565,6 +566,8 @@ class _Traced:
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
         list(param_avals), dyn_avals)
+    # Rows the function slices away (a [CLS] readout) are not computed.
+    closed = dead_rows.prune(closed) or closed
     out_tree = jax.tree_util.tree_structure(out_shape)
     if key is not None:
       if len(self.cache) > 64:
