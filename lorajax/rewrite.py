@@ -567,7 +567,7 @@ class _Traced:
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
         list(param_avals), dyn_avals)
     # Rows the function slices away (a [CLS] readout) are not computed.
-    closed = dead_rows.prune(closed) or closed
+    closed = dead_rows.prune(closed, len(param_avals)) or closed
     out_tree = jax.tree_util.tree_structure(out_shape)
     if key is not None:
       if len(self.cache) > 64:

@@ -176,6 +176,23 @@ def test_lora_step_of_a_flax_classifier_does_less_work():
   assert pruned < 0.6 * whole
 
 
+def test_a_kernel_whose_output_features_are_cut_stays_whole():
+  """``(x @ w)[..., :4]`` with ``w`` adapted: the slice is along the
+  kernel's output features, which the LoRA rewrite must see whole; the
+  result is the merged kernel's."""
+  params = {'w': jax.random.normal(jax.random.key(0), (H, 12))}
+  spec = lorajax.LoraSpec([('w', lorajax.Lora(rank=2))])
+  adapters = jax.tree.map(lambda a: a + 0.1,
+                          lorajax.init(spec, params, jax.random.key(1)))
+
+  def f(p, x):
+    return jnp.tanh(x @ p['w'])[..., :4]
+
+  got = jax.jit(lorajax.lora(f, spec))(params, adapters, _x())
+  want = f(lorajax.merge(params, adapters, spec), _x())
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 # Random programs: row-wise steps and row-mixing steps in any order, then a
 # slice of a random range of the sequence axis.
 _STEPS = {

@@ -199,12 +199,25 @@ def _retrace(closed: jex.ClosedJaxpr, fn) -> jex.ClosedJaxpr:
   return jax.make_jaxpr(fn)(*avals)
 
 
-def _demands(jaxpr) -> tuple[dict[Any, Any], dict[int, tuple[int, int, int]],
-                             set[int]]:
+def _whole(jaxpr, n: int) -> set[Any]:
+  """The first ``n`` inputs of ``jaxpr`` and every value computed from
+  them alone: never sliced (the LoRA rewrite needs a targeted kernel to
+  reach its product unchanged)."""
+  whole = set(jaxpr.invars[:n])
+  for eqn in jaxpr.eqns:
+    ins = [v for v in eqn.invars if not isinstance(v, jex.Literal)]
+    if ins and all(v in whole for v in ins):
+      whole.update(eqn.outvars)
+  return whole
+
+
+def _demands(jaxpr, whole: set[Any]
+             ) -> tuple[dict[Any, Any], dict[int, tuple[int, int, int]],
+                        set[int]]:
   """Backward over ``jaxpr``: each variable's demand (``_ALL`` or the
   ``(axis, start, stop)`` rows every reader wants), the equations computed
   on those rows only (index -> their output's rows) and the slices that
-  become their operand's kept rows."""
+  become their operand's kept rows. No value in ``whole`` is sliced."""
   want: dict[Any, Any] = {}
 
   def ask(v, demand):
@@ -221,7 +234,8 @@ def _demands(jaxpr) -> tuple[dict[Any, Any], dict[int, tuple[int, int, int]],
     eqn = jaxpr.eqns[i]
     demand = [want.get(v) for v in eqn.outvars]
     kept = _kept_range(eqn)
-    if kept is not None and demand[0] is not None:
+    if (kept is not None and demand[0] is not None
+        and eqn.invars[0] not in whole):
       ask(eqn.invars[0], kept)
       cuts.add(i)
       continue
@@ -229,7 +243,8 @@ def _demands(jaxpr) -> tuple[dict[Any, Any], dict[int, tuple[int, int, int]],
         and not eqn.effects):
       axis, start, stop = demand[0]
       axes = _in_axes(eqn, axis)
-      if axes is not None:
+      if axes is not None and not any(
+          a is not None and v in whole for v, a in zip(eqn.invars, axes)):
         rows[i] = demand[0]
         for v, a in zip(eqn.invars, axes):
           ask(v, _ALL if a is None else (a, start, stop))
@@ -239,15 +254,19 @@ def _demands(jaxpr) -> tuple[dict[Any, Any], dict[int, tuple[int, int, int]],
   return want, rows, cuts
 
 
-def prune(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr | None:
+def prune(closed: jex.ClosedJaxpr, whole_inputs: int = 0
+          ) -> jex.ClosedJaxpr | None:
   """``closed`` computing only the rows its slices read, or None if no
-  equation loses a row (then nothing is traced again)."""
+  equation loses a row (then nothing is traced again). Its first
+  ``whole_inputs`` inputs (the parameters), and values computed from them
+  alone, are never sliced: a product with a kernel's output features cut
+  (``(x @ w)[..., :4]``) keeps the whole kernel."""
   if not enabled() or not any(_kept_range(e) for e in closed.jaxpr.eqns):
     return None
   if any(e.primitive.name in _CALLS for e in closed.jaxpr.eqns):
     closed = _inline_calls(closed)
   jaxpr = closed.jaxpr
-  want, rows, cuts = _demands(jaxpr)
+  want, rows, cuts = _demands(jaxpr, _whole(jaxpr, whole_inputs))
   if not rows:
     return None
 
