@@ -58,11 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax.runtime import cpu_attention
+from lorajax.runtime import jaxpr_view
+from lorajax.runtime.jaxpr_view import Flat, FlatEqn, is_literal
 
-# Calls whose body is the call's meaning, looked through when matching.
-_CALLS = ('jit', 'pjit', 'closed_call', 'core_call', 'custom_jvp_call')
 # Equations whose bodies the rewrite evaluates itself when a chain is inside.
-_ENTERED = _CALLS + ('scan', 'remat', 'remat2', 'checkpoint', 'cond')
+_ENTERED = jaxpr_view.LOOKED_THROUGH + ('scan', 'remat', 'remat2', 'checkpoint', 'cond')
 # A masked score's fill must be at most this (see the module docstring).
 FILL_LIMIT = -1e9
 _F32 = np.dtype(np.float32)
@@ -73,129 +73,13 @@ class NoFuse(Exception):
   fused path (e.g. it is a targeted kernel); the equations run as traced."""
 
 
-def _is_lit(a) -> bool:
-  return isinstance(a, jex.Literal)
-
-
-def _body(eqn):
-  if eqn.primitive.name not in _CALLS:
-    return None
-  p = eqn.params
-  body = p.get('jaxpr', p.get('call_jaxpr'))
-  if isinstance(body, jex.ClosedJaxpr):
-    return body.jaxpr, list(body.consts)
-  if isinstance(body, jex.Jaxpr):
-    return body, []
-  return None
-
-
-@dataclasses.dataclass
-class _Eqn:
-  """One equation of a jaxpr with its calls inlined: canonical in/out."""
-  eqn: Any
-  ins: list
-  outs: list
-  top: int
-
-
-class _Inner:
-  """A variable of an inlined call's body, one per call: a body shared by
-  several calls (``jnp.where``'s, in every layer) has its values once per
-  call."""
-  __slots__ = ('var',)
-
-  def __init__(self, var):
-    self.var = var
-
-  @property
-  def aval(self):
-    return self.var.aval
-
-  def __repr__(self):
-    return f'inner {self.var}'
-
-
-class _Flat:
-  """``jaxpr``'s equations with the bodies of ``_CALLS`` inlined.
-
-  Every value has one canonical name: a top-level variable, a literal, or
-  an ``_Inner`` for a value computed inside a call (a call's inputs and
-  outputs are the values they alias).
-  """
-
-  def __init__(self, jaxpr):
-    self.eqns: list[_Eqn] = []
-    self.consts: dict[Any, Any] = {}   # inner closed jaxprs' constants
-    self.exposed: dict[Any, Any] = {}  # canonical -> top-level variable
-    self.top_names: dict[Any, Any] = {}
-    self._walk(jaxpr, None, self.top_names)
-    for v in list(jaxpr.invars) + list(jaxpr.constvars):
-      self.exposed[v] = v
-    self.producer: dict[Any, int] = {}
-    self.uses: dict[Any, list[int]] = {}
-    for i, e in enumerate(self.eqns):
-      for v in e.outs:
-        self.producer[v] = i
-      for a in e.ins:
-        if not _is_lit(a):
-          self.uses.setdefault(a, []).append(i)
-    self.escaping = {self.canon(v) for v in jaxpr.outvars if not _is_lit(v)}
-
-  def canon(self, a):
-    """The canonical name of a top-level variable or literal."""
-    return a if _is_lit(a) else self.top_names.get(a, a)
-
-  def _walk(self, jaxpr, top, names) -> list:
-    def ref(a):
-      return a if _is_lit(a) else names.get(a, a)
-
-    for i, e in enumerate(jaxpr.eqns):
-      t = i if top is None else top
-      ins = [ref(a) for a in e.invars]
-      body = _body(e)
-      if body is None:
-        outs = []
-        for o in e.outvars:
-          if top is not None:
-            names[o] = _Inner(o)
-          outs.append(ref(o))
-        self.eqns.append(_Eqn(e, ins, outs, t))
-      else:
-        inner, consts = body
-        sub: dict[Any, Any] = {}
-        for v, c in zip(inner.constvars, consts):
-          sub[v] = _Inner(v)
-          self.consts[sub[v]] = c
-        sub.update(zip(inner.invars, ins))
-        for o, r in zip(e.outvars, self._walk(inner, t, sub)):
-          names[o] = r
-      if top is None:
-        for o in e.outvars:
-          self.exposed.setdefault(ref(o), o)
-    return [ref(o) for o in jaxpr.outvars]
-
-  def only_use(self, v) -> int | None:
-    """The one equation that reads ``v`` (None if more, none, or ``v`` is
-    an output of the jaxpr)."""
-    uses = self.uses.get(v, [])
-    if len(uses) != 1 or v in self.escaping:
-      return None
-    return uses[0]
-
-  def made_by(self, a, *names) -> _Eqn | None:
-    if _is_lit(a) or a not in self.producer:
-      return None
-    e = self.eqns[self.producer[a]]
-    return e if e.eqn.primitive.name in names else None
-
-
-def _scalar(flat: _Flat, a) -> Any:
+def _scalar(flat: Flat, a) -> Any:
   """A Python float if ``a`` is a constant with one value (a literal, a
   constant, or a cast or broadcast of one), else None."""
   a = flat.canon(a)
   while (e := flat.made_by(a, 'convert_element_type', 'broadcast_in_dim')):
     a = e.ins[0]
-  if _is_lit(a):
+  if is_literal(a):
     value = np.asarray(a.val)
   elif a in flat.consts:
     value = np.asarray(flat.consts[a])
@@ -221,7 +105,7 @@ class Match:
   mask: Any                # canonical boolean variable, or None
   mask_names: list[str]    # its axes, logically ('_' for a size-1 axis)
   mask_visible: bool       # True: where mask, the score is kept
-  mask_eqns: list[_Eqn]    # equations to run to get mask (inside tops)
+  mask_eqns: list[FlatEqn]    # equations to run to get mask (inside tops)
   consts: dict = dataclasses.field(repr=False)    # of inlined calls
   exposed: dict = dataclasses.field(repr=False)   # canonical -> top level
   tops: list[int] = dataclasses.field(default_factory=list)
@@ -240,7 +124,7 @@ class Match:
     local: dict[Any, Any] = {}
 
     def value(a):
-      if _is_lit(a):
+      if is_literal(a):
         return a.val
       if a in local:
         return local[a]
@@ -353,14 +237,14 @@ def _dims(eqn):
 
 
 def _f32(a) -> bool:
-  return not _is_lit(a) and np.dtype(a.aval.dtype) == _F32
+  return not is_literal(a) and np.dtype(a.aval.dtype) == _F32
 
 
 def _free(rank, contract, batch):
   return [i for i in range(rank) if i not in contract and i not in batch]
 
 
-def _match(flat: _Flat, i: int) -> tuple[Match, list[int]] | None:
+def _match(flat: Flat, i: int) -> tuple[Match, list[int]] | None:
   """The chain starting at the scores product ``flat.eqns[i]``, and the
   indices of its equations; None if the equations after it are not one."""
   e = flat.eqns[i]
@@ -394,7 +278,7 @@ def _match(flat: _Flat, i: int) -> tuple[Match, list[int]] | None:
       other = n.ins[1] if n.ins[0] is cur else n.ins[0]
       if name == 'div' and n.ins[0] is not cur or other is cur:
         return None
-      if not _is_lit(other) and other.aval.shape != ():
+      if not is_literal(other) and other.aval.shape != ():
         return None
       c = _scalar(flat, other)
       if c is None:
@@ -403,7 +287,7 @@ def _match(flat: _Flat, i: int) -> tuple[Match, list[int]] | None:
         scale = scale * c if name == 'mul' else scale / c
     elif name == 'select_n' and mask is None and len(n.ins) == 3:
       pred, a, b = n.ins
-      if (a is cur) == (b is cur) or _is_lit(pred) or pred.aval.dtype != bool:
+      if (a is cur) == (b is cur) or is_literal(pred) or pred.aval.dtype != bool:
         return None
       fill = _scalar(flat, b if a is cur else a)
       if fill is None or not -np.inf < fill <= FILL_LIMIT:
@@ -514,7 +398,7 @@ def _match(flat: _Flat, i: int) -> tuple[Match, list[int]] | None:
   return match, chain
 
 
-def _reduced(flat: _Flat, red: _Eqn, axis: int, x, chain: list[int],
+def _reduced(flat: Flat, red: FlatEqn, axis: int, x, chain: list[int],
              extra: tuple[str, ...]):
   """The row statistic ``red`` (a reduce over ``axis`` of ``x``) brought
   back to ``x``'s rank with that axis of size 1, through broadcasts,
@@ -560,9 +444,9 @@ def _reduced(flat: _Flat, red: _Eqn, axis: int, x, chain: list[int],
   return cur
 
 
-def _readable(flat: _Flat, a, tops: set[int]) -> bool:
+def _readable(flat: Flat, a, tops: set[int]) -> bool:
   """Whether ``a``'s value exists at the top level outside ``tops``."""
-  if _is_lit(a) or a in flat.consts:
+  if is_literal(a) or a in flat.consts:
     return True
   if a not in flat.exposed:
     return False
@@ -570,7 +454,7 @@ def _readable(flat: _Flat, a, tops: set[int]) -> bool:
   return j is None or flat.eqns[j].top not in tops
 
 
-def _mask_eqns(flat: _Flat, var, tops: set[int], chain: set[int]):
+def _mask_eqns(flat: Flat, var, tops: set[int], chain: set[int]):
   """The equations inside ``tops`` that compute ``var``, in order; None if
   one of them is part of the chain or has effects."""
   need: list[int] = []
@@ -617,7 +501,7 @@ def _contains(jaxpr, depth: int = 0) -> bool:
 
 
 def _find(jaxpr) -> Plan:
-  flat = _Flat(jaxpr)
+  flat = Flat(jaxpr)
   finals: dict[int, Match] = {}
   deferred: set[int] = set()
   taken: set[int] = set()
@@ -664,7 +548,7 @@ def _find(jaxpr) -> Plan:
     for t in tops:
       for o in jaxpr.eqns[t].outvars:
         c = flat.canon(o)
-        ok = ok and (c is match.out_var or (not _is_lit(c)
+        ok = ok and (c is match.out_var or (not is_literal(c)
                                             and c in made_inside))
     if not ok:
       continue

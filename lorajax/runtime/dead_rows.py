@@ -44,6 +44,8 @@ import jax
 from jax import lax
 import jax.extend.core as jex
 
+from lorajax.runtime import jaxpr_view
+
 SWITCH = 'LORAJAX_DEAD_ROWS'
 
 # Equations whose every operand has the output's rank (or is a scalar) and
@@ -59,7 +61,6 @@ _ELEMENTWISE = frozenset({
     'not', 'xor', 'select_n', 'clamp'})
 _REDUCE = frozenset({'reduce_sum', 'reduce_max', 'reduce_min', 'reduce_prod',
                      'reduce_and', 'reduce_or', 'argmax', 'argmin'})
-_CALLS = frozenset({'jit', 'pjit', 'closed_call'})
 
 _ALL = 'all'   # a value read in full
 
@@ -174,17 +175,11 @@ def _inline_calls(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
   def run(jaxpr, consts, args):
     env = dict(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
-    read = lambda v: v.val if isinstance(v, jex.Literal) else env[v]
+    read = lambda v: v.val if jaxpr_view.is_literal(v) else env[v]
     for eqn in jaxpr.eqns:
       invals = [read(v) for v in eqn.invars]
-      if eqn.primitive.name in _CALLS:
-        body = eqn.params.get('jaxpr') or eqn.params.get('call_jaxpr')
-        if isinstance(body, jex.ClosedJaxpr):
-          outs = run(body.jaxpr, body.consts, invals)
-        else:
-          outs = run(body, [], invals)
-      else:
-        outs = _bind(eqn, invals)
+      body = jaxpr_view.call_body(eqn)
+      outs = _bind(eqn, invals) if body is None else run(*body, invals)
       env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
 
@@ -205,7 +200,7 @@ def _whole(jaxpr, n: int) -> set[Any]:
   reach its product unchanged)."""
   whole = set(jaxpr.invars[:n])
   for eqn in jaxpr.eqns:
-    ins = [v for v in eqn.invars if not isinstance(v, jex.Literal)]
+    ins = [v for v in eqn.invars if not jaxpr_view.is_literal(v)]
     if ins and all(v in whole for v in ins):
       whole.update(eqn.outvars)
   return whole
@@ -221,7 +216,7 @@ def _demands(jaxpr, whole: set[Any]
   want: dict[Any, Any] = {}
 
   def ask(v, demand):
-    if isinstance(v, jex.Literal):
+    if jaxpr_view.is_literal(v):
       return
     have = want.get(v)
     want[v] = demand if have in (None, demand) else _ALL
@@ -263,7 +258,7 @@ def prune(closed: jex.ClosedJaxpr, whole_inputs: int = 0
   (``(x @ w)[..., :4]``) keeps the whole kernel."""
   if not enabled() or not any(_kept_range(e) for e in closed.jaxpr.eqns):
     return None
-  if any(e.primitive.name in _CALLS for e in closed.jaxpr.eqns):
+  if any(jaxpr_view.call_body(e) for e in closed.jaxpr.eqns):
     closed = _inline_calls(closed)
   jaxpr = closed.jaxpr
   want, rows, cuts = _demands(jaxpr, _whole(jaxpr, whole_inputs))
@@ -276,7 +271,7 @@ def prune(closed: jex.ClosedJaxpr, whole_inputs: int = 0
     part: dict[Any, Any] = {}   # variables held as their kept rows only
 
     def read(v, rows_of=None):
-      if isinstance(v, jex.Literal):
+      if jaxpr_view.is_literal(v):
         return v.val
       if rows_of is None:
         return env[v]

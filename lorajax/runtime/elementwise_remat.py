@@ -36,10 +36,10 @@ from typing import Any, Callable
 
 import jax
 from jax import lax
-import jax.extend.core as jex
 import numpy as np
 
 from lorajax.runtime.attention_pattern import NoFuse
+from lorajax.runtime.jaxpr_view import call_body, is_literal
 
 SWITCH = 'LORAJAX_ELEMENTWISE_REMAT'
 
@@ -64,19 +64,13 @@ def enabled() -> bool:
 
 
 
-def _is_lit(a) -> bool:
-  return isinstance(a, jex.Literal)
-
-
 def _floating(a) -> bool:
   return jax.dtypes.issubdtype(a.aval.dtype, np.floating)
 
 
 def _body(eqn):
-  if eqn.primitive.name not in _CALLS:
-    return None
-  body = eqn.params.get('jaxpr', eqn.params.get('call_jaxpr'))
-  return body.jaxpr if isinstance(body, jex.ClosedJaxpr) else body
+  body = call_body(eqn, _CALLS)
+  return None if body is None else body[0]
 
 
 def _kind(eqn, depth: int = 0) -> str | None:
@@ -84,13 +78,13 @@ def _kind(eqn, depth: int = 0) -> str | None:
   are one shape (apart from literal scalars) and whose output has it;
   None for any other."""
   name = eqn.primitive.name
-  arrays = [a for a in eqn.invars if not _is_lit(a)]
+  arrays = [a for a in eqn.invars if not is_literal(a)]
   if len(eqn.outvars) != 1 or not arrays or not _floating(eqn.outvars[0]):
     return None
   shape = eqn.outvars[0].aval.shape
   if any(a.aval.shape != shape or not _floating(a) for a in arrays):
     return None
-  if any(_is_lit(a) and np.ndim(a.val) != 0 for a in eqn.invars):
+  if any(is_literal(a) and np.ndim(a.val) != 0 for a in eqn.invars):
     return None
   if name in _UNARY or name in _BINARY:
     return 'transcendental' if name in _TRANSCENDENTAL else 'plain'
@@ -138,7 +132,7 @@ class Region:
     env = {self.x: x}
 
     def value(a):
-      return a.val if _is_lit(a) else env[a]
+      return a.val if is_literal(a) else env[a]
 
     for i in self.eqns:
       eqn = self.jaxpr.eqns[i]
@@ -177,20 +171,20 @@ def plan(jaxpr, taken: set[int]) -> list[Region]:
   uses: dict[Any, list[int]] = {}
   for i, e in enumerate(eqns):
     for a in e.invars:
-      if not _is_lit(a):
+      if not is_literal(a):
         uses.setdefault(a, []).append(i)
-  outs = {v for v in jaxpr.outvars if not _is_lit(v)}
+  outs = {v for v in jaxpr.outvars if not is_literal(v)}
   found, used = [], set()
   for i, e in enumerate(eqns):
     if kinds[i] is None or i in used:
       continue
-    arrays = {a for a in e.invars if not _is_lit(a)}
+    arrays = {a for a in e.invars if not is_literal(a)}
     if len(arrays) != 1:
       continue
     x = arrays.pop()
     region, have = [i], {x, e.outvars[0]}
     for j in range(i + 1, len(eqns)):
-      ins = [a for a in eqns[j].invars if not _is_lit(a)]
+      ins = [a for a in eqns[j].invars if not is_literal(a)]
       if kinds[j] is not None and j not in used and all(a in have
                                                          for a in ins):
         region.append(j)
