@@ -62,7 +62,8 @@ from lorajax.runtime import jaxpr_view
 from lorajax.runtime.jaxpr_view import Flat, FlatEqn, is_literal
 
 # Equations whose bodies the rewrite evaluates itself when a chain is inside.
-_ENTERED = jaxpr_view.LOOKED_THROUGH + ('scan', 'remat', 'remat2', 'checkpoint', 'cond')
+_ENTERED = jaxpr_view.LOOKED_THROUGH + ('scan', 'remat', 'remat2',
+                                        'checkpoint', 'cond')
 # A masked score's fill must be at most this (see the module docstring).
 FILL_LIMIT = -1e9
 _F32 = np.dtype(np.float32)
