@@ -18,7 +18,10 @@ is not row-wise (a reduction over the axis, a gather, a custom derivative,
 a loop), is computed as written and sliced where the kept rows are read.
 Only the amount of work changes: the values are the function's own to
 float rounding, and so are the gradients (the rows left out never reached
-the output).
+the output). Random bits drawn inside the function are drawn whole and
+sliced; adapter dropout of the LoRA rewrite (``lora_rng``), drawn when a
+pruned product is evaluated, draws its mask for the kept rows only, so its
+bits differ from an unpruned run's.
 
 ``jit`` calls are inlined first (their bodies, like ``jnp.where``'s, take
 part in the walk); other higher-order equations are kept whole. The LoRA
