@@ -66,6 +66,12 @@ def base_config(task: str) -> config_dict.ConfigDict:
   # data parallel over local devices, or 'mesh' (jit over a data x model
   # Mesh: batch over 'data', kernels FSDP over 'model', across processes).
   c.mode = 'jit'
+  # Train steps per compiled call (mode 'jit'): k > 1 runs k steps in one
+  # lax.scan, so a CPU run maps and zeroes its step's temporaries once per
+  # k steps instead of every step (lorajax.training.step.scan_steps). Chunks
+  # end at every evaluation and checkpoint; a stop signal is answered at the
+  # end of a chunk. Same math, up to float rounding.
+  c.steps_per_call = 1
   # Compile the train step with lorajax.compiler_options() (jit and mesh;
   # on CPU a memory-minded schedule, same math: ~6% less peak memory for
   # LoRA, but full fine-tuning at small batches can be slower; figures in

@@ -71,6 +71,9 @@ class Runner(NamedTuple):
       processes on a mesh).
     mode: ``'jit'``, ``'pmap'`` or ``'mesh'``.
     shardings: on a mesh, ``{'state', 'frozen', 'batch'}`` shardings.
+    train_steps: ``(state, frozen, batches, active) -> (state, metrics)``,
+      several steps in one call (``step.scan_steps``: ``[k, B, ...]``
+      batches, ``[k]`` metrics); mode ``'jit'`` only, else None.
   """
   place: Callable[..., Any]
   train_step: Callable[..., Any]
@@ -80,6 +83,7 @@ class Runner(NamedTuple):
   to_host: Callable[..., Any] = jax.device_get
   mode: str = 'jit'
   shardings: dict[str, Any] | None = None
+  train_steps: Callable[..., Any] | None = None
 
 
 def _steps(loss_fn, eval_fn, tx, accum_steps, axis_name=None):
@@ -95,12 +99,15 @@ def jit_runner(*, loss_fn: step_lib.LossFn, eval_fn: step_lib.EvalFn,
                compiler_options: dict[str, Any] | None = None) -> Runner:
   """``jax.jit`` on the default device (train step compiled with
   ``compiler_options``, e.g. ``lorajax.compiler_options()``)."""
-  train, evaluate = _steps(loss_fn, eval_fn, tx, accum_steps)
-  train = jax.jit(train, compiler_options=compiler_options or None)
+  one, evaluate = _steps(loss_fn, eval_fn, tx, accum_steps)
+  options = compiler_options or None
+  train = jax.jit(one, compiler_options=options)
+  several = jax.jit(functools.partial(step_lib.scan_steps, one),
+                    compiler_options=options)
   return Runner(place=lambda state, frozen: jax.device_put((state, frozen)),
                 train_step=train, eval_step=jax.jit(evaluate),
                 put_batch=jax.device_put, to_checkpoint=lambda s: s,
-                mode='jit')
+                mode='jit', train_steps=several)
 
 
 def _first(tree: PyTree) -> PyTree:

@@ -163,6 +163,52 @@ def train_step(state: TrainState, frozen: PyTree, batch: PyTree, *,
   return new_state, metrics
 
 
+def scan_steps(step_fn: Callable[..., tuple[PyTree, PyTree]], state: PyTree,
+               frozen: PyTree, batches: PyTree, active: jax.Array
+               ) -> tuple[PyTree, PyTree]:
+  """Several train steps in one call: ``step_fn`` over ``len(active)``
+  batches stacked on a leading axis, under ``lax.scan``.
+
+  Where ``active[i]`` is False, step ``i`` is skipped (``lax.cond``: its
+  branch does not run): the state passes through and its metrics are
+  zeros. A loop whose chunks sometimes end early (an evaluation or a
+  checkpoint falls inside) thus compiles one program for every chunk.
+
+  Why: XLA's CPU runtime allocates a step's temporaries at the start of
+  each call and frees them at the end; glibc hands such large blocks back
+  to the kernel, which maps and zeroes them again one 4 KiB page at a time
+  on the next call. In one call of ``k`` steps that happens once, not ``k``
+  times (see ``config.steps_per_call``). A step inside the scan computes
+  what it computes alone, up to float rounding (XLA may fuse the loop body
+  differently); the step's key is still ``fold_in(rng, step)``.
+
+  Args:
+    step_fn: ``(state, frozen, batch) -> (state, metrics)``, e.g.
+      ``functools.partial(train_step, loss_fn=..., tx=...)``.
+    state: the state before the first step.
+    frozen: the frozen base, the same for every step.
+    batches: a tree of ``[k, B, ...]`` arrays, batch ``i`` at index ``i``.
+    active: bool ``[k]``.
+
+  Returns:
+    ``(state after the active steps, metrics of every step)``: each metric
+    ``[k]``, zeros where the step was skipped.
+  """
+  first = jax.tree.map(lambda x: x[0], batches)
+  _, metric_shapes = jax.eval_shape(step_fn, state, frozen, first)
+
+  def skip(s, batch):
+    del batch
+    return s, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype),
+                           metric_shapes)
+
+  def body(s, xs):
+    batch, on = xs
+    return lax.cond(on, lambda s, b: step_fn(s, frozen, b), skip, s, batch)
+
+  return lax.scan(body, state, (batches, active))
+
+
 def eval_step(trainable: PyTree, frozen: PyTree, batch: PyTree, *,
               eval_fn: EvalFn, axis_name: str | None = None) -> Stats:
   """Summed evaluation stats of one batch (``psum``-ed over ``axis_name``).

@@ -224,6 +224,35 @@ def _note(message: str) -> None:
   logging.warning('%s', message)
 
 
+def _chunk_end(config, done: int, num_steps: int, per_call: int) -> int:
+  """The step a call that starts after step ``done`` ends at: the next
+  multiple of ``per_call``, cut short by the next evaluation, checkpoint or
+  the last step. Chunks are aligned to absolute steps, so a resumed run
+  cuts the rest of the run as the uninterrupted one did."""
+  end = min(num_steps, (done // per_call + 1) * per_call)
+  for every in (int(config.eval_every), int(config.checkpoint_every)):
+    end = min(end, (done // every + 1) * every)
+  return end
+
+
+def _run_chunk(runner: Runner, state: Any, frozen: PyTree,
+               batches: list[dict[str, np.ndarray]], per_call: int
+               ) -> tuple[Any, list[dict[str, float]]]:
+  """``len(batches)`` steps in one ``runner.train_steps`` call of
+  ``per_call`` steps (the rest skipped, fed copies of the last batch); the
+  new state and each step's metrics."""
+  n = len(batches)
+  padded = batches + [batches[-1]] * (per_call - n)
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *padded)
+  active = np.arange(per_call) < n
+  state, metrics = runner.train_steps(state, frozen,
+                                      runner.put_batch(stacked),
+                                      runner.put_batch(active))
+  metrics = jax.device_get(metrics)
+  return state, [{k: float(v[i]) for k, v in metrics.items()}
+                 for i in range(n)]
+
+
 def _train(config, workdir: str, log_file: str, wall_start: float,
            stop: signals.StopRequest) -> dict[str, Any]:
   """The body of ``train_and_evaluate``, with logging captured."""
@@ -343,41 +372,55 @@ def _train(config, workdir: str, log_file: str, wall_start: float,
     initial = validate(0)
   final_val = None
   tokens, train_time, window = 0, 0.0, []
+  per_call = int(config.get('steps_per_call', 1))
+  if per_call > 1 and runner.train_steps is None:
+    raise ValueError(f'config.steps_per_call={per_call} needs mode \'jit\' '
+                     f'(mode={config.mode!r} runs one step a call)')
   try:
-    for step in range(start_step + 1, num_steps + 1):
-      batch = next(train_it)
-      n_tokens = int(np.sum(batch[task.tokens_key]))
+    step = start_step
+    while step < num_steps:
+      end = _chunk_end(config, step, num_steps, per_call)
+      batches = [next(train_it) for _ in range(end - step)]
+      counts = [int(np.sum(b[task.tokens_key])) for b in batches]
       t0 = time.perf_counter()
-      state_new, m = runner.train_step(state, frozen,
-                                       runner.put_batch(batch))
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      dt = time.perf_counter() - t0
-      if not _finite(m):
-        manager.wait_until_finished()
-        last = manager.latest_step()
-        raise FloatingPointError(
-            f'non-finite training loss at step {step}: loss={m["loss"]}, '
-            f'grad_norm={m["grad_norm"]}, param_norm={m["param_norm"]}. The '
-            f'run stopped without saving this step; the last good checkpoint '
-            f'is step {last} in {ckpt_dir}. Lower config.optim.learning_rate '
-            'or set config.optim.clip_norm.')
+      if per_call > 1:
+        state_new, ms = _run_chunk(runner, state, frozen, batches, per_call)
+      else:
+        state_new, m = runner.train_step(state, frozen,
+                                         runner.put_batch(batches[0]))
+        ms = [{k: float(v) for k, v in jax.device_get(m).items()}]
+      dt = (time.perf_counter() - t0) / len(batches)
+      for i, m in enumerate(ms):
+        if not _finite(m):
+          manager.wait_until_finished()
+          last = manager.latest_step()
+          raise FloatingPointError(
+              f'non-finite training loss at step {step + i + 1}: '
+              f'loss={m["loss"]}, grad_norm={m["grad_norm"]}, '
+              f'param_norm={m["param_norm"]}. The run stopped without '
+              f'saving this step; the last good checkpoint is step {last} '
+              f'in {ckpt_dir}. Lower config.optim.learning_rate or set '
+              'config.optim.clip_norm.')
       state = state_new
-      tokens, train_time = tokens + n_tokens, train_time + dt
-      tokens_seen += n_tokens
-      window.append((m, n_tokens, dt))
-      progress.update(step, loss=m['loss'], tokens=n_tokens, seconds=dt)
-      if step % config.log_every == 0 or step == num_steps:
-        row = {k: float(np.mean([w[0][k] for w in window]))
-               for k in ('loss', 'grad_norm', 'param_norm')}
-        if 'correct' in m:
-          row['accuracy'] = (sum(w[0]['correct'] for w in window)
-                             / sum(w[0]['count'] for w in window))
-        row['learning_rate'] = float(schedule(step - 1))
-        row['tokens_per_sec'] = (sum(w[1] for w in window)
-                                 / max(sum(w[2] for w in window), 1e-9))
-        row['tokens_seen'] = tokens_seen   # Real tokens since step 0.
-        writer.write(step, 'train', row)
-        window = []
+      for m, n_tokens in zip(ms, counts):
+        step += 1
+        tokens, train_time = tokens + n_tokens, train_time + dt
+        tokens_seen += n_tokens
+        window.append((m, n_tokens, dt))
+        progress.update(step, loss=m['loss'], tokens=n_tokens, seconds=dt)
+        if step % config.log_every == 0 or step == num_steps:
+          row = {k: float(np.mean([w[0][k] for w in window]))
+                 for k in ('loss', 'grad_norm', 'param_norm')}
+          if 'correct' in m:
+            row['accuracy'] = (sum(w[0]['correct'] for w in window)
+                               / sum(w[0]['count'] for w in window))
+          row['learning_rate'] = float(schedule(step - 1))
+          row['tokens_per_sec'] = (sum(w[1] for w in window)
+                                   / max(sum(w[2] for w in window), 1e-9))
+          row['tokens_seen'] = tokens_seen   # Real tokens since step 0.
+          writer.write(step, 'train', row)
+          window = []
+      # A chunk ends at every evaluation and checkpoint step (_chunk_end).
       if step % config.eval_every == 0 or step == num_steps:
         final_val = validate(step)
       if step % config.checkpoint_every == 0 or step == num_steps:

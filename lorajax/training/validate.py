@@ -49,7 +49,9 @@ FREE_FIELDS = ('name', 'eval_every', 'log_every', 'checkpoint_every',
                'eval_batch_size', 'eval_at_start', 'data.max_eval_batches',
                'data.dir', 'allow_config_change', 'xla_options',
                # Memory layouts of the same step (losses equal to rounding).
-               'remat', 'loss_chunk', 'attn_chunk')
+               'remat', 'loss_chunk', 'attn_chunk',
+               # Steps per compiled call (same steps, up to rounding).
+               'steps_per_call')
 _MISSING = object()
 _ENUMS = {
     'task': config_lib.TASKS,
@@ -68,6 +70,7 @@ _INTS_AT_LEAST = {
     'eval_every': 1, 'log_every': 1, 'checkpoint_every': 1,
     'max_to_keep': 1, 'lora.rank': 1, 'optim.accum_steps': 1,
     'optim.warmup_steps': 0, 'loss_chunk': 0, 'attn_chunk': 0,
+    'steps_per_call': 1,
 }
 # Methods a model.factory model cannot take: prompts and bottleneck
 # adapters go into the shipped models' own layers.
@@ -172,6 +175,11 @@ def problems(config) -> list[str]:
     if _get(config, 'attn_chunk') not in (_MISSING, 0):
       bad('attn_chunk', _get(config, 'attn_chunk'), '0 with model.factory='
           f"{factory!r}: lorajax does not know your model's attention")
+  per_call, mode = _get(config, 'steps_per_call'), _get(config, 'mode')
+  if (_is_int(per_call) and per_call > 1 and mode is not _MISSING
+      and mode != 'jit'):
+    bad('steps_per_call', per_call, f"1 with mode={mode!r} (several steps "
+        "in one call run on mode 'jit' only)")
   if (_get(config, 'task') == 'classification'
       and _get(config, 'attn_chunk') not in (_MISSING, 0)):
     bad('attn_chunk', _get(config, 'attn_chunk'), "0 for task "
