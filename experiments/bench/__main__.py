@@ -60,6 +60,10 @@ _HOST_PAGES = flags.DEFINE_enum(
     'peft: start the lorajax workers with glibc\'s defaults (default), with '
     'LORAJAX_HOST_PAGES=kept (kept: the preloaded block cache), or both, '
     'adding PEFT with the block cache (lorajax.runtime.host_memory).')
+_PER_CALL = flags.DEFINE_integer(
+    'steps_per_call', 1, 'peft: with k > 1, add a lorajax worker running k '
+    'steps in one compiled call (config.steps_per_call; its step time is '
+    'the call\'s over k).', lower_bound=1)
 _GEMM_REPS = flags.DEFINE_integer('gemm_reps', 10,
                                   'peft: timed calls of the ceiling\'s matmul.')
 
@@ -85,6 +89,7 @@ def _peft(log) -> None:
   result = bench_peft.run(rows, reps=_REPS.value or 10, warmup=_WARMUP.value,
                           torch_compile=_COMPILE.value,
                           host_pages=_HOST_PAGES.value,
+                          steps_per_call=_PER_CALL.value,
                           gemm_size=_GEMM_SIZE.value,
                           gemm_reps=_GEMM_REPS.value, log=log)
   if _JSON.value:

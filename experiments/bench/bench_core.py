@@ -32,6 +32,7 @@ import optax
 import lorajax
 from lorajax.models import bert as bert_lib
 from lorajax.runtime import cpu_attention
+from lorajax.training import step as step_lib
 
 VARIANTS = ('full', 'lora', 'lora_all', 'lora_materialized')
 QV = r'encoder/layer_\d+/attention/(query|value)/kernel'
@@ -86,6 +87,20 @@ def jit_step(step, *, xla_options: bool = True, dtype: Any = None):
   ``lorajax.compiler_options(dtype=dtype)``, False is a plain ``jax.jit``."""
   options = lorajax.compiler_options(dtype=dtype) if xla_options else None
   return jax.jit(step, donate_argnums=0, compiler_options=options)
+
+
+def several_steps(step, k: int, *, xla_options: bool = True,
+                  dtype: Any = None):
+  """``k`` steps of ``step`` (a ``jit_step`` result) in one compiled call,
+  as a run with ``config.steps_per_call = k`` does
+  (``lorajax.training.step.scan_steps``, every step active):
+  ``(state, frozen, batches [k, ...]) -> (state, [k] losses)``."""
+  fun = step.__wrapped__   # jax.jit keeps the function it was given
+
+  def steps(state, frozen, batches):
+    return step_lib.scan_steps(fun, state, frozen, batches,
+                               jnp.ones((k,), bool))
+  return jit_step(steps, xla_options=xla_options, dtype=dtype)
 
 
 def adamw() -> optax.GradientTransformation:

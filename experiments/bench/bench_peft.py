@@ -119,9 +119,14 @@ def _glibc_default_env() -> dict[str, str]:
 
 
 def contestants(row: bench_inputs.Row, *, torch_compile: bool,
-                host_pages: str = 'default') -> list[Contestant]:
+                host_pages: str = 'default',
+                steps_per_call: int = 1) -> list[Contestant]:
   """lorajax and PEFT; the plain-jit lorajax on ``flaxbert`` rows; PEFT
   with ``torch.compile`` when asked.
+
+  ``steps_per_call`` > 1 adds a lorajax worker that runs that many steps in
+  one compiled call (``config.steps_per_call``), reporting each call's
+  time over its steps; the one-step lorajax stays, measured in the same run.
 
   ``host_pages``: ``'default'`` starts the lorajax workers with glibc's
   defaults (as lorajax's commands run unless told otherwise), ``'kept'``
@@ -139,6 +144,10 @@ def contestants(row: bench_inputs.Row, *, torch_compile: bool,
   lorajax_env = default if host_pages == 'default' else kept
   out = [Contestant('lorajax', LORAJAX_WORKER, {'jit': 'xla'},
                     env=lorajax_env)]
+  if steps_per_call > 1:
+    out.append(Contestant(per_call_label(steps_per_call), LORAJAX_WORKER,
+                          {'jit': 'xla', 'steps_per_call': steps_per_call},
+                          env=lorajax_env))
   if row.model == 'flaxbert':
     out.append(Contestant('lorajax plain jit', LORAJAX_WORKER,
                           {'jit': 'plain'}, env=lorajax_env))
@@ -155,6 +164,11 @@ def contestants(row: bench_inputs.Row, *, torch_compile: bool,
                           {'torch_compile': True}, optional=True,
                           env=default))
   return out
+
+
+def per_call_label(k: int) -> str:
+  """The label of the lorajax worker running ``k`` steps a call."""
+  return f'lorajax {k} steps/call'
 
 
 def measure_ceilings(dtypes, *, size: int, reps: int,
@@ -210,8 +224,9 @@ def _compare(results: dict[str, dict[str, Any]], flops: float,
       continue
     m['step_ratio'] = round(m['step_ms_median'] / ref['step_ms_median'], 3)
     m['rss_ratio'] = round(m['peak_rss_mb'] / ref['peak_rss_mb'], 3)
+    n = min(len(m['losses']), len(ref['losses']))   # the same steps
     m['max_loss_diff'] = float(np.max(np.abs(
-        np.subtract(m['losses'], ref['losses']))))
+        np.subtract(m['losses'][:n], ref['losses'][:n]))))
   if 'peft+compile' in results:
     compiled = results['peft+compile']['step_ms_median']
     results['lorajax']['step_ratio_compiled'] = round(
@@ -220,6 +235,7 @@ def _compare(results: dict[str, dict[str, Any]], flops: float,
 
 def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
             torch_compile: bool = False, host_pages: str = 'default',
+            steps_per_call: int = 1,
             ceilings: dict[str, Any] | None = None,
             torch_threads: int | None = None,
             log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -231,7 +247,7 @@ def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
     warmup: untimed steps first (torch.compile compiles in the first).
     workdir: where the weights and batches are written (once per shape).
     torch_compile: add PEFT with ``torch.compile``.
-    host_pages: see ``contestants``.
+    host_pages, steps_per_call: see ``contestants``.
     ceilings: ``{dtype: gemm_ceiling.measure(...)}`` for utilization;
       None leaves it out.
     torch_threads: PyTorch's threads; None is the machine's core count.
@@ -246,7 +262,8 @@ def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
   optional = set()
   try:
     for c in contestants(row, torch_compile=torch_compile,
-                         host_pages=host_pages):
+                         host_pages=host_pages,
+                         steps_per_call=steps_per_call):
       if c.optional:
         optional.add(c.label)
       # One after the other: setups never overlap.
@@ -279,7 +296,7 @@ def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
           del times[label], losses[label]
           log(f'{row.name}: {label} skipped: {e}')
           continue
-        losses[label].append(reply['loss'])
+        losses[label].extend(reply.get('losses', [reply['loss']]))
         if r >= warmup:
           times[label].append(reply['step_s'])
       if r >= warmup:
@@ -310,12 +327,12 @@ def run_row(row: bench_inputs.Row, *, reps: int, warmup: int, workdir: str,
 def run(rows: list[bench_inputs.Row], *, reps: int = 10, warmup: int = 2,
         torch_compile: bool = True, gemm_size: int = 2048,
         gemm_reps: int = 10, torch_threads: int | None = None,
-        host_pages: str = 'default',
+        host_pages: str = 'default', steps_per_call: int = 1,
         log: Callable[[str], None] = print) -> dict[str, Any]:
   """Measures the GEMM ceiling, every row, and the ceiling again.
 
-  ``reps``, ``warmup``, ``torch_compile``, ``torch_threads`` and
-  ``host_pages`` are ``run_row``'s; ``gemm_size`` and ``gemm_reps`` the ceiling's matmul.
+  ``reps``, ``warmup``, ``torch_compile``, ``torch_threads``,
+  ``host_pages`` and ``steps_per_call`` are ``run_row``'s; ``gemm_size`` and ``gemm_reps`` the ceiling's matmul.
 
   Returns:
     ``{'ceilings': {dtype: {'gflops_median', 'start', 'end', ...}},
@@ -329,6 +346,7 @@ def run(rows: list[bench_inputs.Row], *, reps: int = 10, warmup: int = 2,
     for row in rows:
       out.append(run_row(row, reps=reps, warmup=warmup, workdir=workdir,
                          torch_compile=torch_compile, host_pages=host_pages,
+                         steps_per_call=steps_per_call,
                          torch_threads=torch_threads, log=log))
   end = measure_ceilings(dtypes, size=gemm_size, reps=gemm_reps, log=log,
                          host_pages=host_pages)

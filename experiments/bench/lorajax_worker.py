@@ -36,6 +36,7 @@ class Runner:
     self.compiled = None
     self.state = None
     self.batch = None
+    self.per_call = 1
 
   def handle_setup(self, req: dict[str, Any]) -> dict[str, Any]:
     """Builds and compiles the step; runs nothing."""
@@ -44,20 +45,30 @@ class Runner:
       raise ValueError(f'model={req["model"]!r}; expected one of '
                        f'{sorted(lorajax_setups.BUILDERS)}')
     self.setup, self.batch = lorajax_setups.BUILDERS[req['model']](req)
+    one_batch = self.batch
     self.state = self.setup.state
-    self.compiled = self.setup.step.lower(self.state, self.setup.frozen,
-                                          self.batch).compile()
-    flops = bench_core.compiled_flops(self.compiled)
+    single = self.setup.step.lower(self.state, self.setup.frozen,
+                                   self.batch).compile()
+    flops = bench_core.compiled_flops(single)
+    self.per_call = int(req.get('steps_per_call') or 1)
+    if self.per_call > 1:   # config.steps_per_call: k steps in one call
+      self.batch = jax.tree.map(
+          lambda x: jax.numpy.stack([x] * self.per_call), self.batch)
+      single = bench_core.several_steps(
+          self.setup.step, self.per_call, xla_options=req['jit'] == 'xla',
+          dtype=req['dtype']).lower(self.state, self.setup.frozen,
+                                    self.batch).compile()
+    self.compiled = single
     twin = self.setup.flops_twin
     if twin is not None:   # loops: count the step written without them
       flops = bench_core.compiled_flops(twin.step.lower(
-          twin.state, twin.frozen, self.batch).compile())
+          twin.state, twin.frozen, one_batch).compile())
       self.setup = dataclasses.replace(self.setup, flops_twin=None)
     reference = flops
     twin = self.setup.reference_twin
     if twin is not None:   # the work PEFT's step does, counted by XLA
       reference = bench_core.compiled_flops(twin.step.lower(
-          twin.state, twin.frozen, self.batch).compile())
+          twin.state, twin.frozen, one_batch).compile())
       self.setup = dataclasses.replace(self.setup, reference_twin=None)
     return {'trainable_params': self.setup.trainable_params,
             'flops_per_step': flops,
@@ -67,14 +78,17 @@ class Runner:
             'host_pages_kept': self.host_pages_kept}
 
   def handle_step(self, req: dict[str, Any]) -> dict[str, Any]:
-    """One train step; its wall time includes waiting for the result."""
+    """One call: one train step, or ``steps_per_call`` of them (then
+    ``step_s`` is the call's wall time over the steps, and ``losses`` every
+    step's loss); the wall time includes waiting for the result."""
     del req
     t0 = time.perf_counter()
     self.state, loss = self.compiled(self.state, self.setup.frozen,
                                      self.batch)
     loss = jax.block_until_ready(loss)
-    step_s = time.perf_counter() - t0
-    return {'step_s': step_s, 'loss': float(loss)}
+    step_s = (time.perf_counter() - t0) / self.per_call
+    losses = [float(x) for x in jax.numpy.ravel(loss)]
+    return {'step_s': step_s, 'loss': losses[-1], 'losses': losses}
 
 
 def handle_gemm(req: dict[str, Any]) -> dict[str, Any]:
