@@ -85,13 +85,14 @@ def final_trainable(workdir, config):
   return jax.device_get(out)
 
 
-def run_killed(tmp_path, where, kill_at):
+def run_killed(tmp_path, where, kill_at, overrides=None):
   script = tmp_path / 'killer.py'
   script.write_text(_KILLER.format(root=ROOT))
   workdir = tmp_path / 'run'
   args = [sys.executable, str(script), f'--config={CONFIG}:smoke',
-          f'--workdir={workdir}'] + [f'--config.{k}={v}'
-                                     for k, v in OVERRIDES.items()]
+          f'--workdir={workdir}'] + [
+              f'--config.{k}={v}'
+              for k, v in {**OVERRIDES, **(overrides or {})}.items()]
   env = dict(os.environ, KILL_AT=str(kill_at), KILL_WHERE=where)
   proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300, check=False)
@@ -108,10 +109,10 @@ def reference(tmp_path_factory):
   return losses(workdir), final_trainable(workdir, config), workdir
 
 
-def assert_same_run(workdir, reference):
+def assert_same_run(workdir, reference, **overrides):
   want_losses, want_trainable, _ = reference
   assert losses(workdir) == want_losses  # Exact, step by step.
-  got = final_trainable(workdir, load_config())
+  got = final_trainable(workdir, load_config(**overrides))
   flat_got = jax.tree_util.tree_leaves_with_path(got)
   flat_want = jax.tree_util.tree_leaves_with_path(want_trainable)
   assert [p for p, _ in flat_got] == [p for p, _ in flat_want]
