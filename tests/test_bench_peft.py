@@ -121,6 +121,17 @@ def test_row_matches_peft(row, contestants, tol, tmp_path):
     assert r['results']['lorajax']['losses'] != r['results']['peft']['losses']
 
 
+def test_several_steps_a_call_run_peft_s_steps(tmp_path):
+  r = _run_row(bench_inputs.Row('tiny', 'bert', TINY_BERT, 'qv'), tmp_path,
+               steps_per_call=3)
+  label = bench_peft.per_call_label(3)
+  _check_row(r, ('lorajax', label, 'peft'), F32_TOL)
+  # Two calls of three steps; the first two are compared with PEFT's.
+  assert len(r['results'][label]['losses']) == 6
+  np.testing.assert_allclose(r['results'][label]['losses'][:2],
+                             r['results']['lorajax']['losses'], atol=F32_TOL)
+
+
 def test_peft_with_torch_compile_is_a_second_anchor(tmp_path):
   r = _run_row(bench_inputs.Row('tiny', 'llama', TINY_LLAMA, 'all'), tmp_path,
                torch_compile=True)
@@ -142,7 +153,7 @@ def test_failing_optional_contestant_is_skipped_with_its_reason(tmp_path,
   real = bench_peft.contestants
   monkeypatch.setattr(
       bench_peft, 'contestants',
-      lambda row, torch_compile, host_pages: real(row, torch_compile=False)
+      lambda row, torch_compile, **kw: real(row, torch_compile=False)
       + [broken])
   r = bench_peft.run_row(bench_inputs.Row('tiny', 'bert', TINY_BERT, 'qv'),
                          reps=1, warmup=0, workdir=str(tmp_path),
