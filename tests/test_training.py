@@ -350,7 +350,9 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   assert str(blocker) in str(err.value)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize('per_call', [1, 4])   # 4: step 5 is inside a call
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch,
+                                                       per_call):
   real_step = step_lib.train_step
 
   def poisoned(state, frozen, batch, **kw):
@@ -363,7 +365,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
   monkeypatch.setattr(step_lib, 'train_step', poisoned)
   config = load_config('rt_minilm_lora', checkpoint_every=2,
-                       eval_every=100)
+                       eval_every=100, steps_per_call=per_call)
   with pytest.raises(FloatingPointError, match='step 5') as err:
     train.train_and_evaluate(config, str(tmp_path))
   assert 'last good checkpoint is step 4' in str(err.value)
