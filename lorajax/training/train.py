@@ -34,6 +34,12 @@ config whose run-defining fields changed unless
 ``config.allow_config_change``. SIGTERM or Ctrl-C finishes the step under
 way, checkpoints it and exits with status 143 / 130 (``signals``).
 
+With ``config.steps_per_call = k`` the steps run k to a compiled call
+(``step.scan_steps``); a call ends early at each evaluation and checkpoint
+step, so those and the metrics rows fall on the same steps as with one step
+a call. A signal is then answered after the call under way, and a
+non-finite loss names its step and keeps nothing of that call.
+
 Example:
 
   >>> summary = train_and_evaluate(config, '/tmp/run')  # doctest: +SKIP
