@@ -47,18 +47,18 @@ class Runner:
     self.setup, self.batch = lorajax_setups.BUILDERS[req['model']](req)
     one_batch = self.batch
     self.state = self.setup.state
-    single = self.setup.step.lower(self.state, self.setup.frozen,
-                                   self.batch).compile()
-    flops = bench_core.compiled_flops(single)
+    compiled = self.setup.step.lower(self.state, self.setup.frozen,
+                                     self.batch).compile()
+    flops = bench_core.compiled_flops(compiled)
     self.per_call = int(req.get('steps_per_call') or 1)
     if self.per_call > 1:   # config.steps_per_call: k steps in one call
       self.batch = jax.tree.map(
           lambda x: jax.numpy.stack([x] * self.per_call), self.batch)
-      single = bench_core.several_steps(
+      compiled = bench_core.several_steps(
           self.setup.step, self.per_call, xla_options=req['jit'] == 'xla',
           dtype=req['dtype']).lower(self.state, self.setup.frozen,
                                     self.batch).compile()
-    self.compiled = single
+    self.compiled = compiled
     twin = self.setup.flops_twin
     if twin is not None:   # loops: count the step written without them
       flops = bench_core.compiled_flops(twin.step.lower(
