@@ -332,6 +332,10 @@ def test_full_disk_at_a_checkpoint_stops_with_the_file_named_then_resumes(
                          f'({ckpt_dir}/6.orbax-checkpoint-tmp/meta'), last
   assert 'free space and run the same command again' in last
   assert f'File "{ROOT}/lorajax' not in proc.stderr, proc.stderr[-3000:]
+  # No writer thread of the failed save outlives the error (it would fail
+  # again at interpreter shutdown, after the message).
+  assert 'after interpreter shutdown' not in proc.stderr, proc.stderr[-3000:]
+  assert 'new futures after shutdown' not in proc.stderr, proc.stderr[-3000:]
   assert integrity.verify(os.path.join(ckpt_dir, '3')) is None
   summary = train.train_and_evaluate(load_config(), workdir)
   assert summary['resumed_from'] == 3

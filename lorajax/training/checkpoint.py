@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from typing import Any, Callable
 
 from absl import logging
@@ -147,8 +149,28 @@ def wait_until_finished(manager: ocp.CheckpointManager) -> None:
 
 def _failed(error: Exception, manager: ocp.CheckpointManager,
             step: int | None) -> Exception:
-  """``integrity.write_failure`` of a failed save, else ``error`` itself."""
+  """``integrity.write_failure`` of a failed save, else ``error`` itself.
+
+  Orbax raises the first of a save's failed writes while its other writer
+  threads may still run; they are waited for here, so that none of them
+  outlives the error and fails again at interpreter shutdown, after the
+  message that names the file.
+  """
+  _join_writers(_WRITER_GRACE_S)
   return integrity.write_failure(error, manager.directory, step) or error
+
+
+_WRITER_GRACE_S = 60.0
+
+
+def _join_writers(seconds: float) -> None:
+  """Joins Orbax's live background threads, ``seconds`` at most in all."""
+  deadline = time.monotonic() + seconds
+  me = threading.current_thread()
+  for thread in threading.enumerate():
+    if thread is me or not type(thread).__module__.startswith('orbax.'):
+      continue
+    thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def save_best(manager: ocp.CheckpointManager, trainable: PyTree,
