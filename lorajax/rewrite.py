@@ -499,6 +499,17 @@ def _enter(eqn, invals, ctx: _Ctx):
   return _inline(eqn, invals, ctx)
 
 
+def _faster_on_cpu(eqn, invals) -> bool:
+  """Whether ``matmul.product`` writes this ``dot_general`` another way (a
+  product with an output sharding of its own is left as written)."""
+  if eqn.params.get('out_sharding') is not None:
+    return False
+  dn, pref = (eqn.params['dimension_numbers'],
+              eqn.params.get('preferred_element_type'))
+  return bool(matmul.wanted(*invals, dn, pref)
+              or matmul.wide_blocks(*invals, dn, pref))
+
+
 def _step(eqn, read, env, ctx: _Ctx, *, inline: bool) -> None:
   invals = [read(v) for v in eqn.invars]
   manager = getattr(getattr(eqn, 'ctx', None), 'manager', None)
@@ -510,13 +521,13 @@ def _step(eqn, read, env, ctx: _Ctx, *, inline: bool) -> None:
     elif (eqn.primitive.name in _REMAT and ctx.param_ids is not None
           and eqn.params.get('policy') is None):
       outs = _remat(eqn, invals, ctx)   # a block without adapted kernels
-    elif eqn.primitive.name == 'dot_general' and matmul.wanted(
-        *invals, eqn.params['dimension_numbers'],
-        eqn.params.get('preferred_element_type')):
-      # A bfloat16 product on the CPU: the float32-accumulated form that
-      # the CPU's bfloat16 units run (lorajax.matmul).
-      outs = [matmul.dot_general(*invals, eqn.params['dimension_numbers'],
-                                 eqn.params.get('precision'))]
+    elif eqn.primitive.name == 'dot_general' and _faster_on_cpu(eqn, invals):
+      # A bfloat16 product (in the float32-accumulated form that the CPU's
+      # bfloat16 units run) or a wide float32 one (in blocks of columns):
+      # lorajax.matmul.
+      outs = [matmul.product(*invals, eqn.params['dimension_numbers'],
+                             eqn.params.get('precision'),
+                             eqn.params.get('preferred_element_type'))]
     else:
       outs = eqn.primitive.bind(
           *invals, **eqn.primitive.get_bind_params(eqn.params))
