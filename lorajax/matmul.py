@@ -26,11 +26,12 @@ transforms, adapted kernel or not, when the default backend is the CPU
 Wide float32 products on the CPU. XLA's CPU runtime (Eigen's contraction)
 runs a float32 product whose right operand has a wide free axis at about
 half the speed of the same work in narrower blocks: an LM head
-``[2048, 576] · [576, 49152]`` at 42-56 GFLOP/s, against 80-92 for the same
-product as 32 products of 1,536 columns, concatenated (2-core AMD EPYC,
-jax 0.10.2, ``python -m experiments.bench.wide_dot``). The head's forward
-product, its backward product for the hidden states and the cross entropy
-together took 3.4 s plain and 2.2 s in blocks. ``product`` multiplies such
+``[2048, 576] · [576, 49152]`` at 38 GFLOP/s, against 77 for the same
+product as 32 products of 1,536 columns, concatenated; at 4,096 columns
+53 against 83 (2-core AMD EPYC, jax 0.10.2, ``python -m
+experiments.bench.wide_dot``, alternated in one run). The SmolLM2 head's
+forward product, cross entropy and gradient of the hidden states took 4.0 s
+plain and 2.8 s with the forward product in blocks. ``product`` multiplies such
 a product (right operand with one free axis of at least ``WIDE_MIN``
 columns, at least ``WIDE_ROWS`` rows on the left) in blocks of
 ``WIDE_BLOCK`` columns; each output is the same sum. Its backward pass is
