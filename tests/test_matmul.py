@@ -68,15 +68,7 @@ def test_every_product_of_the_gradient_multiplies_bfloat16_into_float32(
   jaxpr = jax.make_jaxpr(jax.grad(
       lambda a, b: matmul.dot_general(a, b, dn).astype(jnp.float32).sum(),
       (0, 1)))(lhs, rhs)
-  dots = []
-
-  def walk(jp):
-    for eqn in jp.eqns:
-      if eqn.primitive.name == 'dot_general':
-        dots.append(eqn)
-      for sub in jex.jaxprs_in_params(eqn.params):
-        walk(sub)
-  walk(jaxpr.jaxpr)
+  dots = dots_in(jaxpr.jaxpr)
   assert len(dots) == 3
   for eqn in dots:
     assert [v.aval.dtype for v in eqn.invars] == [BF, BF]
@@ -139,18 +131,20 @@ class _Mlp(nn.Module):
     return nn.Dense(4, dtype=self.dtype, name='down')(nn.relu(h))
 
 
-def _dot_types(fn, *args):
+def dots_in(jaxpr) -> list:
+  """Every ``dot_general`` equation of ``jaxpr``, inner jaxprs included."""
   found = []
-
-  def walk(jp):
-    for eqn in jp.eqns:
-      if eqn.primitive.name == 'dot_general':
-        found.append((eqn.invars[0].aval.dtype,
-                      eqn.params['preferred_element_type']))
-      for sub in jex.jaxprs_in_params(eqn.params):
-        walk(sub)
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      found.append(eqn)
+    for sub in jex.jaxprs_in_params(eqn.params):
+      found += dots_in(sub)
   return found
+
+
+def _dot_types(fn, *args):
+  return [(e.invars[0].aval.dtype, e.params['preferred_element_type'])
+          for e in dots_in(jax.make_jaxpr(fn)(*args).jaxpr)]
 
 
 @pytest.mark.parametrize('dtype', [BF, jnp.float32])

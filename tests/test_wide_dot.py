@@ -5,7 +5,6 @@ of columns, the same values, and where lorajax.lora uses it."""
 import flax.linen as nn
 import jax
 from jax import lax
-import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -13,6 +12,7 @@ import pytest
 
 import lorajax
 from lorajax import matmul
+from test_matmul import dots_in
 
 NT = (((1,), (1,)), ((), ()))     # h·Eᵀ, a tied head
 NN3 = (((2,), (0,)), ((), ()))    # [B, T, d]·[d, V], an untied head
@@ -79,15 +79,7 @@ class _TiedLm(nn.Module):
 
 def _dots(fn, *args):
   """Every dot_general of ``fn``'s forward pass, inner jaxprs included."""
-  found = []
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'dot_general':
-        found.append(eqn)
-      for sub in jex.jaxprs_in_params(eqn.params):
-        walk(sub)
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+  return dots_in(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def test_lora_multiplies_a_wide_head_in_blocks_with_the_same_values():
