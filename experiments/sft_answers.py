@@ -25,10 +25,10 @@ import jax.numpy as jnp
 from lorajax import rewrite
 from lorajax.data import sources
 from lorajax.io import adapter_files
+from lorajax.training import finished
 from lorajax.training import model_loading
 from lorajax.training import saved_run
 from lorajax.training import sft
-from lorajax.training import train
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The SFT run.', required=True)
 _N = flags.DEFINE_integer('n', 48, 'Test rows to answer.')
@@ -63,8 +63,8 @@ def main(argv):
   rows = [src[i] for i in range(min(_N.value, len(src)))]
   gold = [sft.conversations(config, [r])[0][-1]['content'] for r in rows]
   with tempfile.TemporaryDirectory() as out:
-    train.export_checkpoint(config, _WORKDIR.value, out, 'lorajax',
-                            step='best')
+    finished.export_checkpoint(config, _WORKDIR.value, out, 'lorajax',
+                               step='best')
     bundle = adapter_files.load_adapter(out, model.params)
     for name, b in (('zero-shot', None), ('tuned', bundle)):
       apply, tree = _apply(model, b)

@@ -19,6 +19,7 @@ from lorajax.io import peft_format
 from lorajax.methods import eva
 from lorajax.methods import eva_pca
 from lorajax.training import config as config_lib
+from lorajax.training import finished
 from lorajax.training import tasks
 from lorajax.training import train
 
@@ -359,8 +360,8 @@ def test_config_run_trains_and_exports_its_ranks(tmp_path):
   a = np.asarray(start['a'])
   np.testing.assert_allclose(a.T @ a, np.eye(a.shape[1]), atol=1e-5)
   assert not np.asarray(start['b']).any()
-  out = {fmt: train.export_checkpoint(config, workdir, str(tmp_path / fmt),
-                                      fmt) for fmt in ('lorajax', 'peft')}
+  out = {fmt: finished.export_checkpoint(config, workdir, str(tmp_path / fmt),
+                                         fmt) for fmt in ('lorajax', 'peft')}
   bundle = lorajax.io.load_adapter(out['lorajax'], task.original_params)
   batch = {'input_ids': BATCHES[0]['input_ids'][:, :12] % 60 + 3,
            'attention_mask': BATCHES[0]['attention_mask'][:, :12],

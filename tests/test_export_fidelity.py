@@ -22,6 +22,7 @@ from lorajax.methods import bottleneck
 from lorajax.methods import dora
 from lorajax.methods import qlora
 from lorajax.models import bert
+from lorajax.training import finished
 from lorajax.training import tasks
 from lorajax.training import train
 import toy_models
@@ -113,8 +114,8 @@ def test_main_job_exports_reproduce_its_logits(peer, tmp_path):
                                   eval_every=4, checkpoint_every=4)
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
-  out = {fmt: train.export_checkpoint(config, workdir, str(tmp_path / fmt),
-                                      fmt)
+  out = {fmt: finished.export_checkpoint(config, workdir, str(tmp_path / fmt),
+                                         fmt)
          for fmt in ('lorajax', 'peft', 'merged')}
   task = tasks.build_task(config)
   bundle = lorajax.io.load_adapter(out['lorajax'], task.original_params)
@@ -245,8 +246,8 @@ def test_prompt_tuning_run_is_refused_before_anything(tmp_path):
   config = toy_models.load_config('rt_minilm_lora', method='prompt')
   for fmt in ('peft', 'merged'):
     with pytest.raises(ValueError, match='trains virtual tokens'):
-      train.export_checkpoint(config, str(tmp_path / 'run'),
-                              str(tmp_path / fmt), fmt)
+      finished.export_checkpoint(config, str(tmp_path / 'run'),
+                                 str(tmp_path / fmt), fmt)
   assert list(tmp_path.iterdir()) == []
 
 

@@ -41,6 +41,7 @@ from lorajax.io import peft_format
 from lorajax.training import attach
 from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
+from lorajax.training import finished
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import model_loading
 from lorajax.training import tasks
@@ -455,7 +456,7 @@ def test_qwen2_run_resumes_after_sigkill_and_exports_for_peft(qwen2_run,
 
   # The exported adapter in PEFT gives the run's logits.
   out = tmp_path / 'peft'
-  train.export_checkpoint(config, reference, str(out), 'peft')
+  finished.export_checkpoint(config, reference, str(out), 'peft')
   ids = np.random.default_rng(1).integers(3, 1000, (2, 12))
   ours = lorajax.lora(lambda p, x: model.module.apply({'params': p}, x),
                       method.spec)(
@@ -472,7 +473,7 @@ def test_qwen2_run_resumes_after_sigkill_and_exports_for_peft(qwen2_run,
   np.testing.assert_array_less(delta, 1e-4 * (1 + np.abs(theirs)))
   # And merged: the source's config.json and tokenizer, transformers' logits.
   out = tmp_path / 'merged'
-  train.export_checkpoint(config, reference, str(out), 'merged')
+  finished.export_checkpoint(config, reference, str(out), 'merged')
   assert (out / 'tokenizer.json').read_bytes() == (
       directory / 'tokenizer.json').read_bytes()
   merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()

@@ -20,6 +20,7 @@ from lorajax.io import peft_format
 from lorajax.methods import loftq as loftq_lib
 from lorajax.methods import quant
 from lorajax.training import config as config_lib
+from lorajax.training import finished
 from lorajax.training import tasks
 from lorajax.training import train
 
@@ -312,8 +313,8 @@ def test_config_run_trains_and_exports_for_peft(tmp_path):
   assert np.abs(get(task) - get(plain)).max() > 0   # Q_2, not quant(W)
   assert np.abs(np.asarray(lorajax.spec.get_by_path(task.adapters, path)['b'])
                 ).max() > 0                           # b starts non-zero
-  out = {fmt: train.export_checkpoint(config, workdir, str(tmp_path / fmt),
-                                      fmt) for fmt in ('lorajax', 'peft')}
+  out = {fmt: finished.export_checkpoint(config, workdir, str(tmp_path / fmt),
+                                         fmt) for fmt in ('lorajax', 'peft')}
   bundle = lorajax.io.load_adapter(out['lorajax'], task.params)
   batch = {'input_ids': CASE_IDS, 'attention_mask': CASE_MASK,
            'token_type_ids': np.zeros_like(CASE_IDS)}

@@ -18,6 +18,7 @@ from lorajax.sweeps import runner
 from lorajax.training import attach
 from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
+from lorajax.training import finished
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import model_loading
 from lorajax.training import saved_run
@@ -126,7 +127,7 @@ def test_exports_the_lorajax_adapter_and_refuses_peft(reference, tmp_path):
   config, _, workdir = reference
   saved = saved_run.run_config(workdir)   # what cli/export reads
   assert saved.model.factory == FACTORY
-  out = train.export_checkpoint(saved, workdir, str(tmp_path / 'adapter'))
+  out = finished.export_checkpoint(saved, workdir, str(tmp_path / 'adapter'))
   model = model_loading.load_model(config, ('0', '1'))
   bundle = io_lib.load_adapter(out, model.params)   # checks the base too
   trainable, frozen = tasks.build_task(config, splits=()).split_params()
@@ -152,7 +153,7 @@ def test_exports_the_lorajax_adapter_and_refuses_peft(reference, tmp_path):
   for fmt in ('peft', 'merged'):
     with pytest.raises(ValueError, match=f"format '{fmt}'.*model.factory="
                        f"'{FACTORY}'.*--format lorajax"):
-      train.export_checkpoint(saved, workdir, str(tmp_path / fmt), fmt)
+      finished.export_checkpoint(saved, workdir, str(tmp_path / fmt), fmt)
     assert not (tmp_path / fmt).exists()
 
 

@@ -23,6 +23,7 @@ from lorajax.methods import prompts as prompts_lib
 from lorajax.methods import ptuning
 import lorajax.models
 from lorajax.training import attach
+from lorajax.training import finished
 from lorajax.training import train
 
 import toy_models
@@ -167,8 +168,8 @@ def test_ptuning_runs_from_a_config(tmp_path):
     assert summary['prompts_params'] == folded['prompt'].size
   # A classifier's prompt: PEFT would pool virtual token 0 (tested below).
   with pytest.raises(ValueError, match='trains virtual tokens.*pools the'):
-    train.export_checkpoint(config, str(tmp_path), str(tmp_path / 'peft'),
-                            'peft')
+    finished.export_checkpoint(config, str(tmp_path), str(tmp_path / 'peft'),
+                               'peft')
   assert not (tmp_path / 'peft').exists()
 
 
@@ -342,8 +343,8 @@ def test_ptuning_lm_run_exports_for_peft(tmp_path):
       eval_every=1, **{'model.path': str(model_dir),
                        'ptuning.num_tokens': N, 'ptuning.encoder_hidden': 8})
   summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  out = train.export_checkpoint(config, str(tmp_path / 'run'),
-                                str(tmp_path / 'peft'), 'peft')
+  out = finished.export_checkpoint(config, str(tmp_path / 'run'),
+                                   str(tmp_path / 'peft'), 'peft')
   cfg = json.loads((tmp_path / 'peft' / 'adapter_config.json').read_text())
   assert (cfg['peft_type'], cfg['encoder_hidden_size']) == ('P_TUNING', 8)
   with np.load(summary['prompts_file']) as folded:
@@ -355,11 +356,11 @@ def test_ptuning_lm_run_exports_for_peft(tmp_path):
   delta = _assert_close(want, _peer_logits(peer))
   print(f'P-tuning run export (Qwen2): max|Δlogit| {delta:.2e}')
   with pytest.raises(ValueError, match="trains virtual tokens.*'merged'"):
-    train.export_checkpoint(config, str(tmp_path / 'run'),
-                            str(tmp_path / 'merged'), 'merged')
+    finished.export_checkpoint(config, str(tmp_path / 'run'),
+                               str(tmp_path / 'merged'), 'merged')
   assert not (tmp_path / 'merged').exists()
   with config.unlocked():   # A leaf trained besides: not in PEFT's file.
     config.train_rules = r'.*final_norm.*'
   with pytest.raises(ValueError, match=r"train_rules='.\*final_norm"):
-    train.export_checkpoint(config, str(tmp_path / 'run'),
-                            str(tmp_path / 'more'), 'peft')
+    finished.export_checkpoint(config, str(tmp_path / 'run'),
+                               str(tmp_path / 'more'), 'peft')

@@ -24,6 +24,7 @@ import pytest
 from lorajax import assets
 from lorajax.io import peft_format
 from lorajax.training import checkpoint as ckpt_lib
+from lorajax.training import finished
 from lorajax.training import integrity
 from lorajax.training import optim
 from lorajax.training import step as step_lib
@@ -244,7 +245,7 @@ def test_damaged_best_checkpoint_is_refused_by_name(reference, tmp_path):
   tensor = _largest(best[0], 'trainable/**/d/*')
   _flip_bit(tensor)
   with pytest.raises(ValueError) as err:
-    train.evaluate_checkpoint(load_config(), workdir, step='best')
+    finished.evaluate_checkpoint(load_config(), workdir, step='best')
   assert f'checkpoint {best[0]} is damaged: ' \
       f'{os.path.relpath(tensor, best[0])} has another sha256' in str(err.value)
   # An emptied meta JSON is named too, not a raw JSON error.

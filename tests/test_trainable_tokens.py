@@ -19,6 +19,7 @@ from lorajax import LoraSpec
 from lorajax.io import peft_format
 from lorajax.methods import tokens as tokens_lib
 from lorajax.training import checkpoint as ckpt_lib
+from lorajax.training import finished
 from lorajax.training import model_loading
 from lorajax.training import tasks
 from lorajax.training import train
@@ -515,9 +516,9 @@ def test_sft_run_with_new_tokens_trains_saves_resumes_and_exports(
                        done['adapters'], ids))
   with pytest.raises(ValueError, match="format 'lorajax' has no place for "
                      'the trainable token rows'):
-    train.export_checkpoint(config, str(workdir), str(tmp_path / 'x'))
-  out = train.export_checkpoint(config, str(workdir), str(tmp_path / 'peft'),
-                                'peft')
+    finished.export_checkpoint(config, str(workdir), str(tmp_path / 'x'))
+  out = finished.export_checkpoint(config, str(workdir), str(tmp_path / 'peft'),
+                                   'peft')
   cfg = json.loads((tmp_path / 'peft' / 'adapter_config.json').read_text())
   assert cfg['trainable_token_indices'] == [5, vocab, vocab + 1]
   tok = transformers.PreTrainedTokenizerFast(
@@ -531,8 +532,8 @@ def test_sft_run_with_new_tokens_trains_saves_resumes_and_exports(
   with torch.no_grad():
     theirs = pm(input_ids=torch.tensor(np.asarray(ids))).logits.numpy()
   _close('sft run lorajax->PEFT (Qwen2, tied)', ours, theirs)
-  merged = train.export_checkpoint(config, str(workdir),
-                                   str(tmp_path / 'merged'), 'merged')
+  merged = finished.export_checkpoint(config, str(workdir),
+                                      str(tmp_path / 'merged'), 'merged')
   hf = transformers.Qwen2ForCausalLM.from_pretrained(
       merged, attn_implementation='eager').eval()
   assert hf.config.vocab_size == vocab + 2

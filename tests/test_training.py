@@ -14,6 +14,7 @@ import pytest
 import lorajax
 from lorajax.training import checkpoint as ckpt_lib
 from lorajax.training import config as config_lib
+from lorajax.training import finished
 from lorajax.training import input_pipeline
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import optim
@@ -223,7 +224,7 @@ def test_lm_reports_perplexity_before_and_after(smoke_run):
 
 def test_saved_adapter_evaluates_on_its_base(smoke_run):
   config, summary, workdir = smoke_run('rt_minilm_lora')
-  got = train.evaluate_checkpoint(config, str(workdir), 'test')  # latest
+  got = finished.evaluate_checkpoint(config, str(workdir), 'test')  # latest
   assert got['accuracy'] == pytest.approx(summary['test_final']['accuracy'])
   assert got['loss'] == pytest.approx(summary['test_final']['loss'],
                                       rel=1e-5)
@@ -240,9 +241,9 @@ def test_evaluation_loads_its_split_and_export_no_data(smoke_run, tmp_path,
     return real(config, model, split)
 
   monkeypatch.setattr(input_pipeline, 'load_split', spy)
-  train.evaluate_checkpoint(config, str(workdir), 'validation')
+  finished.evaluate_checkpoint(config, str(workdir), 'validation')
   assert loaded == ['validation']
-  train.export_checkpoint(config, str(workdir), str(tmp_path / 'ad'))
+  finished.export_checkpoint(config, str(workdir), str(tmp_path / 'ad'))
   assert loaded == ['validation']
 
 
@@ -256,7 +257,7 @@ def test_pissa_run_starts_at_the_base_and_its_adapter_reloads(smoke_run,
       plain['initial_validation']['perplexity'], rel=1e-4)
   assert summary['final_validation'] != plain['final_validation']
   # The saved adapter runs on the residual rebuilt from the base.
-  got = train.evaluate_checkpoint(config, str(tmp_path), 'test')
+  got = finished.evaluate_checkpoint(config, str(tmp_path), 'test')
   assert got['perplexity'] == pytest.approx(summary['test']['perplexity'],
                                             rel=1e-5)
 
@@ -274,7 +275,7 @@ def test_exported_adapter_fits_the_pretrained_base(name, init, smoke_run,
     config = load_config(name, **{'lora.init': init})
     workdir = tmp_path / 'run'
     train.train_and_evaluate(config, str(workdir))
-  out = train.export_checkpoint(config, str(workdir), str(tmp_path / 'ad'))
+  out = finished.export_checkpoint(config, str(workdir), str(tmp_path / 'ad'))
   task = tasks.build_task(config)
   trainable, frozen = task.split_params()
   trainable, _ = ckpt_lib.restore_trainable(
@@ -399,9 +400,9 @@ def test_test_is_scored_at_the_best_validation_step(tmp_path):
   assert summary['best_validation_step'] == summary['test_step'] == best
   assert best != config.num_train_steps
   assert os.listdir(tmp_path / ckpt_lib.BEST_DIR) == [str(best)]
-  got = train.evaluate_checkpoint(config, str(tmp_path), 'test', step='best')
+  got = finished.evaluate_checkpoint(config, str(tmp_path), 'test', step='best')
   assert got == pytest.approx(summary['test'])
-  last = train.evaluate_checkpoint(config, str(tmp_path), 'test')
+  last = finished.evaluate_checkpoint(config, str(tmp_path), 'test')
   assert last == pytest.approx(summary['test_final'])
   assert summary['test_examples'] == 24
   assert 0.5 <= summary['test_majority_rate'] <= 1.0

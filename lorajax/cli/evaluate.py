@@ -18,9 +18,9 @@ from absl import flags
 
 from lorajax.runtime import host_memory
 from lorajax.training import console
+from lorajax.training import finished
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import saved_run
-from lorajax.training import train
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s workdir.',
                                required=True)
@@ -39,8 +39,8 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   with console.capture_logs(_WORKDIR.value):   # Library logs to info.log.
     config = saved_run.run_config(_WORKDIR.value, step)
-    metrics = train.evaluate_checkpoint(config, _WORKDIR.value,
-                                        _SPLIT.value, step)
+    metrics = finished.evaluate_checkpoint(config, _WORKDIR.value,
+                                           _SPLIT.value, step)
   print(f'{config.name} {_SPLIT.value} (step {step or "latest"}): '
         f'{metrics_lib.format_metrics(metrics)}')
   print(json.dumps({'split': _SPLIT.value, 'step': step, **metrics}))

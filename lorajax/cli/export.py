@@ -33,8 +33,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from lorajax.training import console
+from lorajax.training import finished
 from lorajax.training import saved_run
-from lorajax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The run\'s config (path[:arg]); default: the one saved '
@@ -42,7 +42,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s workdir.',
                                required=True)
 _OUT = flags.DEFINE_string('out', None, 'Directory to write.', required=True)
-_FORMAT = flags.DEFINE_enum('format', 'lorajax', list(train.EXPORT_FORMATS),
+_FORMAT = flags.DEFINE_enum('format', 'lorajax', list(finished.EXPORT_FORMATS),
                             'What to write.')
 _STEP = flags.DEFINE_string('step', None, 'Checkpoint step, or "best"; '
                             'default the latest.')
@@ -57,8 +57,8 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   with console.capture_logs(_WORKDIR.value):   # Library logs to info.log.
     config = _CONFIG.value or saved_run.run_config(_WORKDIR.value, step)
-    out = train.export_checkpoint(config, _WORKDIR.value, _OUT.value,
-                                  _FORMAT.value, step)
+    out = finished.export_checkpoint(config, _WORKDIR.value, _OUT.value,
+                                     _FORMAT.value, step)
   print(f'wrote {_FORMAT.value} adapter of {_WORKDIR.value} to {out}')
 
 
