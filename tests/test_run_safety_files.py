@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -232,6 +233,9 @@ def test_sigkill_during_export_leaves_the_old_version_or_none(fmt, where,
   proc = subprocess.run([sys.executable, str(script), fmt, where, str(out)],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  # The killed writer's staging folder is left, and known to be stale.
+  staged = list(tmp_path.glob('.export.partial-*'))
+  assert len(staged) == 1 and digests.stale_staging(out) == staged
   if where == 'write':       # Killed mid-file: the old version, intact.
     assert _same(_load(fmt, out, config, params), old)
   else:                      # Between the two renames: no target at all,
@@ -248,6 +252,32 @@ def test_sigkill_during_export_leaves_the_old_version_or_none(fmt, where,
   _, _, _, newer = _tiny(seed=1)
   export(fmt, out, config, params, newer)
   assert not _same(_load(fmt, out, config, params), old)
+  # ... and removes what the killed one left staged.
+  assert not list(tmp_path.glob('.export.partial-*'))
+
+
+def test_only_a_dead_writers_staging_folder_of_this_host_is_removed(
+    tmp_path):
+  """A new write of ``out`` removes ``.out.partial-<pid>@<host>~*`` of a
+  process that no longer runs here, and keeps those of a running process,
+  of another host, and of an older lorajax (no pid in the name)."""
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  host = socket.gethostname()
+  names = {'dead': f'.out.partial-{dead.pid}@{host}~abc',
+           'running': f'.out.partial-{os.getppid()}@{host}~abc',
+           'other host': f'.out.partial-{dead.pid}@{host}-elsewhere~abc',
+           'older': '.out.partial-k2j4x9',
+           'other target': f'.out2.partial-{dead.pid}@{host}~abc'}
+  for name in names.values():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'model.safetensors').write_bytes(b'0' * 64)
+  assert digests.stale_staging(tmp_path / 'out') == [tmp_path / names['dead']]
+  with digests.writing(tmp_path / 'out') as staging:
+    (staging / 'a.txt').write_text('new')
+  left = {p.name for p in tmp_path.iterdir()}
+  assert left == {'out'} | set(names.values()) - {names['dead']}
+  assert (tmp_path / 'out' / 'a.txt').read_text() == 'new'
 
 
 @pytest.mark.parametrize('fmt', ['lorajax', 'peft', 'merged'])

@@ -5,10 +5,13 @@ adapter, ``export_peft``'s PEFT adapter, ``export_merged``'s checkpoint) is
 built in a hidden sibling folder, gets ``lorajax_digest.json`` (the size and
 sha256 of each of its files, ``checksums.record``) and is then swapped into
 place with two renames (a target that is a symlink, a mount point or the
-working directory is filled file by file instead, the digest first). A process killed at any point (SIGKILL, a full
-disk) leaves the target as it was, or absent between the two renames with
+working directory is filled file by file instead, the digest first). A
+process killed at any point (SIGKILL, a full disk) leaves the target as it was, or absent between the two renames with
 the previous version kept beside it as ``.<name>.previous-*``; never a mix
 of old and new files, and never a half-written file under the target's name.
+A killed writer's staging folder (``.<name>.partial-<pid>@<host>~*``, which
+may hold gigabytes of a merged checkpoint) is removed by the next write of
+the same directory on the same host, once that pid is no longer running.
 
 ``verify`` is called by the loaders: a file that differs from the digest (a
 bit flip, a truncation, a file replaced by hand) is refused, naming it. A
@@ -37,6 +40,7 @@ import contextlib
 import os
 import pathlib
 import shutil
+import socket
 import sys
 import tempfile
 from typing import Iterator
@@ -54,11 +58,47 @@ class DigestError(ValueError):
 
 def staging_dir(directory: str | os.PathLike[str]) -> pathlib.Path:
   """A fresh hidden folder beside ``directory`` to write its new version in
-  (same file system, so ``publish`` can rename it)."""
+  (same file system, so ``publish`` can rename it); its name carries this
+  process's pid and host. Staging folders of ``directory`` that a dead
+  process of this host left are removed first (``stale_staging``)."""
   directory = pathlib.Path(directory).absolute()
   directory.parent.mkdir(parents=True, exist_ok=True)
+  for stale in stale_staging(directory):
+    shutil.rmtree(stale, ignore_errors=True)
   return pathlib.Path(tempfile.mkdtemp(
-      prefix=f'.{directory.name}{_STAGING}', dir=directory.parent))
+      prefix=f'.{directory.name}{_STAGING}{os.getpid()}@{_host()}~',
+      dir=directory.parent))
+
+
+def _host() -> str:
+  return socket.gethostname().replace('/', '_') or 'localhost'
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:   # Another user's process: it exists.
+    return True
+  return True
+
+
+def stale_staging(directory: str | os.PathLike[str]) -> list[pathlib.Path]:
+  """Staging folders of ``directory`` whose writer was killed: written by a
+  process of this host that no longer runs. Folders of another host, of a
+  running process, or without a pid in their name (an older lorajax) are
+  never listed."""
+  directory = pathlib.Path(directory).absolute()
+  prefix = f'.{directory.name}{_STAGING}'
+  found = []
+  for p in directory.parent.glob(f'{prefix}*'):
+    writer = p.name[len(prefix):].rpartition('~')[0]
+    pid, _, host = writer.partition('@')
+    if (p.is_dir() and pid.isdigit() and host == _host()
+        and int(pid) != os.getpid() and not _running(int(pid))):
+      found.append(p)
+  return sorted(found)
 
 
 @contextlib.contextmanager
