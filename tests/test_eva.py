@@ -15,6 +15,7 @@ import pytest
 import lorajax
 from lorajax import LoraSpec
 from lorajax.io import hf_models
+from lorajax.io import peft_export
 from lorajax.io import peft_format
 from lorajax.methods import eva
 from lorajax.methods import eva_pca
@@ -166,7 +167,7 @@ def test_export_loads_in_peft_with_its_rank_pattern(both, name, tmp_path):
   logits = np.asarray(fn(model.params, adapters, batch))
   base = np.asarray(jax.jit(_fn(model, name))(model.params, batch))
   assert np.abs(logits - base).max() > 1e-2
-  peft_format.export_peft(tmp_path, model.config, ours.spec, adapters,
+  peft_export.export_peft(tmp_path, model.config, ours.spec, adapters,
                           model.params, source=directory)
   cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
   assert cfg['rank_pattern']       # not one rank for all

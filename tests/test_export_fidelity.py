@@ -17,6 +17,7 @@ import lorajax
 from lorajax import kernels
 from lorajax import Lora, LoraSpec
 from lorajax.io import hf_models
+from lorajax.io import peft_export
 from lorajax.io import peft_format
 from lorajax.methods import bottleneck
 from lorajax.methods import dora
@@ -93,7 +94,7 @@ def _check_both(peer, tmp_path, config, spec, params, adapters, *,
   hf_models.export_merged(tmp_path / 'merged', config, params, adapters, spec)
   _close(ours, _theirs(peer, auto.from_pretrained(str(tmp_path / 'merged'))),
          'merged')
-  peft_format.export_peft(tmp_path / 'peft', config, spec, adapters,
+  peft_export.export_peft(tmp_path / 'peft', config, spec, adapters,
                           params if base is None else base)
   hf_models.export_merged(tmp_path / 'base', config,
                           params if base is None else base)
@@ -182,7 +183,7 @@ def test_quantized_base_exports_merged_not_peft(peer, tmp_path):
   for base in (quantized, params):
     with pytest.raises(peft_format.PeftFormatError,
                        match="quantized kernel.*Export format 'merged'"):
-      peft_format.export_peft(tmp_path / 'peft', config, spec, adapters, base)
+      peft_export.export_peft(tmp_path / 'peft', config, spec, adapters, base)
   assert not (tmp_path / 'peft').exists()
 
 
@@ -235,7 +236,7 @@ def test_unfaithful_exports_are_refused_and_write_nothing(
     tmp_path, name, peft_match, merged_match):
   config, spec, params, adapters = _case(name)
   with pytest.raises(ValueError, match=peft_match):
-    peft_format.export_peft(tmp_path / 'peft', config, spec, adapters, params)
+    peft_export.export_peft(tmp_path / 'peft', config, spec, adapters, params)
   with pytest.raises(ValueError, match=merged_match):
     hf_models.export_merged(tmp_path / 'merged', config, params, adapters,
                             spec)
@@ -276,5 +277,5 @@ def test_adapter_of_a_transposed_kernel_is_not_written_as_peft(tmp_path):
       node, layout=kernels.KernelLayout(0, (1,), (0,))))
   with pytest.raises(peft_format.PeftFormatError,
                      match=r'used as \[out, in\].*logits would differ'):
-    peft_format.export_peft(tmp_path / 'peft', config, spec, adapters, params)
+    peft_export.export_peft(tmp_path / 'peft', config, spec, adapters, params)
   assert list(tmp_path.iterdir()) == []

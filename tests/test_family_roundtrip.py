@@ -37,6 +37,7 @@ from lorajax import Lora, LoraSpec
 import lorajax.models
 from lorajax.io import hf_models
 from lorajax.io import hf_targets
+from lorajax.io import peft_export
 from lorajax.io import peft_format
 from lorajax.training import attach
 from lorajax.training import checkpoint as ckpt_lib
@@ -208,7 +209,7 @@ def test_merged_and_peft_exports_reproduce(checkpoints, tmp_path, name):
       7, 11, 5]
   # PEFT: the adapter on the class read from the source directory.
   out = tmp_path / 'peft'
-  peft_format.export_peft(out, model.config, spec, adapters, model.params,
+  peft_export.export_peft(out, model.config, spec, adapters, model.params,
                           source=directory)
   cfg = json.loads((out / 'adapter_config.json').read_text())
   assert cfg['base_model_name_or_path'] == str(directory)

@@ -15,6 +15,7 @@ import pytest
 import lorajax
 from lorajax import LoraSpec
 from lorajax.io import hf_models
+from lorajax.io import peft_export
 from lorajax.io import peft_format
 from lorajax.io import spec_json
 from lorajax.methods import lokr as lokr_lib
@@ -202,7 +203,7 @@ def test_export_loads_in_peft(checkpoints, tmp_path, name, method):
   ours = _ours(model, spec, adapters, name)
   base = _torch_logits(_torch_model(directory, name), name)
   assert np.abs(ours - base).max() > 1e-2   # the adapter changes the logits
-  peft_format.export_peft(tmp_path, model.config, spec, adapters, model.params,
+  peft_export.export_peft(tmp_path, model.config, spec, adapters, model.params,
                           source=directory)
   cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
   assert cfg['peft_type'] == method.upper()
@@ -300,7 +301,7 @@ def test_mixed_lokr_options_are_refused_on_export(checkpoints, tmp_path):
                    ('.*', 'freeze')])
   adapters = lorajax.init(spec, model.params, jax.random.key(0))
   with pytest.raises(peft_format.PeftFormatError, match='decompose_both'):
-    peft_format.export_peft(tmp_path / 'x', model.config, spec, adapters,
+    peft_export.export_peft(tmp_path / 'x', model.config, spec, adapters,
                             model.params, source=directory)
   assert not (tmp_path / 'x').exists()
 

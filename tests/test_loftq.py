@@ -16,6 +16,7 @@ import lorajax
 from lorajax import LoraSpec
 from lorajax import kernels
 from lorajax.io import peft_dequantized
+from lorajax.io import peft_export
 from lorajax.io import peft_format
 from lorajax.methods import loftq as loftq_lib
 from lorajax.methods import quant
@@ -222,7 +223,7 @@ def test_peft_export_with_its_dequantized_base(checkpoints, tmp_path, name,
   qparams = lorajax.quantize_params(model.params, spec)
   ours = _logits(model, spec, qparams, adapters, name)
   with pytest.raises(peft_format.PeftFormatError, match='quantized kernel'):
-    peft_format.export_peft(tmp_path / 'plain', model.config, spec, adapters,
+    peft_export.export_peft(tmp_path / 'plain', model.config, spec, adapters,
                             qparams, source=directory)
   out = tmp_path / 'peft'
   peft_dequantized.export_peft_dequantized(out, model.config, spec, adapters,

@@ -22,6 +22,7 @@ from lorajax import assets
 import lorajax.models
 from lorajax.io import hf_models
 from lorajax.io import hf_targets
+from lorajax.io import peft_export
 from lorajax.io import peft_format
 from lorajax.io import peft_moe
 from lorajax.models import bpe_tokenizer
@@ -296,7 +297,7 @@ def test_peft_export_reproduces_lorajax_logits(saved, tmp_path, which):
                                      fn=model.apply, args=(ids,)))
   ours = jax.jit(lorajax.lora(model.apply, spec))(model.params, adapters,
                                                     ids)
-  peft_format.export_peft(tmp_path / 'peft', model.config, spec, adapters,
+  peft_export.export_peft(tmp_path / 'peft', model.config, spec, adapters,
                           model.params)
   base = transformers.MixtralForCausalLM.from_pretrained(saved['mixtral'])
   peer = peft.PeftModel.from_pretrained(base, tmp_path / 'peft').eval()

@@ -14,6 +14,7 @@ import pytest
 
 import lorajax
 from lorajax import LoraSpec
+from lorajax.io import peft_export
 from lorajax.io import peft_format
 from lorajax.io import spec_json
 from lorajax.methods import oft as oft_lib
@@ -178,7 +179,7 @@ def test_export_loads_in_peft(checkpoints, qwen2_dir, tmp_path, name,  # pylint:
   ours = _ours(model, spec, adapters, name)
   base = _torch_logits(_hf_model(directory, name), name)
   assert np.abs(ours - base).max() > 1e-2   # the adapter changes the logits
-  peft_format.export_peft(tmp_path, model.config, spec, adapters, model.params,
+  peft_export.export_peft(tmp_path, model.config, spec, adapters, model.params,
                           source=directory)
   cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
   assert (cfg['peft_type'], cfg['oft_block_size'], cfg['r']) == (
@@ -269,7 +270,7 @@ def test_mixed_oft_options_are_refused_on_export(checkpoints, tmp_path):  # pyli
   adapters = lorajax.init(spec, model.params, jax.random.key(0))
   with pytest.raises(peft_format.PeftFormatError,
                      match='one OFT configuration per adapter'):
-    peft_format.export_peft(tmp_path / 'x', model.config, spec, adapters,
+    peft_export.export_peft(tmp_path / 'x', model.config, spec, adapters,
                             model.params, source=directory)
   assert not (tmp_path / 'x').exists()
 

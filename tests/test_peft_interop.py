@@ -22,6 +22,7 @@ import lorajax
 from lorajax import assets
 from lorajax import Lora, LoraSpec
 from lorajax.io import hf_models
+from lorajax.io import peft_export
 from lorajax.io import peft_format
 from lorajax.methods import dora
 from lorajax.methods import qlora
@@ -150,7 +151,7 @@ def test_minilm_export_loads_in_peft(torch_mods, torch_bert, tmp_path):
   tuned = dict(params, classifier=_randomize(params['classifier'], 3, 0.1))
   ours = jax.jit(lorajax.lora(apply_fn, spec))(tuned, adapters, BERT_IDS,
                                               BERT_MASK)
-  peft_format.export_peft(tmp_path, config, spec, adapters, tuned)
+  peft_export.export_peft(tmp_path, config, spec, adapters, tuned)
   cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
   assert cfg['modules_to_save'] == ['classifier']
   assert cfg['rank_pattern'] and cfg['alpha_pattern']
@@ -174,9 +175,9 @@ def test_minilm_pissa_adapter_exports_as_lora(torch_mods, torch_bert,
   ours = jax.jit(lorajax.lora(apply_fn, spec))(residual, trained, BERT_IDS,
                                               BERT_MASK)
   with pytest.raises(ValueError, match='pissa.to_lora'):
-    peft_format.export_peft(tmp_path, config, spec, trained, params)
+    peft_export.export_peft(tmp_path, config, spec, trained, params)
   lora_spec, lora_ad = lorajax.pissa.to_lora(spec, params, trained)
-  peft_format.export_peft(tmp_path, config, lora_spec, lora_ad, params)
+  peft_export.export_peft(tmp_path, config, lora_spec, lora_ad, params)
   cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
   assert (cfg['r'], cfg['lora_alpha']) == (8, 16.0)
   model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_bert), tmp_path)
@@ -193,13 +194,13 @@ def test_smollm2_export_loads_in_peft(torch_mods, torch_llama, tmp_path):
                     Lora(rank=4, alpha=8, use_rslora=True)),
                    (r'.*', 'freeze')])
   with pytest.raises(peft_format.PeftFormatError, match='use_rslora'):
-    peft_format.export_peft(tmp_path, config, spec, {}, params)
+    peft_export.export_peft(tmp_path, config, spec, {}, params)
   spec = LoraSpec([(r'.*/attn/(q|v)_proj/kernel', Lora(rank=8, alpha=16)),
                    (r'.*/mlp/down_proj/kernel', Lora(rank=4, alpha=8)),
                    (r'.*', 'freeze')])
   adapters = _randomize(lorajax.init(spec, params, jax.random.key(1)), 4, 0.02)
   ours = jax.jit(lorajax.lora(apply_fn, spec))(params, adapters, LLAMA_IDS)
-  peft_format.export_peft(tmp_path, config, spec, adapters, params)
+  peft_export.export_peft(tmp_path, config, spec, adapters, params)
   model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_llama), tmp_path)
   theirs = _peer_logits(torch, model.eval(), input_ids=LLAMA_IDS)
   _close(ours, theirs, 'SmolLM2 lorajax->PEFT', _base_logits('smollm2'))
@@ -257,7 +258,7 @@ def test_dora_both_ways_minilm(torch_mods, torch_bert, tmp_path):
   adapters = _randomize(lorajax.init(spec, params, jax.random.key(1)), 6, 0.05)
   ours = jax.jit(lorajax.lora(apply_fn, spec))(params, adapters, BERT_IDS,
                                               BERT_MASK)
-  peft_format.export_peft(tmp_path / 'out', config, spec, adapters, params)
+  peft_export.export_peft(tmp_path / 'out', config, spec, adapters, params)
   model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_bert),
                                          tmp_path / 'out')
   theirs = _peer_logits(torch, model.eval(), input_ids=BERT_IDS,
@@ -372,16 +373,16 @@ def test_export_refuses_what_peft_lora_cannot_say(tmp_path):
   spec = LoraSpec([(r'.*/query/kernel', qlora.Quantized()), ('.*', 'freeze')])
   with pytest.raises(peft_format.PeftFormatError,
                      match='Quantized adapters cannot'):
-    peft_format.export_peft(tmp_path, config, spec, {}, params)
+    peft_export.export_peft(tmp_path, config, spec, {}, params)
   spec = LoraSpec([(r'.*/query/kernel', dora.Dora(rank=2)),
                    (r'.*/value/kernel', Lora(rank=2)), ('.*', 'freeze')])
   with pytest.raises(peft_format.PeftFormatError, match='use_dora'):
-    peft_format.export_peft(tmp_path, config, spec, {}, params)
+    peft_export.export_peft(tmp_path, config, spec, {}, params)
   spec = LoraSpec([(r'.*/query/kernel', Lora(rank=2)),
                    (r'.*/query/bias', 'train'), ('.*', 'freeze')])
   ad = lorajax.init(spec, params, jax.random.key(0))
   with pytest.raises(peft_format.PeftFormatError, match='cannot save both'):
-    peft_format.export_peft(tmp_path, config, spec, ad, params)
+    peft_export.export_peft(tmp_path, config, spec, ad, params)
   with pytest.raises(TypeError, match='no Hugging Face naming'):
     hf_models.hf_model(object())
 
@@ -395,7 +396,7 @@ def test_scanned_llama_adapters_round_trip(tmp_path):
                    ('.*', 'freeze')])
   adapters = _randomize(lorajax.init(spec, params, jax.random.key(1),
                                      fn=apply_fn, args=(LLAMA_IDS,)), 1, 0.1)
-  peft_format.export_peft(tmp_path, config, spec, adapters, params)
+  peft_export.export_peft(tmp_path, config, spec, adapters, params)
   keys = st_numpy.load_file(str(tmp_path / 'adapter_model.safetensors'))
   assert ('base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight'
           in keys)

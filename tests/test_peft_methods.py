@@ -14,6 +14,7 @@ import pytest
 
 import lorajax
 from lorajax import LoraSpec
+from lorajax.io import peft_export
 from lorajax.io import peft_format
 from test_peft_interop import _base_logits  # pylint: disable=unused-import
 from test_peft_interop import _close
@@ -49,7 +50,7 @@ def test_export_loads_in_peft(torch_mods, torch_bert, tmp_path, name, spec,
   tuned = dict(params, classifier=_randomize(params['classifier'], 3, 0.1))
   ours = jax.jit(lorajax.lora(apply_fn, spec))(tuned, adapters, BERT_IDS,
                                               BERT_MASK)
-  peft_format.export_peft(tmp_path, config, spec, adapters, tuned)
+  peft_export.export_peft(tmp_path, config, spec, adapters, tuned)
   cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
   assert cfg['peft_type'] == name.upper()
   model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_bert), tmp_path)
@@ -104,18 +105,18 @@ def test_mixed_methods_and_bad_ia3_shapes_are_refused(tmp_path):
                     (r'.*', 'freeze')])
   adapters = lorajax.init(mixed, params, jax.random.key(0))
   with pytest.raises(peft_format.PeftFormatError, match='one method'):
-    peft_format.export_peft(tmp_path / 'x', config, mixed, adapters, params)
+    peft_export.export_peft(tmp_path / 'x', config, mixed, adapters, params)
   assert not (tmp_path / 'x').exists()
   biased = LoraSpec([(r'.*/attention/key/kernel', lorajax.Ia3()),
                      (r'.*', 'freeze')])
   with pytest.raises(peft_format.PeftFormatError, match=r'with its bias'):
-    peft_format.export_peft(tmp_path / 'y', config, biased,
+    peft_export.export_peft(tmp_path / 'y', config, biased,
                             lorajax.init(biased, params, jax.random.key(0)),
                             params)
   assert not (tmp_path / 'y').exists()
   spec = LoraSpec([(r'.*/attention/value/kernel',
                     lorajax.Ia3(feedforward=True)), (r'.*', 'freeze')])
-  peft_format.export_peft(tmp_path / 'ok', config, spec,
+  peft_export.export_peft(tmp_path / 'ok', config, spec,
                           lorajax.init(spec, params, jax.random.key(0)), params)
   cfg_path = tmp_path / 'ok' / 'adapter_config.json'
   cfg = json.loads(cfg_path.read_text())

@@ -37,6 +37,7 @@ from lorajax.data import sources
 from lorajax.io import adapter_files
 from lorajax.io import digests
 from lorajax.io import hf_models
+from lorajax.io import peft_export
 from lorajax.io import peft_format
 from lorajax.models import llama
 from lorajax.models import lm
@@ -136,7 +137,7 @@ def test_peft_dir_digest_is_ignored_by_peft_and_checked_by_lorajax(tmp_path):
   peft = pytest.importorskip('peft')
   config, params, apply_fn, adapters = _tiny()
   base_dir = hf_models.export_merged(tmp_path / 'base', config, params)
-  out = peft_format.export_peft(tmp_path / 'peft', config, SPEC, adapters,
+  out = peft_export.export_peft(tmp_path / 'peft', config, SPEC, adapters,
                                 params)
   assert sorted(os.listdir(out)) == sorted([digests.DIGEST_FILE,
                                             peft_format.CONFIG_FILE,
@@ -202,7 +203,7 @@ def export(fmt, out, config, params, adapters):
   if fmt == 'lorajax':
     adapter_files.save_adapter(out, SPEC, adapters, params)
   elif fmt == 'peft':
-    peft_format.export_peft(out, config, SPEC, adapters, params)
+    peft_export.export_peft(out, config, SPEC, adapters, params)
   else:
     hf_models.export_merged(out, config, params, adapters, SPEC)
 

@@ -271,13 +271,13 @@ def test_multilora_needs_indices_of_the_batch():
 def test_generate_command_loads_either_format(tmp_path):
   from experiments import generate  # pylint: disable=g-import-not-at-top
   from lorajax.io import adapter_files  # pylint: disable=g-import-not-at-top
-  from lorajax.io import peft_format  # pylint: disable=g-import-not-at-top
+  from lorajax.io import peft_export  # pylint: disable=g-import-not-at-top
   config = llama.LlamaConfig.tiny()
   apply_fn, params = _tiny_llama(False)
   (ad, spec), = _four_adapters(params, apply_fn, (TOKENS,),
                                ('.*q_proj/kernel', '.*v_proj/kernel'))[:1]
   adapter_files.save_adapter(tmp_path / 'lj', spec, ad, params)
-  peft_format.export_peft(tmp_path / 'peft', config, spec, ad, params)
+  peft_export.export_peft(tmp_path / 'peft', config, spec, ad, params)
   want = lm.generate(apply_fn, _merge(params, ad, spec), TOKENS[:2], 3)
   for name in ('lj', 'peft'):
     bundle = generate.load_adapter(tmp_path / name, config, params)

@@ -16,6 +16,7 @@ import pytest
 
 import lorajax
 from lorajax import LoraSpec
+from lorajax.io import peft_export
 from lorajax.io import peft_format
 from lorajax.methods import tokens as tokens_lib
 from lorajax.training import checkpoint as ckpt_lib
@@ -253,7 +254,7 @@ def test_export_loads_in_peft(checkpoints, tmp_path, tied, with_lora):
   _close(f'{name} merged vs written', merged, ours, 1e-5)
   base = _torch_logits(_torch_base(directory))
   assert np.abs(ours - base).max() > 1e-2
-  peft_format.export_peft(tmp_path, model.config, spec, adapters,
+  peft_export.export_peft(tmp_path, model.config, spec, adapters,
                           model.params, source=directory,
                           tokens=(rows, values))
   cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
@@ -359,12 +360,12 @@ def test_export_refuses_what_peft_cannot_say(checkpoints, tmp_path):
   adapters = lorajax.init(spec, model.params, jax.random.key(0))
   with pytest.raises(peft_format.PeftFormatError,
                      match="LOHA config has no trainable_token_indices"):
-    peft_format.export_peft(tmp_path / 'a', model.config, spec, adapters,
+    peft_export.export_peft(tmp_path / 'a', model.config, spec, adapters,
                             model.params, source=directory, tokens=tokens)
   spec = LoraSpec([('final_norm/.*', 'train'), ('.*', 'freeze')])
   with pytest.raises(peft_format.PeftFormatError,
                      match="no modules_to_save for \\['model.norm'\\]"):
-    peft_format.export_peft(tmp_path / 'b', model.config, spec, {},
+    peft_export.export_peft(tmp_path / 'b', model.config, spec, {},
                             model.params, source=directory, tokens=tokens)
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
   from lorajax.io import peft_tokens  # pylint: disable=g-import-not-at-top
@@ -398,7 +399,7 @@ def test_bert_classifier_rows_both_ways(tmp_path):
   adapters = toy_models.perturb(
       lorajax.init(spec, model.params, jax.random.key(1)), seed=2)
   ours = _ours(model, spec, adapters, rows.apply(model.params, values))
-  peft_format.export_peft(tmp_path / 'out', model.config, spec, adapters,
+  peft_export.export_peft(tmp_path / 'out', model.config, spec, adapters,
                           model.params, source=directory,
                           tokens=(rows, values))
   cfg = json.loads((tmp_path / 'out' / 'adapter_config.json').read_text())

@@ -13,7 +13,7 @@ from lorajax.io.adapter_files import load_adapter
 from lorajax.io.adapter_files import save_adapter
 from lorajax.io.hf_models import export_merged
 from lorajax.io.hf_models import hf_model
-from lorajax.io.peft_format import export_peft
+from lorajax.io.peft_export import export_peft
 from lorajax.io.peft_format import import_peft
 from lorajax.io.peft_format import PeftAdapter
 from lorajax.io.peft_format import PeftFormatError

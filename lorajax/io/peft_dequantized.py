@@ -31,7 +31,7 @@ from typing import Any
 from lorajax import spec as spec_lib
 from lorajax.io import digests
 from lorajax.io import hf_models
-from lorajax.io import peft_format
+from lorajax.io import peft_export
 from lorajax.methods import low_rank
 from lorajax.methods import qlora
 from lorajax.methods import quant
@@ -91,7 +91,7 @@ def export_peft_dequantized(directory: str | os.PathLike[str], config: Any,
   with digests.writing(directory) as staging:
     hf_models.export_merged(staging / BASE_DIR, config, dense, source=source,
                             head=head)
-    peft_format.export_peft(staging, config, plain, adapters, dense,
+    peft_export.export_peft(staging, config, plain, adapters, dense,
                             base_model_name_or_path=str(directory / BASE_DIR),
                             source=source, head=head, **peft_kwargs)
   return directory
