@@ -24,6 +24,7 @@ import jax.extend.core as jex
 
 from lorajax import kernel_ref
 from lorajax import matmul
+from lorajax.runtime import attention_match
 from lorajax.runtime import attention_pattern
 from lorajax.runtime import cpu_attention
 from lorajax.runtime import elementwise_remat
@@ -170,7 +171,7 @@ def evaluate(jaxpr, consts, args, ctx: kernel_ref.Ctx) -> list[Any]:
     if match is not None:
       try:
         outs = match.compute(read)
-      except attention_pattern.NoFuse:
+      except attention_match.NoFuse:
         for j in match.tops:
           _step(jaxpr.eqns[j], read, env, ctx, inline=False)
       else:

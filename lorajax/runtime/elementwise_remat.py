@@ -38,7 +38,7 @@ import jax
 from jax import lax
 import numpy as np
 
-from lorajax.runtime.attention_pattern import NoFuse
+from lorajax.runtime.attention_match import NoFuse
 from lorajax.runtime.jaxpr_view import call_body, is_literal
 
 SWITCH = 'LORAJAX_ELEMENTWISE_REMAT'
