@@ -273,28 +273,27 @@ def normalize(row: dict[str, Any], fields: Fields
   """``({'text', ['text_pair'], ['label'], ['group']}, None)`` or
   ``(None, problem)``; a label is kept as a string. A chat row gives
   ``{'messages'}`` or ``{'prompt', 'completion'}`` (and ``group``)."""
-  if fields.chat:
-    out, problem = _chat(row)
-    if problem:
-      return None, problem
-    if fields.group:
-      if row.get(fields.group) is None:
-        return None, f'missing field {fields.group!r}'
-      out['group'] = str(row[fields.group])
-    return out, None
+  out, problem = _chat(row) if fields.chat else _fields(row, fields)
+  if problem:
+    return None, problem
+  if fields.group:
+    if row.get(fields.group) is None:
+      return None, f'missing field {fields.group!r}'
+    out['group'] = str(row[fields.group])
+  return out, None
+
+
+def _fields(row: dict[str, Any], fields: Fields
+            ) -> tuple[dict[str, Any] | None, str | None]:
+  """The texts and the label of a row that is not a conversation."""
   out = {}
-  for key, field, what in (('text', fields.text, 'text'),
-                           ('text_pair', fields.text_pair, 'text')):
+  for key, field in (('text', fields.text), ('text_pair', fields.text_pair)):
     if field:
-      out[key], problem = _string(row, field, what)
+      out[key], problem = _string(row, field, 'text')
       if problem:
         return None, problem
   if fields.label:
     out['label'], problem = _label(row.get(fields.label), fields.label)
     if problem:
       return None, problem
-  if fields.group:
-    if row.get(fields.group) is None:
-      return None, f'missing field {fields.group!r}'
-    out['group'] = str(row[fields.group])
   return out, None
