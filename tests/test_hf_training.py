@@ -1,12 +1,23 @@
 """config.model.path: LoRA trains a Hugging Face checkpoint directory."""
 
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 
+import lorajax
+from lorajax.data import loader
+from lorajax.methods import adalora_allocator
 from lorajax.training import metrics as metrics_lib
 from lorajax.training import model_loading
+from lorajax.training import optim
+from lorajax.training import parallel
+from lorajax.training import step as step_lib
+from lorajax.training import tasks
 from lorajax.training import train
+from lorajax.training import validate
 
 from toy_models import load_config
 from toy_models import tiny_distilbert_dir
@@ -82,8 +93,11 @@ def test_lora_trains_a_distilbert_classifier_directory(tmp_path):
 @pytest.mark.parametrize('family', ['qwen2', 'distilbert'])
 def test_every_method_trains_a_checkpoint_directory(family, qwen2_dir,
                                                     tmp_path):
-  """Every config.method on a non-shipped decoder and encoder: one step
-  each, finite loss, and the trainable count each method implies."""
+  """Every config.method on a non-shipped decoder and encoder: one train
+  step each, as a run takes it (``_first_step``), a finite loss, and the
+  trainable count each method implies. Whole runs on these directories,
+  with evaluation, checkpoints and export: the tests above and
+  test_family_roundtrip."""
   from lorajax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   if family == 'qwen2':
     name, path = 'shakespeare_smollm2_lora', qwen2_dir
@@ -95,14 +109,33 @@ def test_every_method_trains_a_checkpoint_directory(family, qwen2_dir,
   for method in config_lib.METHODS:
     if method == 'head' and family == 'qwen2':
       continue  # An LM has no separate head to train alone.
-    config = load_config(name, **{'model.path': str(path), 'method': method,
-                                  'num_train_steps': 1, 'eval_every': 1})
-    summary = train.train_and_evaluate(config, str(tmp_path / method))
-    rows = metrics_lib.read_jsonl(str(tmp_path / method / 'metrics.jsonl'))
-    assert np.isfinite(rows[1]['loss']), method
-    counts[method] = summary['trainable_params']
+    config = load_config(name, **{'model.path': str(path), 'method': method})
+    loss, counts[method] = _first_step(config)
+    assert np.isfinite(loss), method
   assert counts['lora'] == counts['qlora'] < counts['loha']  # 2 pairs each.
   assert counts['ia3'] < counts['lora'] < counts['dora'] < counts['full']
   if family == 'qwen2':
     # IA3 scales k (16), v (16) and the MLP's down input (64) in 2 layers.
     assert counts['ia3'] == 2 * (16 + 16 + 64)
+
+
+def _first_step(config):
+  """The loss of a run's first train step and its trainable count: the
+  task, optimizer (with AdaLoRA's hooks), runner and state that
+  ``train.train_and_evaluate`` builds, without its evaluations and
+  checkpoints."""
+  validate.check_config(config)
+  task = tasks.build_task(config, splits=('train',))
+  trainable, frozen = task.split_params()
+  tx, _ = optim.from_config(config.optim, int(config.num_train_steps))
+  loss_fn, tx = adalora_allocator.training_hooks(
+      task.spec, task.params, task.loss_fn, tx)
+  task = dataclasses.replace(task, loss_fn=loss_fn)
+  runner = parallel.runner_from_config(config, task, tx)
+  state, frozen = runner.place(
+      step_lib.create_state(trainable, tx, config.seed), frozen)
+  batch = next(iter(loader.BatchIterator(
+      task.data['train'], batch_size=config.batch_size, seed=config.seed,
+      train=True)))
+  _, metrics = runner.train_step(state, frozen, runner.put_batch(batch))
+  return float(jax.device_get(metrics['loss'])), lorajax.count(trainable)
