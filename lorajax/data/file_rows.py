@@ -35,8 +35,6 @@ EXTENSIONS = {'.jsonl': 'jsonl', '.json': 'jsonl', '.ndjson': 'jsonl',
               '.pq': 'parquet', '.txt': 'text', '.text': 'text'}
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Fields:
   """The columns (keys) of a row that a run reads.

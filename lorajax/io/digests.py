@@ -6,7 +6,8 @@ built in a hidden sibling folder, gets ``lorajax_digest.json`` (the size and
 sha256 of each of its files, ``checksums.record``) and is then swapped into
 place with two renames (a target that is a symlink, a mount point or the
 working directory is filled file by file instead, the digest first). A
-process killed at any point (SIGKILL, a full disk) leaves the target as it was, or absent between the two renames with
+process killed at any point (SIGKILL, a full disk) leaves the target as it
+was, or absent between the two renames with
 the previous version kept beside it as ``.<name>.previous-*``; never a mix
 of old and new files, and never a half-written file under the target's name.
 A killed writer's staging folder (``.<name>.partial-<pid>@<host>~*``, which
@@ -92,7 +93,9 @@ def stale_staging(directory: str | os.PathLike[str]) -> list[pathlib.Path]:
   directory = pathlib.Path(directory).absolute()
   prefix = f'.{directory.name}{_STAGING}'
   found = []
-  for p in directory.parent.glob(f'{prefix}*'):
+  for p in directory.parent.iterdir():   # not glob: a name may hold [ or *
+    if not p.name.startswith(prefix):
+      continue
     writer = p.name[len(prefix):].rpartition('~')[0]
     pid, _, host = writer.partition('@')
     if (p.is_dir() and pid.isdigit() and host == _host()
